@@ -1,0 +1,1 @@
+//! modes layer (see ARCHITECTURE.md).

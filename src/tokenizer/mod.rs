@@ -1,0 +1,1 @@
+//! tokenizer layer (see ARCHITECTURE.md).
