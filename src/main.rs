@@ -1,3 +1,7 @@
+use clap::Parser;
+
 fn main() {
-    println!("herd");
+    herd::cli::init_logging();
+    let cli = herd::cli::Cli::parse();
+    std::process::exit(herd::cli::run(cli));
 }

@@ -1,1 +1,122 @@
-//! backend layer (see ARCHITECTURE.md).
+//! Backends: where tensors live and kernels run. `cpu` is the numerical reference; every other
+//! backend's kernels are checked against it.
+//!
+//! The backend knows memory and kernels, never the model: the forward pass in `model/` is written
+//! once against the [`Backend`] trait.
+
+pub mod cpu;
+
+use crate::checkpoint::Tensor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    #[error("communication failed: {0}")]
+    Comm(String),
+}
+
+/// Shape of the paged KV cache held by one rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvShape {
+    pub n_layers: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    /// KV heads held by this rank.
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvShape {
+    /// Bytes of one block across all layers, K and V, at `elem_bytes` per element.
+    pub fn block_bytes(&self, elem_bytes: usize) -> usize {
+        2 * self.n_layers * self.block_size * self.n_kv_heads * self.head_dim * elem_bytes
+    }
+}
+
+/// One sequence's part of a packed step: its new tokens are rows
+/// `token_start..token_start + n_tokens` of the activations.
+#[derive(Clone, Debug)]
+pub struct SeqSpan {
+    pub token_start: usize,
+    pub n_tokens: usize,
+    /// Tokens in the cache once this step has written its new ones (= position of the last new token + 1).
+    pub context_len: usize,
+    /// KV block ids holding positions `0..context_len`, in order.
+    pub block_table: Vec<u32>,
+}
+
+impl SeqSpan {
+    /// Position of this sequence's `j`-th new token.
+    pub fn position(&self, j: usize) -> usize {
+        self.context_len - self.n_tokens + j
+    }
+}
+
+/// What attention needs to know about a packed step.
+#[derive(Clone, Debug, Default)]
+pub struct AttnBatch {
+    pub seqs: Vec<SeqSpan>,
+    /// Position of every token row.
+    pub positions: Vec<u32>,
+}
+
+impl AttnBatch {
+    pub fn new(seqs: Vec<SeqSpan>) -> Self {
+        let mut positions = Vec::new();
+        for s in &seqs {
+            debug_assert_eq!(s.token_start, positions.len());
+            positions.extend((0..s.n_tokens).map(|j| s.position(j) as u32));
+        }
+        AttnBatch { seqs, positions }
+    }
+    pub fn n_tokens(&self) -> usize {
+        self.positions.len()
+    }
+}
+
+/// Kernels the Llama forward pass needs. Activations are row-major `[rows, cols]` matrices.
+pub trait Backend: Send {
+    type Act: Send;
+    /// A 2-D weight `[out, in]` (used as `x · Wᵀ`).
+    type Matrix: Send + Sync;
+    /// A 1-D weight (norms).
+    type Vector: Send + Sync;
+    type Kv: Send;
+
+    fn name(&self) -> String;
+    fn load_matrix(&self, t: &Tensor) -> Result<Self::Matrix, BackendError>;
+    fn load_vector(&self, t: &Tensor) -> Result<Self::Vector, BackendError>;
+    fn alloc_kv(&self, shape: KvShape) -> Result<Self::Kv, BackendError>;
+
+    /// Rows of `table` for each token.
+    fn embed(&self, table: &Self::Matrix, tokens: &[u32]) -> Self::Act;
+    fn rmsnorm(&self, x: &Self::Act, w: &Self::Vector, eps: f32) -> Self::Act;
+    /// `x · Wᵀ`.
+    fn matmul(&self, x: &Self::Act, w: &Self::Matrix) -> Self::Act;
+    /// Rotate q and k (interleaved pairs, Meta's convention) and write k, v into the paged cache.
+    fn rope_store_kv(
+        &self,
+        q: &mut Self::Act,
+        k: &mut Self::Act,
+        v: &Self::Act,
+        inv_freq: &[f32],
+        kv: &mut Self::Kv,
+        layer: usize,
+        batch: &AttnBatch,
+    );
+    /// Causal grouped-query attention of every query row over its sequence's cached keys/values.
+    fn attention(&self, q: &Self::Act, kv: &Self::Kv, layer: usize, n_heads: usize, batch: &AttnBatch) -> Self::Act;
+    /// `silu(gate) * up`.
+    fn silu_mul(&self, gate: &Self::Act, up: &Self::Act) -> Self::Act;
+    fn add_in_place(&self, x: &mut Self::Act, y: &Self::Act);
+    fn select_rows(&self, x: &Self::Act, rows: &[usize]) -> Self::Act;
+    /// Sum `x` over the tensor-parallel group (after row-parallel projections).
+    fn all_reduce_sum(&self, x: &mut Self::Act) -> Result<(), BackendError>;
+    /// Concatenate column shards over the tensor-parallel group (vocab-parallel logits).
+    fn all_gather_cols(&self, x: Self::Act) -> Result<Self::Act, BackendError>;
+    /// Copy to host memory as f32, row-major.
+    fn to_host(&self, x: &Self::Act) -> Vec<f32>;
+}

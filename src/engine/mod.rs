@@ -1,1 +1,414 @@
-//! engine layer (see ARCHITECTURE.md).
+//! Engine: continuous batching over a paged KV block pool.
+//!
+//! Each [`Engine::step`] schedules work (decode tokens of running sequences first, then prefill
+//! chunks, then newly admitted requests while blocks and the token budget allow), runs one packed
+//! forward, samples, applies stop rules and frees finished sequences' blocks. When blocks run out
+//! the newest sequence is preempted (its blocks freed, recomputed later), never an error.
+//! The engine knows requests and tokens, never files, sockets or terminals.
+
+pub mod kv_blocks;
+pub mod request;
+pub mod sampler;
+pub mod sequence;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use kv_blocks::BlockPool;
+pub use request::{Event, FinishReason, RequestOutput, SamplingParams, TokenLogprob};
+use sequence::{find_stop, safe_prefix, Sequence};
+
+use crate::model::{ModelError, ModelRunner, SeqSpan, StepInput};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// Batching limits.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Most sequences running at once.
+    pub max_batch_size: usize,
+    /// Most tokens (decode + prefill) in one forward.
+    pub max_batch_tokens: usize,
+    /// Most prompt tokens of one sequence in one forward (chunked prefill).
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_batch_size: 64,
+            max_batch_tokens: 1024,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+/// A request the engine refuses before it runs.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("prompt has {prompt} tokens but at most {limit} fit ({why}); shorten it")]
+    TooLong {
+        prompt: usize,
+        limit: usize,
+        why: String,
+    },
+}
+
+/// Counters since the engine started.
+#[derive(Clone, Debug, Default)]
+pub struct EngineStats {
+    pub steps: u64,
+    pub prefill_tokens: u64,
+    pub generated_tokens: u64,
+    pub preemptions: u64,
+    pub forward_seconds: f64,
+}
+
+enum RowUse {
+    PromptLogprob { seq: u64, index: usize },
+    Sample { seq: u64 },
+}
+
+pub struct Engine {
+    model: Box<dyn ModelRunner>,
+    tokenizer: Arc<Tokenizer>,
+    cfg: EngineConfig,
+    pool: BlockPool,
+    seqs: HashMap<u64, Sequence>,
+    waiting: VecDeque<u64>,
+    running: Vec<u64>,
+    stop_ids: Vec<u32>,
+    next_id: u64,
+    stats: EngineStats,
+}
+
+impl Engine {
+    pub fn new(model: Box<dyn ModelRunner>, tokenizer: Arc<Tokenizer>, cfg: EngineConfig) -> Self {
+        let kv = model.kv_shape();
+        let pool = BlockPool::new(kv.num_blocks, kv.block_size);
+        let stop_ids = tokenizer.stop_ids();
+        Engine {
+            model,
+            tokenizer,
+            cfg,
+            pool,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stop_ids,
+            next_id: 0,
+            stats: EngineStats::default(),
+        }
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+    pub fn model(&self) -> &dyn ModelRunner {
+        self.model.as_ref()
+    }
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Longest sequence (prompt + generated) one request can reach.
+    pub fn max_len(&self) -> usize {
+        self.model
+            .config()
+            .max_seq_len
+            .min(self.pool.total() * self.pool.block_size())
+    }
+
+    /// Queue a request; its id comes back in every event about it.
+    pub fn add_request(&mut self, prompt: Vec<u32>, params: SamplingParams) -> Result<u64, RequestError> {
+        params.validate().map_err(RequestError::Invalid)?;
+        if prompt.is_empty() {
+            return Err(RequestError::Invalid("the prompt is empty".into()));
+        }
+        let vocab = self.model.config().vocab_size;
+        if let Some(t) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(RequestError::Invalid(format!(
+                "prompt token id {t} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        let max_len = self.max_len();
+        if prompt.len() >= max_len {
+            let ctx = self.model.config().max_seq_len;
+            let why = if max_len < ctx {
+                format!(
+                    "the KV cache holds {max_len} tokens, the model's context {ctx}; raise --kv-cache-gb"
+                )
+            } else {
+                format!("the context length is {ctx}, one token is left to generate")
+            };
+            return Err(RequestError::TooLong {
+                prompt: prompt.len(),
+                limit: max_len - 1,
+                why,
+            });
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let seed = params.seed.unwrap_or_else(|| sampler::random_seed(id));
+        let prompt_logprobs = if params.prompt_logprobs { vec![None] } else { Vec::new() };
+        self.seqs.insert(
+            id,
+            Sequence {
+                id,
+                prompt,
+                params,
+                seed,
+                generated: Vec::new(),
+                computed: 0,
+                block_table: Vec::new(),
+                max_len,
+                logprobs: Vec::new(),
+                prompt_logprobs,
+                decoder: StreamDecoder::new(),
+                text: String::new(),
+                emitted: 0,
+                finish: None,
+            },
+        );
+        self.waiting.push_back(id);
+        Ok(id)
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        !self.seqs.is_empty()
+    }
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Stop a request now; its output so far comes back with finish reason `abort`.
+    pub fn abort(&mut self, id: u64) -> Option<RequestOutput> {
+        let mut seq = self.seqs.remove(&id)?;
+        self.running.retain(|&r| r != id);
+        self.waiting.retain(|&r| r != id);
+        self.pool.release(&mut seq.block_table);
+        seq.finish = Some(FinishReason::Abort);
+        Some(Self::output(seq))
+    }
+
+    fn preempt(&mut self, id: u64) {
+        self.running.retain(|&r| r != id);
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            self.pool.release(&mut seq.block_table);
+            seq.computed = 0;
+        }
+        self.waiting.push_front(id);
+        self.stats.preemptions += 1;
+        tracing::debug!(seq = id, "preempted: KV blocks exhausted, will recompute");
+    }
+
+    /// Decide this step's work: (sequence, tokens to run) pairs.
+    fn schedule(&mut self) -> Vec<(u64, usize)> {
+        let mut budget = self.cfg.max_batch_tokens.max(1);
+        let mut plan: Vec<(u64, usize)> = Vec::new();
+        let mut planned: HashSet<u64> = HashSet::new();
+        // Decodes first (one token each, they keep latency low), then prefill continuations.
+        for decode_pass in [true, false] {
+            let mut i = 0;
+            while i < self.running.len() {
+                let id = self.running[i];
+                let pending = self.seqs[&id].pending();
+                if planned.contains(&id) || (pending == 1) != decode_pass || budget == 0 {
+                    i += 1;
+                    continue;
+                }
+                let n = pending.min(self.cfg.prefill_chunk.max(1)).min(budget);
+                loop {
+                    let seq = self.seqs.get_mut(&id).expect("running sequence exists");
+                    let need = seq.computed + n;
+                    if self.pool.ensure(&mut seq.block_table, need) {
+                        plan.push((id, n));
+                        planned.insert(id);
+                        budget -= n;
+                        i += 1;
+                        break;
+                    }
+                    // Out of blocks: free the newest sequence that is not already in this step.
+                    let victim = self
+                        .running
+                        .iter()
+                        .rev()
+                        .copied()
+                        .find(|v| !planned.contains(v))
+                        .expect("the current sequence is unplanned");
+                    self.preempt(victim);
+                    if victim == id {
+                        break;
+                    }
+                }
+            }
+        }
+        // Admit waiting requests in arrival order while there is room.
+        while self.running.len() < self.cfg.max_batch_size.max(1) && budget > 0 {
+            let Some(&id) = self.waiting.front() else { break };
+            let seq = self.seqs.get_mut(&id).expect("waiting sequence exists");
+            let n = seq.pending().min(self.cfg.prefill_chunk.max(1)).min(budget);
+            if !self.pool.ensure(&mut seq.block_table, seq.computed + n) {
+                break;
+            }
+            self.waiting.pop_front();
+            self.running.push(id);
+            plan.push((id, n));
+            budget -= n;
+        }
+        plan
+    }
+
+    /// Run one forward over everything scheduled and report what happened.
+    pub fn step(&mut self) -> Result<Vec<Event>, ModelError> {
+        let plan = self.schedule();
+        if plan.is_empty() {
+            if self.has_unfinished() {
+                // add_request caps every sequence at the pool size, so this is a bug, not a user error.
+                return Err(ModelError::Input(format!(
+                    "scheduler made no progress with {} waiting requests and {} free KV blocks",
+                    self.waiting.len(),
+                    self.pool.free_count()
+                )));
+            }
+            return Ok(Vec::new());
+        }
+        let mut input = StepInput::default();
+        let mut uses = Vec::new();
+        for &(id, n) in &plan {
+            let seq = &self.seqs[&id];
+            let start = input.tokens.len();
+            for j in 0..n {
+                let pos = seq.computed + j;
+                input.tokens.push(seq.token_at(pos));
+                if seq.wants_prompt_logprobs() && pos + 1 < seq.prompt.len() && pos + 1 >= seq.prompt_logprobs.len() {
+                    input.logit_rows.push(start + j);
+                    uses.push(RowUse::PromptLogprob { seq: id, index: pos + 1 });
+                }
+            }
+            if seq.computed + n == seq.len() {
+                input.logit_rows.push(start + n - 1);
+                uses.push(RowUse::Sample { seq: id });
+            }
+            input.seqs.push(SeqSpan {
+                token_start: start,
+                n_tokens: n,
+                context_len: seq.computed + n,
+                block_table: seq.block_table.clone(),
+            });
+        }
+        let t0 = Instant::now();
+        let logits = self.model.forward(&input)?;
+        self.stats.forward_seconds += t0.elapsed().as_secs_f64();
+        self.stats.steps += 1;
+        let vocab = self.model.config().vocab_size;
+        for &(id, n) in &plan {
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                if seq.computed < seq.prompt.len() {
+                    self.stats.prefill_tokens += n.min(seq.prompt.len() - seq.computed) as u64;
+                }
+                seq.computed += n;
+            }
+        }
+        let mut events = Vec::new();
+        for (r, u) in uses.into_iter().enumerate() {
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            match u {
+                RowUse::PromptLogprob { seq, index } => {
+                    let s = self.seqs.get_mut(&seq).expect("sequence in step");
+                    if s.prompt_logprobs.len() == index {
+                        let norm = sampler::log_normalizer(row);
+                        s.prompt_logprobs.push(Some((row[s.prompt[index] as usize] as f64 - norm) as f32));
+                    }
+                }
+                RowUse::Sample { seq } => {
+                    if let Some(ev) = self.accept_token(seq, row) {
+                        events.extend(ev);
+                    }
+                }
+            }
+        }
+        Ok(events)
+    }
+
+    /// Sample a sequence's next token from its logits row and apply the stop rules.
+    fn accept_token(&mut self, id: u64, row: &[f32]) -> Option<Vec<Event>> {
+        let seq = self.seqs.get_mut(&id)?;
+        let tok = sampler::sample(row, &seq.params, seq.seed, seq.generated.len() as u64);
+        if let Some(n) = seq.params.logprobs {
+            seq.logprobs.push(sampler::token_logprob(row, tok, n));
+        }
+        seq.generated.push(tok);
+        self.stats.generated_tokens += 1;
+        let is_stop_token = (!seq.params.ignore_eos && self.stop_ids.contains(&tok)) || seq.params.stop_token_ids.contains(&tok);
+        let mut cut = false;
+        if is_stop_token {
+            seq.finish = Some(FinishReason::Stop);
+        } else {
+            let before = seq.text.len();
+            seq.text.push_str(&seq.decoder.push(&self.tokenizer, tok));
+            if !seq.params.stop.is_empty() {
+                if let Some(at) = find_stop(&seq.text, &seq.params.stop, before) {
+                    seq.text.truncate(at);
+                    seq.finish = Some(FinishReason::Stop);
+                    cut = true;
+                }
+            }
+        }
+        if seq.finish.is_none() && (seq.generated.len() >= seq.params.max_tokens || seq.len() >= seq.max_len) {
+            seq.finish = Some(FinishReason::Length);
+        }
+        let end = if seq.finish.is_some() {
+            if !cut {
+                let rest = seq.decoder.finish();
+                seq.text.push_str(&rest);
+            }
+            seq.text.len()
+        } else {
+            safe_prefix(&seq.text, &seq.params.stop).max(seq.emitted)
+        };
+        let text = seq.text[seq.emitted..end].to_string();
+        seq.emitted = end;
+        let mut events = vec![Event::Token { id, token: tok, text }];
+        if seq.finish.is_some() {
+            let mut seq = self.seqs.remove(&id)?;
+            self.running.retain(|&r| r != id);
+            self.pool.release(&mut seq.block_table);
+            events.push(Event::Finished(Self::output(seq)));
+        }
+        Some(events)
+    }
+
+    fn output(seq: Sequence) -> RequestOutput {
+        RequestOutput {
+            id: seq.id,
+            prompt_tokens: seq.prompt.len(),
+            token_ids: seq.generated,
+            text: seq.text,
+            finish_reason: seq.finish.unwrap_or(FinishReason::Abort),
+            logprobs: seq.params.logprobs.map(|_| seq.logprobs),
+            prompt_logprobs: seq.params.prompt_logprobs.then_some(seq.prompt_logprobs),
+        }
+    }
+
+    /// Run until every queued request finishes; outputs in completion order.
+    pub fn run_to_completion(&mut self) -> Result<Vec<RequestOutput>, ModelError> {
+        let mut done = Vec::new();
+        while self.has_unfinished() {
+            for ev in self.step()? {
+                if let Event::Finished(out) = ev {
+                    done.push(out);
+                }
+            }
+        }
+        Ok(done)
+    }
+}

@@ -1,1 +1,52 @@
-//! model layer (see ARCHITECTURE.md).
+//! Model layer: Llama config, the forward pass over a Backend, the shard plan per rank.
+//! It knows shapes and math, never requests: it runs one step, `forward(step) -> logits`.
+
+pub mod config;
+pub mod llama;
+pub mod loader;
+pub mod shard;
+
+pub use crate::backend::SeqSpan;
+use crate::backend::KvShape;
+use crate::checkpoint::CheckpointError;
+pub use config::LlamaConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    ConfigFile(#[from] config::ConfigError),
+    #[error("{origin}: tensor '{tensor}' has shape {got:?}, but the model config needs {want:?}")]
+    Shape {
+        tensor: String,
+        got: Vec<usize>,
+        want: Vec<usize>,
+        origin: String,
+    },
+    #[error("{0}")]
+    Config(String),
+    #[error("backend: {0}")]
+    Backend(String),
+    #[error("{0}")]
+    Input(String),
+}
+
+/// One packed forward step: every sequence's new tokens, where they go in the KV cache, and
+/// which rows need logits.
+#[derive(Clone, Debug, Default)]
+pub struct StepInput {
+    pub tokens: Vec<u32>,
+    pub seqs: Vec<SeqSpan>,
+    /// Rows (indices into `tokens`) whose next-token logits are wanted, in output order.
+    pub logit_rows: Vec<usize>,
+}
+
+/// What the engine sees of a model: a step function over a paged KV pool.
+pub trait ModelRunner: Send {
+    fn config(&self) -> &LlamaConfig;
+    fn kv_shape(&self) -> KvShape;
+    fn backend_name(&self) -> String;
+    /// Logits `[logit_rows.len(), vocab_size]`, row-major f32.
+    fn forward(&mut self, step: &StepInput) -> Result<Vec<f32>, ModelError>;
+}

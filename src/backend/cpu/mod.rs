@@ -1,0 +1,266 @@
+//! The CPU backend: the numerical reference. f32 arithmetic, weights kept in their stored dtype
+//! and widened on use, both cores busy through rayon.
+
+mod attention;
+pub mod matmul;
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::{AttnBatch, Backend, BackendError, KvShape};
+use crate::checkpoint::{DType, Tensor};
+use crate::parallel::{HostComm, Solo};
+pub use matmul::{CpuMatrix, MatrixData};
+
+/// A row-major `[rows, cols]` f32 matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuAct {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl CpuAct {
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// Paged KV cache: per layer, K and V as `[num_blocks, block_size, n_kv_heads, head_dim]` f32.
+pub struct CpuKv {
+    pub shape: KvShape,
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+impl CpuKv {
+    /// Offset of (slot, head) in a layer's K or V buffer; slot = block * block_size + offset.
+    #[inline]
+    fn at(&self, slot: usize, head: usize) -> usize {
+        (slot * self.shape.n_kv_heads + head) * self.shape.head_dim
+    }
+}
+
+/// Slot of position `pos` in a block table.
+#[inline]
+fn slot(table: &[u32], block_size: usize, pos: usize) -> usize {
+    table[pos / block_size] as usize * block_size + pos % block_size
+}
+
+pub struct CpuBackend {
+    comm: Arc<dyn HostComm>,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend { comm: Arc::new(Solo) }
+    }
+}
+
+impl CpuBackend {
+    /// A backend whose collectives run over `comm` (tensor parallelism).
+    pub fn with_comm(comm: Arc<dyn HostComm>) -> Self {
+        CpuBackend { comm }
+    }
+}
+
+impl Backend for CpuBackend {
+    type Act = CpuAct;
+    type Matrix = CpuMatrix;
+    type Vector = Vec<f32>;
+    type Kv = CpuKv;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn load_matrix(&self, t: &Tensor) -> Result<CpuMatrix, BackendError> {
+        if t.shape.len() != 2 {
+            return Err(BackendError::Unsupported(format!(
+                "expected a 2-D weight, got shape {:?}",
+                t.shape
+            )));
+        }
+        let data = match t.dtype {
+            DType::BF16 => MatrixData::Bf16(t.bytes.clone()),
+            DType::F16 | DType::F32 => MatrixData::F32(t.to_f32_vec()),
+        };
+        Ok(CpuMatrix {
+            rows: t.shape[0],
+            cols: t.shape[1],
+            data,
+        })
+    }
+
+    fn load_vector(&self, t: &Tensor) -> Result<Vec<f32>, BackendError> {
+        Ok(t.to_f32_vec())
+    }
+
+    fn alloc_kv(&self, shape: KvShape) -> Result<CpuKv, BackendError> {
+        let per_layer = shape.num_blocks * shape.block_size * shape.n_kv_heads * shape.head_dim;
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..shape.n_layers {
+            let mut a = Vec::new();
+            let mut b = Vec::new();
+            a.try_reserve_exact(per_layer)
+                .and_then(|_| b.try_reserve_exact(per_layer))
+                .map_err(|_| {
+                    BackendError::OutOfMemory(format!(
+                        "KV cache of {:.2} GB does not fit in host memory; lower --kv-cache-gb",
+                        shape.num_blocks as f64 * shape.block_bytes(4) as f64 / 1e9
+                    ))
+                })?;
+            a.resize(per_layer, 0.0);
+            b.resize(per_layer, 0.0);
+            k.push(a);
+            v.push(b);
+        }
+        Ok(CpuKv { shape, k, v })
+    }
+
+    fn embed(&self, table: &CpuMatrix, tokens: &[u32]) -> CpuAct {
+        let cols = table.cols;
+        let mut data = vec![0f32; tokens.len() * cols];
+        for (row, &t) in data.chunks_exact_mut(cols).zip(tokens) {
+            table.widen_row(t as usize, row);
+        }
+        CpuAct {
+            rows: tokens.len(),
+            cols,
+            data,
+        }
+    }
+
+    fn rmsnorm(&self, x: &CpuAct, w: &Vec<f32>, eps: f32) -> CpuAct {
+        let mut out = x.clone();
+        out.data.par_chunks_mut(x.cols).for_each(|row| {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            for (v, g) in row.iter_mut().zip(w) {
+                *v = *v * r * g;
+            }
+        });
+        out
+    }
+
+    fn matmul(&self, x: &CpuAct, w: &CpuMatrix) -> CpuAct {
+        CpuAct {
+            rows: x.rows,
+            cols: w.rows,
+            data: matmul::matmul(&x.data, x.rows, w),
+        }
+    }
+
+    fn rope_store_kv(
+        &self,
+        q: &mut CpuAct,
+        k: &mut CpuAct,
+        v: &CpuAct,
+        inv_freq: &[f32],
+        kv: &mut CpuKv,
+        layer: usize,
+        batch: &AttnBatch,
+    ) {
+        let hd = kv.shape.head_dim;
+        rotate(q, hd, inv_freq, &batch.positions);
+        rotate(k, hd, inv_freq, &batch.positions);
+        let bs = kv.shape.block_size;
+        let n_kv = kv.shape.n_kv_heads;
+        for s in &batch.seqs {
+            for j in 0..s.n_tokens {
+                let row = s.token_start + j;
+                let sl = slot(&s.block_table, bs, s.position(j));
+                for h in 0..n_kv {
+                    let at = kv.at(sl, h);
+                    kv.k[layer][at..at + hd].copy_from_slice(&k.row(row)[h * hd..(h + 1) * hd]);
+                    kv.v[layer][at..at + hd].copy_from_slice(&v.row(row)[h * hd..(h + 1) * hd]);
+                }
+            }
+        }
+    }
+
+    fn attention(&self, q: &CpuAct, kv: &CpuKv, layer: usize, n_heads: usize, batch: &AttnBatch) -> CpuAct {
+        attention::paged_attention(q, kv, layer, n_heads, batch)
+    }
+
+    fn silu_mul(&self, gate: &CpuAct, up: &CpuAct) -> CpuAct {
+        let mut out = gate.clone();
+        out.data.par_iter_mut().zip(&up.data).for_each(|(g, u)| {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        });
+        out
+    }
+
+    fn add_in_place(&self, x: &mut CpuAct, y: &CpuAct) {
+        for (a, b) in x.data.iter_mut().zip(&y.data) {
+            *a += b;
+        }
+    }
+
+    fn select_rows(&self, x: &CpuAct, rows: &[usize]) -> CpuAct {
+        let mut data = Vec::with_capacity(rows.len() * x.cols);
+        for &r in rows {
+            data.extend_from_slice(x.row(r));
+        }
+        CpuAct {
+            rows: rows.len(),
+            cols: x.cols,
+            data,
+        }
+    }
+
+    fn all_reduce_sum(&self, x: &mut CpuAct) -> Result<(), BackendError> {
+        self.comm
+            .all_reduce_sum(&mut x.data)
+            .map_err(|e| BackendError::Comm(e.to_string()))
+    }
+
+    fn all_gather_cols(&self, x: CpuAct) -> Result<CpuAct, BackendError> {
+        let world = self.comm.size();
+        if world == 1 {
+            return Ok(x);
+        }
+        let all = self
+            .comm
+            .all_gather(&x.data)
+            .map_err(|e| BackendError::Comm(e.to_string()))?;
+        // all = [rank][rows][cols]; result = [rows][rank][cols]
+        let (rows, cols) = (x.rows, x.cols);
+        let mut data = vec![0f32; rows * cols * world];
+        for r in 0..world {
+            for i in 0..rows {
+                let src = &all[(r * rows + i) * cols..(r * rows + i + 1) * cols];
+                data[(i * world + r) * cols..(i * world + r + 1) * cols].copy_from_slice(src);
+            }
+        }
+        Ok(CpuAct {
+            rows,
+            cols: cols * world,
+            data,
+        })
+    }
+
+    fn to_host(&self, x: &CpuAct) -> Vec<f32> {
+        x.data.clone()
+    }
+}
+
+/// Rotate interleaved pairs (x[2i], x[2i+1]) of every head by position · inv_freq[i].
+fn rotate(x: &mut CpuAct, head_dim: usize, inv_freq: &[f32], positions: &[u32]) {
+    let cols = x.cols;
+    x.data.par_chunks_mut(cols).zip(positions).for_each(|(row, &pos)| {
+        for head in row.chunks_exact_mut(head_dim) {
+            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                // The angle is rounded to f32 before cos/sin, as torch does.
+                let angle = pos as f32 * inv_freq[i];
+                let (s, c) = angle.sin_cos();
+                let (a, b) = (pair[0], pair[1]);
+                pair[0] = a * c - b * s;
+                pair[1] = a * s + b * c;
+            }
+        }
+    });
+}
+

@@ -1,0 +1,189 @@
+//! Per-request sampling: greedy, temperature, top-k, top-p; log-probs of the raw distribution.
+//!
+//! The random number for a request's n-th token is a pure function of (seed, n): a counter-based
+//! generator, so a request's tokens never depend on the batch, on preemption, or on which rank or
+//! device samples (a GPU sampler computes the same number).
+
+use super::request::{SamplingParams, TokenLogprob};
+
+/// splitmix64 finalizer: a strong 64-bit mix.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^ (z >> 31)
+}
+
+/// Uniform number in [0, 1) for token `n` of the stream `seed`.
+pub fn uniform(seed: u64, n: u64) -> f64 {
+    let r = mix64(mix64(seed) ^ n.wrapping_mul(0x9e3779b97f4a7c15).wrapping_add(0x632be59bd9b4e019));
+    (r >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A fresh seed for requests that name none.
+pub fn random_seed(salt: u64) -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    mix64(t ^ mix64(salt ^ std::process::id() as u64))
+}
+
+/// Index of the largest logit; ties go to the lowest id.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// log-softmax normalizer: `logsumexp(logits)` in f64.
+pub fn log_normalizer(logits: &[f32]) -> f64 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
+    max + sum.ln()
+}
+
+/// The `n` most likely tokens with their log-probs, most likely first (ties: lower id first).
+pub fn top_logprobs(logits: &[f32], norm: f64, n: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = n.min(idx.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let cmp = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .partial_cmp(&logits[*a as usize])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(b))
+    };
+    idx.select_nth_unstable_by(n - 1, cmp);
+    idx.truncate(n);
+    idx.sort_by(cmp);
+    idx.into_iter()
+        .map(|i| (i, (logits[i as usize] as f64 - norm) as f32))
+        .collect()
+}
+
+/// Choose the next token. `n` is how many tokens this request has generated so far.
+pub fn sample(logits: &[f32], p: &SamplingParams, seed: u64, n: u64) -> u32 {
+    if p.temperature == 0.0 || p.top_k == 1 {
+        return argmax(logits);
+    }
+    let inv_t = 1.0 / p.temperature as f64;
+    // Candidates, most likely first; top-k cuts before sorting everything.
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let cmp = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .partial_cmp(&logits[*a as usize])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(b))
+    };
+    if p.top_k > 0 && p.top_k < idx.len() {
+        idx.select_nth_unstable_by(p.top_k - 1, cmp);
+        idx.truncate(p.top_k);
+    }
+    idx.sort_by(cmp);
+    let max = logits[idx[0] as usize] as f64;
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    if p.top_p < 1.0 {
+        // Smallest prefix whose mass reaches top_p (at least one token).
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (j, q) in probs.iter().enumerate() {
+            cum += q / total;
+            if cum >= p.top_p as f64 {
+                keep = j + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let target = uniform(seed, n) * total;
+    let mut cum = 0.0;
+    for (j, q) in probs.iter().enumerate() {
+        cum += q;
+        if target < cum {
+            return idx[j];
+        }
+    }
+    idx[probs.len() - 1]
+}
+
+/// Log-prob report for a chosen token.
+pub fn token_logprob(logits: &[f32], token: u32, top_n: usize) -> TokenLogprob {
+    let norm = log_normalizer(logits);
+    TokenLogprob {
+        token_id: token,
+        logprob: (logits[token as usize] as f64 - norm) as f32,
+        top: top_logprobs(logits, norm, top_n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(t: f32, top_p: f32, top_k: usize) -> SamplingParams {
+        SamplingParams {
+            temperature: t,
+            top_p,
+            top_k,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn greedy_picks_the_first_maximum() {
+        assert_eq!(argmax(&[0.0, 3.0, 3.0, 1.0]), 1);
+        assert_eq!(sample(&[0.0, 3.0, 1.0], &params(0.0, 1.0, 0), 1, 0), 1);
+    }
+
+    #[test]
+    fn uniform_is_uniform_enough_and_deterministic() {
+        let xs: Vec<f64> = (0..10000).map(|n| uniform(42, n)).collect();
+        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+        assert!((mean - 0.5).abs() < 0.02, "{mean}");
+        assert!(xs.iter().all(|&x| (0.0..1.0).contains(&x)));
+        assert_eq!(uniform(42, 7), uniform(42, 7));
+        assert_ne!(uniform(42, 7), uniform(43, 7));
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        // p = softmax([ln 1, ln 3]) = [0.25, 0.75]
+        let logits = [0f32, 3f32.ln()];
+        let n = 20000;
+        let ones = (0..n).filter(|&i| sample(&logits, &params(1.0, 1.0, 0), 9, i) == 1).count();
+        let frac = ones as f64 / n as f64;
+        assert!((frac - 0.75).abs() < 0.02, "{frac}");
+    }
+
+    #[test]
+    fn top_k_and_top_p_cut_the_tail() {
+        let logits = [5.0f32, 4.0, 0.0, -1.0];
+        for i in 0..500 {
+            let t = sample(&logits, &params(1.0, 1.0, 2), 3, i);
+            assert!(t < 2);
+            // p(0) = 0.72, p(1) = 0.27: top_p 0.5 keeps only token 0.
+            assert_eq!(sample(&logits, &params(1.0, 0.5, 0), 3, i), 0);
+        }
+    }
+
+    #[test]
+    fn logprobs_are_normalized() {
+        let logits = [1.0f32, 2.0, 3.0];
+        let lp = token_logprob(&logits, 2, 3);
+        let s: f64 = lp.top.iter().map(|(_, l)| (*l as f64).exp()).sum();
+        assert!((s - 1.0).abs() < 1e-6);
+        assert_eq!(lp.top[0].0, 2);
+        assert!((lp.logprob - lp.top[0].1).abs() < 1e-7);
+    }
+}

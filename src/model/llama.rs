@@ -1,0 +1,206 @@
+//! The Llama 3 transformer, written once over the [`Backend`] trait.
+
+use std::time::Instant;
+
+use super::config::LlamaConfig;
+use super::shard::ShardPlan;
+use super::{ModelError, ModelRunner, StepInput};
+use crate::backend::{AttnBatch, Backend, KvShape};
+use crate::checkpoint::{Slice, TensorSource};
+
+struct Layer<B: Backend> {
+    attention_norm: B::Vector,
+    wq: B::Matrix,
+    wk: B::Matrix,
+    wv: B::Matrix,
+    wo: B::Matrix,
+    ffn_norm: B::Vector,
+    w1: B::Matrix,
+    w2: B::Matrix,
+    w3: B::Matrix,
+}
+
+/// One rank's shard of a Llama model plus its KV cache.
+pub struct Llama<B: Backend> {
+    cfg: LlamaConfig,
+    shard: ShardPlan,
+    backend: B,
+    tok_embeddings: B::Matrix,
+    layers: Vec<Layer<B>>,
+    norm: B::Vector,
+    output: B::Matrix,
+    inv_freq: Vec<f32>,
+    kv: B::Kv,
+    kv_shape: KvShape,
+    load_seconds: f64,
+}
+
+/// Expected full shape of every tensor a config implies (Meta names).
+pub fn tensor_specs(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, hd) = (cfg.dim, cfg.head_dim);
+    let mut v = vec![
+        ("tok_embeddings.weight".to_string(), vec![cfg.vocab_size, d]),
+        ("norm.weight".to_string(), vec![d]),
+    ];
+    if !cfg.tie_embeddings {
+        v.push(("output.weight".to_string(), vec![cfg.vocab_size, d]));
+    }
+    for l in 0..cfg.n_layers {
+        let p = |s: &str| format!("layers.{l}.{s}");
+        v.push((p("attention_norm.weight"), vec![d]));
+        v.push((p("attention.wq.weight"), vec![cfg.n_heads * hd, d]));
+        v.push((p("attention.wk.weight"), vec![cfg.n_kv_heads * hd, d]));
+        v.push((p("attention.wv.weight"), vec![cfg.n_kv_heads * hd, d]));
+        v.push((p("attention.wo.weight"), vec![d, cfg.n_heads * hd]));
+        v.push((p("ffn_norm.weight"), vec![d]));
+        v.push((p("feed_forward.w1.weight"), vec![cfg.ffn_dim, d]));
+        v.push((p("feed_forward.w2.weight"), vec![d, cfg.ffn_dim]));
+        v.push((p("feed_forward.w3.weight"), vec![cfg.ffn_dim, d]));
+    }
+    v
+}
+
+impl<B: Backend> Llama<B> {
+    /// Load this rank's shard from `src` and allocate a KV pool of `kv_blocks` blocks.
+    pub fn load(
+        backend: B,
+        src: &dyn TensorSource,
+        cfg: &LlamaConfig,
+        shard: ShardPlan,
+        kv_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, ModelError> {
+        ShardPlan::check(shard.tp, cfg).map_err(|e| ModelError::Config(e.to_string()))?;
+        let t0 = Instant::now();
+        // Check every shape first, so a wrong checkpoint fails before anything big is loaded.
+        let specs = tensor_specs(cfg);
+        for (name, want) in &specs {
+            let got = src.shape(name)?;
+            if &got != want {
+                return Err(ModelError::Shape {
+                    tensor: name.clone(),
+                    got,
+                    want: want.clone(),
+                    origin: src.describe(),
+                });
+            }
+        }
+        let matrix = |name: &str, slice: Option<Slice>| -> Result<B::Matrix, ModelError> {
+            let t = src.load(name, slice)?;
+            backend
+                .load_matrix(&t)
+                .map_err(|e| ModelError::Backend(format!("{name}: {e}")))
+        };
+        let vector = |name: &str| -> Result<B::Vector, ModelError> {
+            let t = src.load(name, None)?;
+            backend
+                .load_vector(&t)
+                .map_err(|e| ModelError::Backend(format!("{name}: {e}")))
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for l in 0..cfg.n_layers {
+            let p = |s: &str| format!("layers.{l}.{s}");
+            layers.push(Layer {
+                attention_norm: vector(&p("attention_norm.weight"))?,
+                wq: matrix(&p("attention.wq.weight"), Some(shard.wq(cfg)))?,
+                wk: matrix(&p("attention.wk.weight"), Some(shard.wkv(cfg)))?,
+                wv: matrix(&p("attention.wv.weight"), Some(shard.wkv(cfg)))?,
+                wo: matrix(&p("attention.wo.weight"), Some(shard.wo(cfg)))?,
+                ffn_norm: vector(&p("ffn_norm.weight"))?,
+                w1: matrix(&p("feed_forward.w1.weight"), Some(shard.w13(cfg)))?,
+                w2: matrix(&p("feed_forward.w2.weight"), Some(shard.w2(cfg)))?,
+                w3: matrix(&p("feed_forward.w3.weight"), Some(shard.w13(cfg)))?,
+            });
+        }
+        let output_name = if cfg.tie_embeddings {
+            "tok_embeddings.weight"
+        } else {
+            "output.weight"
+        };
+        let output = matrix(output_name, Some(shard.output(cfg)))?;
+        let tok_embeddings = matrix("tok_embeddings.weight", None)?;
+        let norm = vector("norm.weight")?;
+        let kv_shape = KvShape {
+            n_layers: cfg.n_layers,
+            num_blocks: kv_blocks,
+            block_size,
+            n_kv_heads: shard.local_kv_heads(cfg),
+            head_dim: cfg.head_dim,
+        };
+        let kv = backend
+            .alloc_kv(kv_shape)
+            .map_err(|e| ModelError::Backend(e.to_string()))?;
+        Ok(Llama {
+            cfg: cfg.clone(),
+            shard,
+            backend,
+            tok_embeddings,
+            layers,
+            norm,
+            output,
+            inv_freq: cfg.rope_inv_freq(),
+            kv,
+            kv_shape,
+            load_seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Seconds spent loading weights.
+    pub fn load_seconds(&self) -> f64 {
+        self.load_seconds
+    }
+}
+
+impl<B: Backend> ModelRunner for Llama<B> {
+    fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    fn kv_shape(&self) -> KvShape {
+        self.kv_shape
+    }
+
+    fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+
+    fn forward(&mut self, step: &StepInput) -> Result<Vec<f32>, ModelError> {
+        let b = &self.backend;
+        let cfg = &self.cfg;
+        if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token id {t} is outside the vocabulary (size {})",
+                cfg.vocab_size
+            )));
+        }
+        let batch = AttnBatch::new(step.seqs.clone());
+        if batch.n_tokens() != step.tokens.len() {
+            return Err(ModelError::Input("step plan and token count disagree".into()));
+        }
+        let n_heads = self.shard.local_heads(cfg);
+        let comm_err = |e: crate::backend::BackendError| ModelError::Backend(e.to_string());
+        let mut x = b.embed(&self.tok_embeddings, &step.tokens);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = b.rmsnorm(&x, &layer.attention_norm, cfg.norm_eps);
+            let mut q = b.matmul(&h, &layer.wq);
+            let mut k = b.matmul(&h, &layer.wk);
+            let v = b.matmul(&h, &layer.wv);
+            b.rope_store_kv(&mut q, &mut k, &v, &self.inv_freq, &mut self.kv, l, &batch);
+            let attn = b.attention(&q, &self.kv, l, n_heads, &batch);
+            let mut o = b.matmul(&attn, &layer.wo);
+            b.all_reduce_sum(&mut o).map_err(comm_err)?;
+            b.add_in_place(&mut x, &o);
+            let h = b.rmsnorm(&x, &layer.ffn_norm, cfg.norm_eps);
+            let gate = b.matmul(&h, &layer.w1);
+            let up = b.matmul(&h, &layer.w3);
+            let mut down = b.matmul(&b.silu_mul(&gate, &up), &layer.w2);
+            b.all_reduce_sum(&mut down).map_err(comm_err)?;
+            b.add_in_place(&mut x, &down);
+        }
+        // Only the rows that need logits go through the vocab projection.
+        let x = b.select_rows(&x, &step.logit_rows);
+        let x = b.rmsnorm(&x, &self.norm, cfg.norm_eps);
+        let logits = b.all_gather_cols(b.matmul(&x, &self.output)).map_err(comm_err)?;
+        Ok(b.to_host(&logits))
+    }
+}

@@ -1,0 +1,175 @@
+//! `herd bench`: decode throughput at several batch sizes, next to the memory-bandwidth limit
+//! measured in the same run; one CSV row per batch size.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+
+use super::setup::{build_engine, ModelArgs};
+use crate::engine::{Event, SamplingParams};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    pub batch_sizes: Vec<usize>,
+    /// Prompt length of every request (tokens).
+    #[arg(long, default_value_t = 64)]
+    pub prompt_len: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 32)]
+    pub gen_tokens: usize,
+    /// Append results to this CSV (created with a header if new).
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+}
+
+/// Host memory read bandwidth (GB/s): every thread sums its part of a 1 GiB buffer; best of 3.
+pub fn measure_read_bandwidth() -> f64 {
+    let n = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..n as u64).collect();
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s: u64 = buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b))).reduce(|| 0, u64::wrapping_add);
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max((n * 8) as f64 / secs / 1e9);
+    }
+    best
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown cpu".into())
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let max_b = args.batch_sizes.iter().copied().max().unwrap_or(1);
+    let mut margs = args.model.clone();
+    margs.max_batch_size = margs.max_batch_size.max(max_b);
+    let mut engine = build_engine(&margs)?;
+    let cfg = engine.model().config().clone();
+    let bw = measure_read_bandwidth();
+    let machine = format!("{} x{} threads", cpu_name(), rayon::current_num_threads());
+    eprintln!("host read bandwidth {bw:.1} GB/s on {machine}");
+    let weight_bytes = cfg.n_params() as f64 * 2.0;
+    // K and V of one token across layers, f32 on the CPU.
+    let kv_token_bytes = (2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4) as f64;
+    let mut rows = Vec::new();
+    for &b in &args.batch_sizes {
+        for r in 0..b {
+            // Distinct deterministic prompts, ordinary token ids.
+            let prompt: Vec<u32> = (0..args.prompt_len)
+                .map(|i| 1000 + ((r * 7919 + i * 104729) % 50000) as u32)
+                .collect();
+            engine.add_request(
+                prompt,
+                SamplingParams {
+                    max_tokens: args.gen_tokens,
+                    ignore_eos: true,
+                    seed: Some(r as u64),
+                    ..Default::default()
+                },
+            )?;
+        }
+        // Prefill phase: until every request has its first token.
+        let t_prefill = Instant::now();
+        let mut started = 0;
+        while started < b {
+            for ev in engine.step()? {
+                if matches!(ev, Event::Token { .. }) {
+                    started += 1;
+                }
+            }
+        }
+        let prefill_s = t_prefill.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let steps0 = engine.stats().steps;
+        let gen0 = engine.stats().generated_tokens;
+        engine.run_to_completion()?;
+        let secs = t0.elapsed().as_secs_f64();
+        let steps = (engine.stats().steps - steps0).max(1);
+        let tokens = engine.stats().generated_tokens - gen0;
+        let ms_step = secs * 1e3 / steps as f64;
+        let tok_s = tokens as f64 / secs;
+        // Bytes a decode step must read: all weights once + each sequence's KV (mean context).
+        let mean_ctx = args.prompt_len as f64 + args.gen_tokens as f64 / 2.0;
+        let step_bytes = weight_bytes + b as f64 * mean_ctx * kv_token_bytes;
+        let achieved = step_bytes / (ms_step / 1e3) / 1e9;
+        let limit_tok_s = b as f64 * bw * 1e9 / step_bytes;
+        eprintln!(
+            "batch {b:>4}: {ms_step:8.2} ms/step  {tok_s:9.1} tok/s  {achieved:6.1} GB/s = {:.0}% of {bw:.1} GB/s (limit {limit_tok_s:.1} tok/s)  prefill {:.0} tok/s",
+            100.0 * achieved / bw,
+            (b * args.prompt_len) as f64 / prefill_s
+        );
+        rows.push(format!(
+            "{},{},{},{},{},{},{},{:.3},{:.2},{:.0},{:.2},{:.2},{:.3},{:.1},{:.1}",
+            chrono_date(),
+            env!("HERD_GIT_COMMIT"),
+            machine.replace(',', " "),
+            engine.model().backend_name().replace(',', " "),
+            margs.model,
+            b,
+            args.prompt_len,
+            ms_step,
+            tok_s,
+            step_bytes,
+            achieved,
+            bw,
+            achieved / bw,
+            limit_tok_s,
+            (b * args.prompt_len) as f64 / prefill_s,
+        ));
+    }
+    if let Some(path) = &args.csv {
+        let new = !path.exists();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).ok();
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if new {
+            writeln!(f, "date,commit,machine,backend,model,batch,prompt_len,ms_per_step,tokens_per_s,bytes_per_step,achieved_gb_s,measured_bw_gb_s,bw_ratio,limit_tokens_per_s,prefill_tokens_per_s")?;
+        }
+        for r in rows {
+            writeln!(f, "{r}")?;
+        }
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Today's date (UTC) as YYYY-MM-DD, without a date crate.
+fn chrono_date() -> String {
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86400)
+        .unwrap_or(0) as i64;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02}")
+}

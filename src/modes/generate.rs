@@ -1,0 +1,98 @@
+//! `herd generate`: one completion, streamed to stdout (or one JSON record with --json).
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use super::record::result_record;
+use super::setup::{build_engine, ModelArgs};
+use super::SamplingArgs;
+use crate::engine::Event;
+use crate::tokenizer::Message;
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Raw text prompt (a begin-of-text token is added).
+    #[arg(long, conflicts_with_all = ["messages", "prompt_token_ids"])]
+    pub prompt: Option<String>,
+    /// Chat messages as JSON: [{"role": "user", "content": "..."}] (Llama 3 chat format).
+    #[arg(long, conflicts_with = "prompt_token_ids")]
+    pub messages: Option<String>,
+    /// Prompt as token ids: 128000,9906,11
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_token_ids: Option<Vec<u32>>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print one result record (JSON) instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    /// Report each generated token's log-prob and the top N alternatives (with --json).
+    #[arg(long)]
+    pub logprobs: Option<usize>,
+    /// Report each prompt token's log-prob (with --json).
+    #[arg(long)]
+    pub prompt_logprobs: bool,
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let mut engine = build_engine(&args.model)?;
+    let tok = engine.tokenizer().clone();
+    let prompt = if let Some(text) = &args.prompt {
+        tok.encode(text, true, false)
+    } else if let Some(js) = &args.messages {
+        let msgs: Vec<Message> = serde_json::from_str(js).context(
+            "--messages must be a JSON list of {\"role\": \"system|user|assistant\", \"content\": \"...\"}",
+        )?;
+        tok.encode_dialog(&msgs)
+    } else if let Some(ids) = &args.prompt_token_ids {
+        ids.clone()
+    } else {
+        bail!("give a prompt: --prompt TEXT, --messages JSON or --prompt-token-ids 1,2,3");
+    };
+    // Meta's example defaults for completion.
+    let mut params = args.sampling.params(0.6, 0.9, 0);
+    params.logprobs = args.logprobs;
+    params.prompt_logprobs = args.prompt_logprobs;
+    let n_prompt = prompt.len();
+    let id = engine.add_request(prompt, params)?;
+    let t0 = Instant::now();
+    let mut first_token = None;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    loop {
+        for ev in engine.step()? {
+            match ev {
+                Event::Token { id: rid, text, .. } if rid == id => {
+                    first_token.get_or_insert_with(|| t0.elapsed());
+                    if !args.json {
+                        out.write_all(text.as_bytes())?;
+                        out.flush()?;
+                    }
+                }
+                Event::Finished(res) if res.id == id => {
+                    let secs = t0.elapsed().as_secs_f64();
+                    if args.json {
+                        writeln!(out, "{}", result_record(None, &res))?;
+                    } else {
+                        writeln!(out)?;
+                    }
+                    let n = res.token_ids.len();
+                    let ttft = first_token.map(|d| d.as_secs_f64()).unwrap_or(secs);
+                    tracing::info!(
+                        prompt_tokens = n_prompt,
+                        generated = n,
+                        finish = res.finish_reason.as_str(),
+                        ttft_ms = format!("{:.1}", ttft * 1e3),
+                        decode_tok_s = format!("{:.1}", (n.saturating_sub(1)) as f64 / (secs - ttft).max(1e-9)),
+                        "done"
+                    );
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Shared set-up of every mode that generates: model, tokenizer, backend, KV pool, engine.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::KvShape;
+use crate::engine::{Engine, EngineConfig};
+use crate::model::llama::Llama;
+use crate::model::loader::open_model;
+use crate::model::shard::ShardPlan;
+use crate::tokenizer::{self, Tokenizer};
+
+/// Options every generating mode shares.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Checkpoint directory (Meta or HF layout) or a built-in model: random:tiny, random:1b, random:8b, random:70b.
+    #[arg(long, env = "HERD_MODEL")]
+    pub model: String,
+    /// Tokenizer file (tokenizer.model or tokenizer.json); default: the checkpoint's own, else the cached Llama 3 tokenizer.
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// Where to run: auto or cpu.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Most sequences generated at once (continuous batching).
+    #[arg(long, default_value_t = 64)]
+    pub max_batch_size: usize,
+    /// Most tokens in one forward step (decode tokens + prefill chunks).
+    #[arg(long, default_value_t = 1024)]
+    pub max_batch_tokens: usize,
+    /// Override the context length (prompt + generation) the model allows.
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// Memory for the KV cache in GB (default: 1 on the CPU).
+    #[arg(long)]
+    pub kv_cache_gb: Option<f64>,
+    /// KV cache block size in tokens.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+}
+
+/// Bytes of memory the OS says are available (Linux), for sizing checks.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn load_tokenizer(args: &ModelArgs, own: Option<&std::path::Path>) -> Result<Tokenizer> {
+    let path = args.tokenizer.as_deref().or(own);
+    match path {
+        Some(p) => Tokenizer::from_file(p).with_context(|| format!("loading tokenizer {}", p.display())),
+        None => Ok(tokenizer::load_default()?),
+    }
+}
+
+/// Load the model for a world of one rank and wrap it in an engine.
+pub fn build_engine(args: &ModelArgs) -> Result<Engine> {
+    match args.device.as_str() {
+        "auto" | "cpu" => {}
+        other => bail!("unknown --device '{other}': this build runs on the cpu (auto, cpu)"),
+    }
+    if args.block_size == 0 || args.max_batch_size == 0 || args.max_batch_tokens == 0 {
+        bail!("--block-size, --max-batch-size and --max-batch-tokens must be at least 1");
+    }
+    let mut src = open_model(&args.model)?;
+    if let Some(n) = args.max_seq_len {
+        if n < 2 {
+            bail!("--max-seq-len must be at least 2");
+        }
+        src.cfg.max_seq_len = n;
+    }
+    let tok = Arc::new(load_tokenizer(args, src.tokenizer.as_deref())?);
+    let cfg = src.cfg.clone();
+    if tok.vocab_size() > cfg.vocab_size {
+        bail!(
+            "the tokenizer has {} tokens but the model's vocabulary is {}: wrong tokenizer for this checkpoint?",
+            tok.vocab_size(),
+            cfg.vocab_size
+        );
+    }
+    let shard = ShardPlan::SOLO;
+    let shape = KvShape {
+        n_layers: cfg.n_layers,
+        num_blocks: 1,
+        block_size: args.block_size,
+        n_kv_heads: shard.local_kv_heads(&cfg),
+        head_dim: cfg.head_dim,
+    };
+    let block_bytes = shape.block_bytes(4);
+    let budget = (args.kv_cache_gb.unwrap_or(1.0) * 1e9) as usize;
+    // Never more blocks than the batch could ever fill.
+    let useful = args.max_batch_size * cfg.max_seq_len.div_ceil(args.block_size) + 1;
+    let num_blocks = (budget / block_bytes).min(useful);
+    if num_blocks == 0 {
+        bail!(
+            "--kv-cache-gb {} holds no KV block ({} bytes each); raise it",
+            args.kv_cache_gb.unwrap_or(1.0),
+            block_bytes
+        );
+    }
+    let weights_bytes = cfg.n_params() as u64 * 2;
+    if let Some(avail) = mem_available() {
+        let need = weights_bytes + (num_blocks * block_bytes) as u64;
+        if need > avail && args.model.starts_with("random:") {
+            bail!(
+                "{} needs about {:.1} GB of memory (weights {:.1} GB + KV cache {:.1} GB) but {:.1} GB are available",
+                args.model,
+                need as f64 / 1e9,
+                weights_bytes as f64 / 1e9,
+                (num_blocks * block_bytes) as f64 / 1e9,
+                avail as f64 / 1e9
+            );
+        }
+    }
+    tracing::info!(
+        model = %src.label,
+        source = %src.tensors.describe(),
+        params_b = cfg.n_params() as f64 / 1e9,
+        kv_blocks = num_blocks,
+        kv_tokens = num_blocks * args.block_size,
+        "loading"
+    );
+    let model = Llama::load(
+        CpuBackend::default(),
+        src.tensors.as_ref(),
+        &cfg,
+        shard,
+        num_blocks,
+        args.block_size,
+    )?;
+    tracing::info!(seconds = format!("{:.2}", model.load_seconds()), "loaded");
+    let engine_cfg = EngineConfig {
+        max_batch_size: args.max_batch_size,
+        max_batch_tokens: args.max_batch_tokens,
+        prefill_chunk: args.max_batch_tokens.min(512),
+    };
+    Ok(Engine::new(Box::new(model), tok, engine_cfg))
+}
