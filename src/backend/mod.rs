@@ -97,6 +97,7 @@ pub trait Backend: Send {
     /// `x · Wᵀ`.
     fn matmul(&self, x: &Self::Act, w: &Self::Matrix) -> Self::Act;
     /// Rotate q and k (interleaved pairs, Meta's convention) and write k, v into the paged cache.
+    #[allow(clippy::too_many_arguments)] // a kernel launch: every input is needed
     fn rope_store_kv(
         &self,
         q: &mut Self::Act,
@@ -108,7 +109,14 @@ pub trait Backend: Send {
         batch: &AttnBatch,
     );
     /// Causal grouped-query attention of every query row over its sequence's cached keys/values.
-    fn attention(&self, q: &Self::Act, kv: &Self::Kv, layer: usize, n_heads: usize, batch: &AttnBatch) -> Self::Act;
+    fn attention(
+        &self,
+        q: &Self::Act,
+        kv: &Self::Kv,
+        layer: usize,
+        n_heads: usize,
+        batch: &AttnBatch,
+    ) -> Self::Act;
     /// `silu(gate) * up`.
     fn silu_mul(&self, gate: &Self::Act, up: &Self::Act) -> Self::Act;
     fn add_in_place(&self, x: &mut Self::Act, y: &Self::Act);

@@ -65,8 +65,12 @@ impl Tensor {
     pub fn get_f32(&self, i: usize) -> f32 {
         let b = self.bytes.as_slice();
         match self.dtype {
-            DType::BF16 => half::bf16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32(),
-            DType::F16 => half::f16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32(),
+            DType::BF16 => {
+                half::bf16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32()
+            }
+            DType::F16 => {
+                half::f16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32()
+            }
             DType::F32 => f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]),
         }
     }
@@ -128,23 +132,71 @@ pub trait TensorSource: Send + Sync {
 }
 
 // TEMPORARY STUB (replaced by the checkpoint branch)
-pub enum Layout { Meta { params: PathBuf, shards: Vec<PathBuf> }, Hf { config: PathBuf, files: Vec<PathBuf> } }
-pub fn detect(_d: &std::path::Path) -> Result<Layout, CheckpointError> { Err(CheckpointError::Layout("stub".into())) }
-pub fn open(_d: &std::path::Path, _h: QkHeads) -> Result<Box<dyn TensorSource>, CheckpointError> { Err(CheckpointError::Layout("stub".into())) }
+pub enum Layout {
+    Meta {
+        params: PathBuf,
+        shards: Vec<PathBuf>,
+    },
+    Hf {
+        config: PathBuf,
+        files: Vec<PathBuf>,
+    },
+}
+pub fn detect(_d: &std::path::Path) -> Result<Layout, CheckpointError> {
+    Err(CheckpointError::Layout("stub".into()))
+}
+pub fn open(_d: &std::path::Path, _h: QkHeads) -> Result<Box<dyn TensorSource>, CheckpointError> {
+    Err(CheckpointError::Layout("stub".into()))
+}
 pub mod synthetic {
     use super::*;
-    pub struct SyntheticSource { seed: u64, specs: Vec<(String, Vec<usize>)> }
-    impl SyntheticSource { pub fn new(seed: u64, specs: Vec<(String, Vec<usize>)>) -> Self { Self { seed, specs } } }
-    impl TensorSource for SyntheticSource {
-        fn names(&self) -> Vec<String> { self.specs.iter().map(|s| s.0.clone()).collect() }
-        fn shape(&self, name: &str) -> Result<Vec<usize>, CheckpointError> { self.specs.iter().find(|s| s.0 == name).map(|s| s.1.clone()).ok_or(CheckpointError::Missing(name.into())) }
-        fn load(&self, name: &str, slice: Option<Slice>) -> Result<Tensor, CheckpointError> {
-            let mut shape = self.shape(name)?; if let Some(s) = slice { shape[s.dim] = s.len; }
-            let n: usize = shape.iter().product(); let fan = if shape.len() == 2 { shape[1] } else { 0 };
-            let mut bytes = Vec::with_capacity(2*n);
-            for i in 0..n { let x = ((i as u64).wrapping_mul(2654435761) ^ self.seed ^ (name.len() as u64 * 77)) % 1000; let v = if fan == 0 { 1.0 } else { (x as f32 / 500.0 - 1.0) * 1.7 / (fan as f32).sqrt() }; bytes.extend(half::bf16::from_f32(v).to_bits().to_le_bytes()); }
-            Ok(Tensor { dtype: DType::BF16, shape, bytes: Bytes::Owned(Arc::new(bytes)) })
+    pub struct SyntheticSource {
+        seed: u64,
+        specs: Vec<(String, Vec<usize>)>,
+    }
+    impl SyntheticSource {
+        pub fn new(seed: u64, specs: Vec<(String, Vec<usize>)>) -> Self {
+            Self { seed, specs }
         }
-        fn describe(&self) -> String { "synthetic".into() }
+    }
+    impl TensorSource for SyntheticSource {
+        fn names(&self) -> Vec<String> {
+            self.specs.iter().map(|s| s.0.clone()).collect()
+        }
+        fn shape(&self, name: &str) -> Result<Vec<usize>, CheckpointError> {
+            self.specs
+                .iter()
+                .find(|s| s.0 == name)
+                .map(|s| s.1.clone())
+                .ok_or(CheckpointError::Missing(name.into()))
+        }
+        fn load(&self, name: &str, slice: Option<Slice>) -> Result<Tensor, CheckpointError> {
+            let mut shape = self.shape(name)?;
+            if let Some(s) = slice {
+                shape[s.dim] = s.len;
+            }
+            let n: usize = shape.iter().product();
+            let fan = if shape.len() == 2 { shape[1] } else { 0 };
+            let mut bytes = Vec::with_capacity(2 * n);
+            for i in 0..n {
+                let x =
+                    ((i as u64).wrapping_mul(2654435761) ^ self.seed ^ (name.len() as u64 * 77))
+                        % 1000;
+                let v = if fan == 0 {
+                    1.0
+                } else {
+                    (x as f32 / 500.0 - 1.0) * 1.7 / (fan as f32).sqrt()
+                };
+                bytes.extend(half::bf16::from_f32(v).to_bits().to_le_bytes());
+            }
+            Ok(Tensor {
+                dtype: DType::BF16,
+                shape,
+                bytes: Bytes::Owned(Arc::new(bytes)),
+            })
+        }
+        fn describe(&self) -> String {
+            "synthetic".into()
+        }
     }
 }

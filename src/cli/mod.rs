@@ -15,7 +15,11 @@ pub mod exit {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "herd", version, about = "Llama 3 / 3.1 inference for HPC clusters: batch generation, AIME API worker, console chat")]
+#[command(
+    name = "herd",
+    version,
+    about = "Llama 3 / 3.1 inference for HPC clusters: batch generation, AIME API worker, console chat"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -38,6 +42,7 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }

@@ -125,7 +125,11 @@ impl Engine {
     }
 
     /// Queue a request; its id comes back in every event about it.
-    pub fn add_request(&mut self, prompt: Vec<u32>, params: SamplingParams) -> Result<u64, RequestError> {
+    pub fn add_request(
+        &mut self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<u64, RequestError> {
         params.validate().map_err(RequestError::Invalid)?;
         if prompt.is_empty() {
             return Err(RequestError::Invalid("the prompt is empty".into()));
@@ -155,7 +159,11 @@ impl Engine {
         let id = self.next_id;
         self.next_id += 1;
         let seed = params.seed.unwrap_or_else(|| sampler::random_seed(id));
-        let prompt_logprobs = if params.prompt_logprobs { vec![None] } else { Vec::new() };
+        let prompt_logprobs = if params.prompt_logprobs {
+            vec![None]
+        } else {
+            Vec::new()
+        };
         self.seqs.insert(
             id,
             Sequence {
@@ -253,7 +261,9 @@ impl Engine {
         }
         // Admit waiting requests in arrival order while there is room.
         while self.running.len() < self.cfg.max_batch_size.max(1) && budget > 0 {
-            let Some(&id) = self.waiting.front() else { break };
+            let Some(&id) = self.waiting.front() else {
+                break;
+            };
             let seq = self.seqs.get_mut(&id).expect("waiting sequence exists");
             let n = seq.pending().min(self.cfg.prefill_chunk.max(1)).min(budget);
             if !self.pool.ensure(&mut seq.block_table, seq.computed + n) {
@@ -289,12 +299,18 @@ impl Engine {
             for j in 0..n {
                 let pos = seq.computed + j;
                 input.tokens.push(seq.token_at(pos));
-                if seq.wants_prompt_logprobs() && pos + 1 < seq.prompt.len() && pos + 1 >= seq.prompt_logprobs.len() {
+                if seq.wants_prompt_logprobs()
+                    && pos + 1 < seq.prompt.len()
+                    && pos + 1 >= seq.prompt_logprobs.len()
+                {
                     input.logit_rows.push(start + j);
-                    uses.push(RowUse::PromptLogprob { seq: id, index: pos + 1 });
+                    uses.push(RowUse::PromptLogprob {
+                        seq: id,
+                        index: pos + 1,
+                    });
                 }
             }
-            if seq.computed + n == seq.len() {
+            if seq.computed + n == seq.total_len() {
                 input.logit_rows.push(start + n - 1);
                 uses.push(RowUse::Sample { seq: id });
             }
@@ -326,7 +342,8 @@ impl Engine {
                     let s = self.seqs.get_mut(&seq).expect("sequence in step");
                     if s.prompt_logprobs.len() == index {
                         let norm = sampler::log_normalizer(row);
-                        s.prompt_logprobs.push(Some((row[s.prompt[index] as usize] as f64 - norm) as f32));
+                        s.prompt_logprobs
+                            .push(Some((row[s.prompt[index] as usize] as f64 - norm) as f32));
                     }
                 }
                 RowUse::Sample { seq } => {
@@ -348,7 +365,8 @@ impl Engine {
         }
         seq.generated.push(tok);
         self.stats.generated_tokens += 1;
-        let is_stop_token = (!seq.params.ignore_eos && self.stop_ids.contains(&tok)) || seq.params.stop_token_ids.contains(&tok);
+        let is_stop_token = (!seq.params.ignore_eos && self.stop_ids.contains(&tok))
+            || seq.params.stop_token_ids.contains(&tok);
         let mut cut = false;
         if is_stop_token {
             seq.finish = Some(FinishReason::Stop);
@@ -363,7 +381,9 @@ impl Engine {
                 }
             }
         }
-        if seq.finish.is_none() && (seq.generated.len() >= seq.params.max_tokens || seq.len() >= seq.max_len) {
+        if seq.finish.is_none()
+            && (seq.generated.len() >= seq.params.max_tokens || seq.total_len() >= seq.max_len)
+        {
             seq.finish = Some(FinishReason::Length);
         }
         let end = if seq.finish.is_some() {
@@ -377,7 +397,11 @@ impl Engine {
         };
         let text = seq.text[seq.emitted..end].to_string();
         seq.emitted = end;
-        let mut events = vec![Event::Token { id, token: tok, text }];
+        let mut events = vec![Event::Token {
+            id,
+            token: tok,
+            text,
+        }];
         if seq.finish.is_some() {
             let mut seq = self.seqs.remove(&id)?;
             self.running.retain(|&r| r != id);

@@ -45,7 +45,10 @@ impl SamplingParams {
     /// A readable reason when the settings make no sense.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -105,6 +108,10 @@ pub struct RequestOutput {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// New text of a request (may be empty while a stop string could still be forming).
-    Token { id: u64, token: u32, text: String },
+    Token {
+        id: u64,
+        token: u32,
+        text: String,
+    },
     Finished(RequestOutput),
 }

@@ -15,7 +15,11 @@ fn mix64(mut z: u64) -> u64 {
 
 /// Uniform number in [0, 1) for token `n` of the stream `seed`.
 pub fn uniform(seed: u64, n: u64) -> f64 {
-    let r = mix64(mix64(seed) ^ n.wrapping_mul(0x9e3779b97f4a7c15).wrapping_add(0x632be59bd9b4e019));
+    let r = mix64(
+        mix64(seed)
+            ^ n.wrapping_mul(0x9e3779b97f4a7c15)
+                .wrapping_add(0x632be59bd9b4e019),
+    );
     (r >> 11) as f64 / (1u64 << 53) as f64
 }
 
@@ -161,7 +165,9 @@ mod tests {
         // p = softmax([ln 1, ln 3]) = [0.25, 0.75]
         let logits = [0f32, 3f32.ln()];
         let n = 20000;
-        let ones = (0..n).filter(|&i| sample(&logits, &params(1.0, 1.0, 0), 9, i) == 1).count();
+        let ones = (0..n)
+            .filter(|&i| sample(&logits, &params(1.0, 1.0, 0), 9, i) == 1)
+            .count();
         let frac = ones as f64 / n as f64;
         assert!((frac - 0.75).abs() < 0.02, "{frac}");
     }

@@ -25,7 +25,7 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    pub fn len(&self) -> usize {
+    pub fn total_len(&self) -> usize {
         self.prompt.len() + self.generated.len()
     }
 
@@ -39,7 +39,7 @@ impl Sequence {
 
     /// Tokens still to run through the model before the next sample.
     pub fn pending(&self) -> usize {
-        self.len() - self.computed
+        self.total_len() - self.computed
     }
 
     /// True while prompt log-probs are still owed for prompt positions.
@@ -51,7 +51,11 @@ impl Sequence {
 /// Where generated text may be cut by a stop string: everything before the returned byte offset is
 /// safe to report; the rest could still grow into a stop string.
 pub fn safe_prefix(text: &str, stop: &[String]) -> usize {
-    let hold = stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
+    let hold = stop
+        .iter()
+        .map(|s| s.len().saturating_sub(1))
+        .max()
+        .unwrap_or(0);
     let mut end = text.len().saturating_sub(hold);
     while !text.is_char_boundary(end) {
         end -= 1;

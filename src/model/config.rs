@@ -54,7 +54,9 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("unknown built-in model '{0}': choose random:tiny, random:1b, random:8b or random:70b")]
+    #[error(
+        "unknown built-in model '{0}': choose random:tiny, random:1b, random:8b or random:70b"
+    )]
     UnknownPreset(String),
 }
 
@@ -98,10 +100,11 @@ impl Fields<'_> {
     fn opt_usize(&self, key: &str) -> Result<Option<usize>, ConfigError> {
         match self.v.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(x) => x
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| self.err(format!("field '{key}' must be a non-negative integer, found {x}"))),
+            Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                self.err(format!(
+                    "field '{key}' must be a non-negative integer, found {x}"
+                ))
+            }),
         }
     }
     fn opt_f64(&self, key: &str) -> Result<Option<f64>, ConfigError> {
@@ -243,7 +246,10 @@ impl LlamaConfig {
             ));
         }
         if self.head_dim == 0 || self.head_dim % 2 != 0 {
-            return Err(format!("head_dim ({}) must be even and positive", self.head_dim));
+            return Err(format!(
+                "head_dim ({}) must be even and positive",
+                self.head_dim
+            ));
         }
         Ok(())
     }
@@ -307,7 +313,8 @@ impl LlamaConfig {
                         } else if wavelen > low_wavelen {
                             freq / s.factor
                         } else {
-                            let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                            let smooth = (s.original_max_position_embeddings / wavelen
+                                - s.low_freq_factor)
                                 / (s.high_freq_factor - s.low_freq_factor);
                             (1.0 - smooth) * freq / s.factor + smooth * freq
                         }

@@ -175,7 +175,9 @@ impl<B: Backend> ModelRunner for Llama<B> {
         }
         let batch = AttnBatch::new(step.seqs.clone());
         if batch.n_tokens() != step.tokens.len() {
-            return Err(ModelError::Input("step plan and token count disagree".into()));
+            return Err(ModelError::Input(
+                "step plan and token count disagree".into(),
+            ));
         }
         let n_heads = self.shard.local_heads(cfg);
         let comm_err = |e: crate::backend::BackendError| ModelError::Backend(e.to_string());
@@ -200,7 +202,9 @@ impl<B: Backend> ModelRunner for Llama<B> {
         // Only the rows that need logits go through the vocab projection.
         let x = b.select_rows(&x, &step.logit_rows);
         let x = b.rmsnorm(&x, &self.norm, cfg.norm_eps);
-        let logits = b.all_gather_cols(b.matmul(&x, &self.output)).map_err(comm_err)?;
+        let logits = b
+            .all_gather_cols(b.matmul(&x, &self.output))
+            .map_err(comm_err)?;
         Ok(b.to_host(&logits))
     }
 }

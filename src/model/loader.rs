@@ -19,7 +19,7 @@ pub struct ModelSource {
 }
 
 /// Seed of the built-in random models' weights (fixed, so every run and rank agrees).
-pub const SYNTHETIC_SEED: u64 = 0x11a3a_5eed;
+pub const SYNTHETIC_SEED: u64 = 0x5eed_11a3;
 
 pub fn open_model(spec: &str) -> Result<ModelSource, ModelError> {
     if let Some(name) = spec.strip_prefix("random:") {
@@ -46,10 +46,13 @@ pub fn open_model(spec: &str) -> Result<ModelSource, ModelError> {
             Some(dir.join("tokenizer.model")),
         ),
         Layout::Hf { config, .. } => {
-            let tok = [dir.join("tokenizer.json"), dir.join("original/tokenizer.model")]
-                .into_iter()
-                .find(|p| p.exists())
-                .unwrap_or_else(|| dir.join("tokenizer.json"));
+            let tok = [
+                dir.join("tokenizer.json"),
+                dir.join("original/tokenizer.model"),
+            ]
+            .into_iter()
+            .find(|p| p.exists())
+            .unwrap_or_else(|| dir.join("tokenizer.json"));
             (LlamaConfig::from_hf_config(config)?, Some(tok))
         }
     };

@@ -6,8 +6,8 @@ pub mod llama;
 pub mod loader;
 pub mod shard;
 
-pub use crate::backend::SeqSpan;
 use crate::backend::KvShape;
+pub use crate::backend::SeqSpan;
 use crate::checkpoint::CheckpointError;
 pub use config::LlamaConfig;
 

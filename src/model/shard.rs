@@ -33,16 +33,28 @@ impl ShardPlan {
             return err(format!("n_heads {} is not divisible by {tp}", cfg.n_heads));
         }
         if tp > cfg.n_kv_heads && tp % cfg.n_kv_heads != 0 {
-            return err(format!("{tp} is not a multiple of n_kv_heads {}", cfg.n_kv_heads));
+            return err(format!(
+                "{tp} is not a multiple of n_kv_heads {}",
+                cfg.n_kv_heads
+            ));
         }
         if tp <= cfg.n_kv_heads && cfg.n_kv_heads % tp != 0 {
-            return err(format!("n_kv_heads {} is not divisible by {tp}", cfg.n_kv_heads));
+            return err(format!(
+                "n_kv_heads {} is not divisible by {tp}",
+                cfg.n_kv_heads
+            ));
         }
         if cfg.ffn_dim % tp != 0 {
-            return err(format!("FFN width {} is not divisible by {tp}", cfg.ffn_dim));
+            return err(format!(
+                "FFN width {} is not divisible by {tp}",
+                cfg.ffn_dim
+            ));
         }
         if cfg.vocab_size % tp != 0 {
-            return err(format!("vocab size {} is not divisible by {tp}", cfg.vocab_size));
+            return err(format!(
+                "vocab size {} is not divisible by {tp}",
+                cfg.vocab_size
+            ));
         }
         Ok(())
     }

@@ -36,7 +36,10 @@ pub fn measure_read_bandwidth() -> f64 {
     let mut best = 0f64;
     for _ in 0..3 {
         let t = Instant::now();
-        let s: u64 = buf.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b))).reduce(|| 0, u64::wrapping_add);
+        let s: u64 = buf
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .reduce(|| 0, u64::wrapping_add);
         let secs = t.elapsed().as_secs_f64();
         std::hint::black_box(s);
         best = best.max((n * 8) as f64 / secs / 1e9);

@@ -13,7 +13,8 @@ use super::SamplingArgs;
 use crate::engine::{Engine, Event, FinishReason};
 use crate::tokenizer::{Message, Role};
 
-pub const DEFAULT_SYSTEM: &str = "You are Dave, a helpful assistant. You answer clearly and concisely, \
+pub const DEFAULT_SYSTEM: &str =
+    "You are Dave, a helpful assistant. You answer clearly and concisely, \
 and you say so when you do not know something.";
 
 #[derive(clap::Args, Debug)]
@@ -27,7 +28,8 @@ pub struct ChatArgs {
     pub sampling: SamplingArgs,
 }
 
-const HELP: &str = "commands: /reset (forget the conversation), /system TEXT (new system prompt, resets), \
+const HELP: &str =
+    "commands: /reset (forget the conversation), /system TEXT (new system prompt, resets), \
 /help, /quit (or Ctrl-D). Ctrl-C stops the current answer.";
 
 /// The conversation, trimmed to fit the context.
@@ -59,7 +61,11 @@ impl History {
                 return None;
             }
             // Drop the oldest exchange (a user turn and the answer to it).
-            let n = if self.turns.len() >= 2 && self.turns[1].role == Role::Assistant { 2 } else { 1 };
+            let n = if self.turns.len() >= 2 && self.turns[1].role == Role::Assistant {
+                2
+            } else {
+                1
+            };
             self.turns.drain(..n);
         }
     }

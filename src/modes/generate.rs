@@ -86,7 +86,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                         generated = n,
                         finish = res.finish_reason.as_str(),
                         ttft_ms = format!("{:.1}", ttft * 1e3),
-                        decode_tok_s = format!("{:.1}", (n.saturating_sub(1)) as f64 / (secs - ttft).max(1e-9)),
+                        decode_tok_s = format!(
+                            "{:.1}",
+                            (n.saturating_sub(1)) as f64 / (secs - ttft).max(1e-9)
+                        ),
                         "done"
                     );
                     return Ok(());

@@ -54,7 +54,9 @@ pub struct CpuBackend {
 
 impl Default for CpuBackend {
     fn default() -> Self {
-        CpuBackend { comm: Arc::new(Solo) }
+        CpuBackend {
+            comm: Arc::new(Solo),
+        }
     }
 }
 
@@ -99,24 +101,10 @@ impl Backend for CpuBackend {
 
     fn alloc_kv(&self, shape: KvShape) -> Result<CpuKv, BackendError> {
         let per_layer = shape.num_blocks * shape.block_size * shape.n_kv_heads * shape.head_dim;
-        let mut k = Vec::new();
-        let mut v = Vec::new();
-        for _ in 0..shape.n_layers {
-            let mut a = Vec::new();
-            let mut b = Vec::new();
-            a.try_reserve_exact(per_layer)
-                .and_then(|_| b.try_reserve_exact(per_layer))
-                .map_err(|_| {
-                    BackendError::OutOfMemory(format!(
-                        "KV cache of {:.2} GB does not fit in host memory; lower --kv-cache-gb",
-                        shape.num_blocks as f64 * shape.block_bytes(4) as f64 / 1e9
-                    ))
-                })?;
-            a.resize(per_layer, 0.0);
-            b.resize(per_layer, 0.0);
-            k.push(a);
-            v.push(b);
-        }
+        // Zeroed allocations are mapped lazily: a large pool costs nothing until blocks are used.
+        // Sizing against available memory is the caller's job (modes::setup checks it).
+        let k = (0..shape.n_layers).map(|_| vec![0f32; per_layer]).collect();
+        let v = (0..shape.n_layers).map(|_| vec![0f32; per_layer]).collect();
         Ok(CpuKv { shape, k, v })
     }
 
@@ -181,7 +169,14 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn attention(&self, q: &CpuAct, kv: &CpuKv, layer: usize, n_heads: usize, batch: &AttnBatch) -> CpuAct {
+    fn attention(
+        &self,
+        q: &CpuAct,
+        kv: &CpuKv,
+        layer: usize,
+        n_heads: usize,
+        batch: &AttnBatch,
+    ) -> CpuAct {
         attention::paged_attention(q, kv, layer, n_heads, batch)
     }
 
@@ -250,17 +245,19 @@ impl Backend for CpuBackend {
 /// Rotate interleaved pairs (x[2i], x[2i+1]) of every head by position · inv_freq[i].
 fn rotate(x: &mut CpuAct, head_dim: usize, inv_freq: &[f32], positions: &[u32]) {
     let cols = x.cols;
-    x.data.par_chunks_mut(cols).zip(positions).for_each(|(row, &pos)| {
-        for head in row.chunks_exact_mut(head_dim) {
-            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
-                // The angle is rounded to f32 before cos/sin, as torch does.
-                let angle = pos as f32 * inv_freq[i];
-                let (s, c) = angle.sin_cos();
-                let (a, b) = (pair[0], pair[1]);
-                pair[0] = a * c - b * s;
-                pair[1] = a * s + b * c;
+    x.data
+        .par_chunks_mut(cols)
+        .zip(positions)
+        .for_each(|(row, &pos)| {
+            for head in row.chunks_exact_mut(head_dim) {
+                for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                    // The angle is rounded to f32 before cos/sin, as torch does.
+                    let angle = pos as f32 * inv_freq[i];
+                    let (s, c) = angle.sin_cos();
+                    let (a, b) = (pair[0], pair[1]);
+                    pair[0] = a * c - b * s;
+                    pair[1] = a * s + b * c;
+                }
             }
-        }
-    });
+        });
 }
-

@@ -1,0 +1,58 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use herd::backend::cpu::CpuBackend;
+use herd::engine::{Engine, EngineConfig};
+use herd::model::llama::Llama;
+use herd::model::loader::open_model;
+use herd::model::shard::ShardPlan;
+use serde_json::Value;
+
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// The real Llama 3 tokenizer; the tests need it (scripts/fetch-tokenizer puts it in the cache).
+pub fn tokenizer() -> Arc<herd::tokenizer::Tokenizer> {
+    match herd::tokenizer::load_default() {
+        Ok(t) => Arc::new(t),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// An engine over a checkpoint directory or built-in model on the CPU backend.
+pub fn engine(model: &str, cfg: EngineConfig, kv_blocks: usize, block_size: usize) -> Engine {
+    let src = open_model(model).unwrap_or_else(|e| panic!("{model}: {e}"));
+    let llama = Llama::load(
+        CpuBackend::default(),
+        src.tensors.as_ref(),
+        &src.cfg,
+        ShardPlan::SOLO,
+        kv_blocks,
+        block_size,
+    )
+    .unwrap_or_else(|e| panic!("{model}: {e}"));
+    Engine::new(Box::new(llama), tokenizer(), cfg)
+}
+
+pub fn reference(model: &str) -> Value {
+    let p = fixture(&format!("models/{model}/reference.json"));
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn floats(v: &Value) -> Vec<Option<f64>> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64()).collect()
+}
