@@ -34,7 +34,8 @@ pub enum TokenizerError {
     /// The default tokenizer file does not exist.
     #[error(
         "no tokenizer at {path} ({origin}); run `scripts/fetch-tokenizer` to download Meta's \
-         tokenizer.model there, or set HERD_TOKENIZER to a tokenizer.model or tokenizer.json"
+         tokenizer.model into the herd cache, or set HERD_TOKENIZER to a tokenizer.model or \
+         tokenizer.json"
     )]
     Missing {
         /// Where we looked.
@@ -106,7 +107,10 @@ fn non_empty_env(name: &str) -> Option<PathBuf> {
 
 fn default_path_with_origin() -> (PathBuf, String) {
     if let Some(p) = non_empty_env(TOKENIZER_ENV) {
-        return (p, format!("from {TOKENIZER_ENV}"));
+        return (
+            p,
+            format!("from {TOKENIZER_ENV}, which overrides the cache"),
+        );
     }
     let (dir, origin) = if let Some(d) = non_empty_env("HERD_CACHE") {
         (d, "the cache dir from HERD_CACHE")
