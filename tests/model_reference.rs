@@ -252,3 +252,25 @@ fn max_tokens_and_context_length_end_with_length() {
     assert_eq!(out.token_ids.len(), 2);
     assert_eq!(out.finish_reason.as_str(), "length");
 }
+
+/// The same weights through two layouts (Meta MP=2 shards, HF safetensors with permuted q/k)
+/// give the same log-probs.
+#[test]
+fn meta_mp2_and_hf_layouts_give_the_same_logprobs() {
+    let prompt: Vec<u32> = (0..60).map(|i| (i * 37 % 250) as u32).collect();
+    let run = |layout: &str| {
+        let dir = fixture(&format!("models/llama31/{layout}"));
+        run_alone(dir.to_str().unwrap(), &prompt, &greedy_params(8))
+    };
+    let (a, b) = (run("meta-mp2"), run("hf"));
+    assert_eq!(a.token_ids, b.token_ids);
+    let worst = a
+        .prompt_logprobs
+        .unwrap()
+        .iter()
+        .zip(b.prompt_logprobs.unwrap())
+        .skip(1)
+        .map(|(x, y)| (x.unwrap() - y.unwrap()).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "meta-mp2 vs hf: {worst}");
+}
