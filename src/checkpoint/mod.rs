@@ -50,6 +50,18 @@ pub enum Bytes {
     Owned(Arc<Vec<u8>>),
 }
 
+// Manual so that logging a tensor never dumps its contents.
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bytes::Mapped { offset, len, .. } => {
+                write!(f, "Mapped {{ offset: {offset}, len: {len} }}")
+            }
+            Bytes::Owned(v) => write!(f, "Owned {{ len: {} }}", v.len()),
+        }
+    }
+}
+
 impl Bytes {
     pub fn as_slice(&self) -> &[u8] {
         match self {
@@ -60,7 +72,7 @@ impl Bytes {
 }
 
 /// A dense, row-major (C-contiguous) tensor.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Tensor {
     pub dtype: DType,
     pub shape: Vec<usize>,

@@ -524,14 +524,14 @@ fn storage_type(global: &str) -> StorageType {
 fn as_u64(v: &Value, what: &str) -> Result<u64, String> {
     match v {
         Value::Int(i) => u64::try_from(*i).map_err(|_| format!("{what} is negative ({i})")),
-        other => Err(format!("{what} is not an integer: {}", kind(&other))),
+        other => Err(format!("{what} is not an integer: {}", kind(other))),
     }
 }
 
 fn as_u64_tuple(v: &Value, what: &str) -> Result<Vec<u64>, String> {
     match v {
         Value::Tuple(items) | Value::List(items) => items.iter().map(|x| as_u64(x, what)).collect(),
-        other => Err(format!("{what} is not a tuple: {}", kind(&other))),
+        other => Err(format!("{what} is not a tuple: {}", kind(other))),
     }
 }
 
@@ -594,7 +594,7 @@ fn reduce(func: Value, args: Value) -> Result<Value, String> {
             }
             let storage = match &args[0] {
                 Value::Storage(s) => s.clone(),
-                other => return Err(format!("{REBUILD_TENSOR}: storage is {}", kind(&other))),
+                other => return Err(format!("{REBUILD_TENSOR}: storage is {}", kind(other))),
             };
             let storage_offset = as_u64(&args[1], "storage offset")?;
             let size = as_u64_tuple(&args[2], "size")?;
