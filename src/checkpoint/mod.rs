@@ -29,6 +29,7 @@ pub enum DType {
 }
 
 impl DType {
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             DType::BF16 | DType::F16 => 2,
@@ -63,6 +64,7 @@ impl std::fmt::Debug for Bytes {
 }
 
 impl Bytes {
+    /// The bytes, wherever they live.
     pub fn as_slice(&self) -> &[u8] {
         match self {
             Bytes::Mapped { map, offset, len } => &map[*offset..*offset + *len],
@@ -80,6 +82,7 @@ pub struct Tensor {
 }
 
 impl Tensor {
+    /// Number of elements (1 for a scalar).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }

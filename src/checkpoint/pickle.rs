@@ -57,7 +57,7 @@ pub enum Value {
 
 /// Upper bound on values created (counting copies made by memo gets), so a hostile pickle
 /// cannot blow up memory by repeatedly duplicating a container.
-const MAX_NODES: usize = 5_000_000;
+const MAX_NODES: usize = 2_000_000;
 
 /// Upper bound on container nesting, so recursion over values (and their drop) stays shallow.
 const MAX_DEPTH: usize = 64;
