@@ -220,7 +220,16 @@ mod tests {
             let f = (i as f32 - 100_000.0) * 1.37e-5;
             assert_eq!(bf16_bits(f), half::bf16::from_f32(f).to_bits(), "{f}");
         }
-        for f in [1.0f32, 1.00390625, 1.01171875, -0.0, 0.0, 3.0, 0.1] {
+        // Exact ties between two bf16 values round to even.
+        for f in [
+            1.0f32,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            -0.0,
+            0.0,
+            3.0,
+            0.1,
+        ] {
             assert_eq!(bf16_bits(f), half::bf16::from_f32(f).to_bits(), "{f}");
         }
     }
