@@ -5,8 +5,20 @@
 //! whenever the requested slice is contiguous there; otherwise (HF q/k row permutation, a slice across
 //! MP shards, a column slice) they are gathered into an owned buffer.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+pub mod hf;
+pub mod meta;
+pub mod pickle;
+pub mod pth;
+pub mod synthetic;
+mod view;
+
+pub use hf::HfSource;
+pub use meta::MetaSource;
+pub use pth::PthFile;
+pub use synthetic::SyntheticSource;
 
 /// Element type of a stored tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +29,7 @@ pub enum DType {
 }
 
 impl DType {
+    /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
             DType::BF16 | DType::F16 => 2,
@@ -38,7 +51,20 @@ pub enum Bytes {
     Owned(Arc<Vec<u8>>),
 }
 
+// Manual so that logging a tensor never dumps its contents.
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Bytes::Mapped { offset, len, .. } => {
+                write!(f, "Mapped {{ offset: {offset}, len: {len} }}")
+            }
+            Bytes::Owned(v) => write!(f, "Owned {{ len: {} }}", v.len()),
+        }
+    }
+}
+
 impl Bytes {
+    /// The bytes, wherever they live.
     pub fn as_slice(&self) -> &[u8] {
         match self {
             Bytes::Mapped { map, offset, len } => &map[*offset..*offset + *len],
@@ -48,7 +74,7 @@ impl Bytes {
 }
 
 /// A dense, row-major (C-contiguous) tensor.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Tensor {
     pub dtype: DType,
     pub shape: Vec<usize>,
@@ -56,6 +82,7 @@ pub struct Tensor {
 }
 
 impl Tensor {
+    /// Number of elements (1 for a scalar).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -109,6 +136,9 @@ pub enum CheckpointError {
     },
     #[error("tensor '{0}' is missing from the checkpoint")]
     Missing(String),
+    /// A tensor a file-backed source does not hold; `path` is the file (or first shard) looked in.
+    #[error("{path}: tensor '{tensor}' is missing from the checkpoint")]
+    NotFound { path: PathBuf, tensor: String },
     #[error("{0}")]
     Layout(String),
     #[error("{path}: {source}")]
@@ -117,6 +147,16 @@ pub enum CheckpointError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl CheckpointError {
+    /// True for a tensor that the checkpoint does not hold (as opposed to one that is broken).
+    pub fn is_missing(&self) -> bool {
+        matches!(
+            self,
+            CheckpointError::Missing(_) | CheckpointError::NotFound { .. }
+        )
+    }
 }
 
 /// A source of tensors by Meta name (`tok_embeddings.weight`, `layers.3.attention.wq.weight`, ...).
@@ -129,4 +169,215 @@ pub trait TensorSource: Send + Sync {
     fn load(&self, name: &str, slice: Option<Slice>) -> Result<Tensor, CheckpointError>;
     /// Human-readable description for logs ("Meta MP=2 (consolidated.00.pth, ...)").
     fn describe(&self) -> String;
+}
+
+/// The files of a checkpoint directory, as found by [`detect`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// `params.json` and model-parallel shards in rank order.
+    Meta {
+        params: PathBuf,
+        shards: Vec<PathBuf>,
+    },
+    /// `config.json` and safetensors files in shard order.
+    Hf {
+        config: PathBuf,
+        files: Vec<PathBuf>,
+    },
+}
+
+/// Parses `<prefix>NN.pth`-style names: the shard number, or None if `name` is not one.
+fn shard_number(name: &str, prefix: &str, suffix: &str) -> Option<usize> {
+    let mid = name.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    if mid.is_empty() || !mid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    mid.parse().ok()
+}
+
+/// Orders numbered shards and checks they are exactly `first..first + n`.
+fn number_run(
+    dir: &Path,
+    mut found: Vec<(usize, String)>,
+    first: usize,
+    what: &str,
+) -> Result<Vec<PathBuf>, CheckpointError> {
+    found.sort();
+    for (want, (n, _)) in (first..).zip(&found) {
+        if *n != want {
+            let names: Vec<&str> = found.iter().map(|(_, s)| s.as_str()).collect();
+            return Err(CheckpointError::Layout(format!(
+                "{}: {what} shards are not numbered {first}.. without gaps: shard {want} is missing (found {})",
+                dir.display(),
+                names.join(", ")
+            )));
+        }
+    }
+    Ok(found.into_iter().map(|(_, s)| dir.join(s)).collect())
+}
+
+/// Finds which checkpoint layout `dir` holds.
+///
+/// Meta: `params.json` + `consolidated.NN.pth` (or AIME's `merged.<n>GPUs.NN.pth`), NN from 00.
+/// HF: `config.json` + `model.safetensors` or `model-0000N-of-0000M.safetensors`.
+/// A directory holding both is read as Meta (no q/k conversion needed).
+pub fn detect(dir: &Path) -> Result<Layout, CheckpointError> {
+    let rd = std::fs::read_dir(dir).map_err(|source| CheckpointError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut names: Vec<String> = Vec::new();
+    for e in rd {
+        let e = e.map_err(|source| CheckpointError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        names.push(e.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    let has = |n: &str| names.iter().any(|x| x == n);
+
+    let mut consolidated = Vec::new();
+    // merged shards grouped by their middle tag ("8GPUs")
+    let mut merged: Vec<(String, usize, String)> = Vec::new();
+    for n in &names {
+        if let Some(k) = shard_number(n, "consolidated.", ".pth") {
+            consolidated.push((k, n.clone()));
+        } else if let Some(rest) = n
+            .strip_prefix("merged.")
+            .and_then(|r| r.strip_suffix(".pth"))
+        {
+            if let Some((tag, num)) = rest.rsplit_once('.') {
+                if let Some(k) = shard_number(num, "", "") {
+                    merged.push((tag.to_string(), k, n.clone()));
+                }
+            }
+        }
+    }
+    if has("params.json") && (!consolidated.is_empty() || !merged.is_empty()) {
+        if !consolidated.is_empty() && !merged.is_empty() {
+            return Err(CheckpointError::Layout(format!(
+                "{}: both consolidated.NN.pth and merged.*.NN.pth shards; keep one set",
+                dir.display()
+            )));
+        }
+        let shards = if merged.is_empty() {
+            number_run(dir, consolidated, 0, "consolidated.NN.pth")?
+        } else {
+            let tag = merged[0].0.clone();
+            if merged.iter().any(|m| m.0 != tag) {
+                return Err(CheckpointError::Layout(format!(
+                    "{}: merged.*.NN.pth shards of different sets ({})",
+                    dir.display(),
+                    merged
+                        .iter()
+                        .map(|m| m.2.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            let shards = number_run(
+                dir,
+                merged.into_iter().map(|m| (m.1, m.2)).collect(),
+                0,
+                "merged.*.NN.pth",
+            )?;
+            let expected = tag
+                .strip_suffix("GPUs")
+                .and_then(|n| n.parse::<usize>().ok());
+            if let Some(n) = expected.filter(|&n| n != shards.len()) {
+                return Err(CheckpointError::Layout(format!(
+                    "{}: merged.{tag}.NN.pth names {n} shards but {} are present",
+                    dir.display(),
+                    shards.len()
+                )));
+            }
+            shards
+        };
+        return Ok(Layout::Meta {
+            params: dir.join("params.json"),
+            shards,
+        });
+    }
+
+    let mut sharded: Vec<(usize, usize, String)> = Vec::new();
+    for n in &names {
+        let Some(rest) = n
+            .strip_prefix("model-")
+            .and_then(|r| r.strip_suffix(".safetensors"))
+        else {
+            continue;
+        };
+        if let Some((a, b)) = rest.split_once("-of-") {
+            if let (Some(a), Some(b)) = (shard_number(a, "", ""), shard_number(b, "", "")) {
+                sharded.push((a, b, n.clone()));
+            }
+        }
+    }
+    if has("config.json") && (has("model.safetensors") || !sharded.is_empty()) {
+        let files = if sharded.is_empty() {
+            vec![dir.join("model.safetensors")]
+        } else {
+            if has("model.safetensors") {
+                return Err(CheckpointError::Layout(format!(
+                    "{}: both model.safetensors and model-*-of-*.safetensors; keep one",
+                    dir.display()
+                )));
+            }
+            let total = sharded[0].1;
+            let list = || {
+                sharded
+                    .iter()
+                    .map(|s| s.2.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            if sharded.iter().any(|s| s.1 != total) || sharded.len() != total {
+                return Err(CheckpointError::Layout(format!(
+                    "{}: expected {total} shards model-NNNNN-of-{total:05}.safetensors, found {}",
+                    dir.display(),
+                    list()
+                )));
+            }
+            number_run(
+                dir,
+                sharded.iter().map(|s| (s.0, s.2.clone())).collect(),
+                1,
+                "model-NNNNN-of-MMMMM.safetensors",
+            )?
+        };
+        return Ok(Layout::Hf {
+            config: dir.join("config.json"),
+            files,
+        });
+    }
+
+    let shown: Vec<&str> = names.iter().take(20).map(|s| s.as_str()).collect();
+    let more = names.len().saturating_sub(shown.len());
+    let hint = if dir.join("original").join("params.json").exists() {
+        " (its original/ subfolder looks like a Meta checkpoint)"
+    } else {
+        ""
+    };
+    Err(CheckpointError::Layout(format!(
+        "{} is not a checkpoint directory{hint}: found [{}{}]; expected params.json + consolidated.NN.pth \
+         (Meta, or AIME merged.<n>GPUs.NN.pth) or config.json + model.safetensors / \
+         model-NNNNN-of-MMMMM.safetensors (HF)",
+        dir.display(),
+        shown.join(", "),
+        if more > 0 { format!(", ... {more} more") } else { String::new() }
+    )))
+}
+
+/// Opens the checkpoint in `dir`, whatever its layout. `heads` is used by the HF reader to turn
+/// q/k rows back into Meta's order.
+pub fn open(dir: &Path, heads: QkHeads) -> Result<Box<dyn TensorSource>, CheckpointError> {
+    match detect(dir)? {
+        Layout::Meta { shards, .. } => Ok(Box::new(MetaSource::open(&shards)?)),
+        Layout::Hf { files, .. } => {
+            let ix = dir.join("model.safetensors.index.json");
+            let ix = ix.exists().then_some(ix);
+            Ok(Box::new(HfSource::open(&files, ix.as_deref(), heads)?))
+        }
+    }
 }
