@@ -129,7 +129,7 @@ fn mixed_requests() -> Vec<(Vec<u32>, SamplingParams)> {
                 top_p: 0.95,
                 top_k: 50,
                 seed: Some(100 + i as u64),
-                max_tokens: 12 + 3 * i,
+                max_tokens: 50 + 3 * i,
                 ignore_eos: true,
                 logprobs: Some(2),
                 prompt_logprobs: true,
@@ -165,8 +165,9 @@ fn batching_chunking_and_preemption_do_not_change_results() {
             256,
             16,
         ),
-        // 60 blocks of 4 tokens = 240 positions; the requests need ~340 together: forces preemption.
-        ("tiny KV pool", EngineConfig::default(), 60, 4),
+        // 70 blocks of 4 tokens = 280 positions: the longest request (262) fits alone, but the
+        // four short ones admitted together grow to ~290: forces preemption.
+        ("tiny KV pool", EngineConfig::default(), 70, 4),
     ];
     for (what, cfg, blocks, bs) in configs {
         let mut eng = engine(model, cfg, blocks, bs);

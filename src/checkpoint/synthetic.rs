@@ -52,12 +52,10 @@ fn dist(name: &str, shape: &[usize]) -> Dist {
             center: 1.0,
             scale: 0.05,
         }
-    } else if name == "tok_embeddings.weight" {
-        // Unit-scale embeddings: every sublayer adds O(1) to the residual stream after its
-        // RMSNorm, so the stream stays balanced between embedding and layer contributions.
-        uniform_std(1.0)
     } else {
-        // 1/sqrt(fan_in) keeps each matmul output at the scale of its (normalized) input.
+        // 1/sqrt(fan_in) keeps each matmul output at the scale of its (normalized) input. The
+        // embedding follows the same rule so that tied models (random:tiny, random:1b) get logits of
+        // unit scale: varied text, not one token repeated.
         uniform_std(1.0 / (shape[1].max(1) as f32).sqrt())
     }
 }

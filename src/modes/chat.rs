@@ -10,8 +10,8 @@ use rustyline::error::ReadlineError;
 
 use super::setup::{build_engine, ModelArgs};
 use super::SamplingArgs;
-use crate::engine::{Engine, Event, FinishReason};
-use crate::tokenizer::{Message, Role};
+use crate::engine::{Event, FinishReason};
+use crate::tokenizer::{Message, Role, Tokenizer};
 
 pub const DEFAULT_SYSTEM: &str =
     "You are Dave, a helpful assistant. You answer clearly and concisely, \
@@ -50,8 +50,7 @@ impl History {
 
     /// Prompt tokens for the next answer, dropping the oldest turns until `room` tokens remain for
     /// the answer within `max_len`. `None` if even the last message alone does not fit.
-    pub fn prompt(&mut self, engine: &Engine, max_len: usize, room: usize) -> Option<Vec<u32>> {
-        let tok = engine.tokenizer();
+    pub fn prompt(&mut self, tok: &Tokenizer, max_len: usize, room: usize) -> Option<Vec<u32>> {
         loop {
             let ids = tok.encode_dialog(&self.dialog());
             if ids.len() + room <= max_len {
@@ -129,7 +128,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
             role: Role::User,
             content: input.to_string(),
         });
-        let Some(prompt) = history.prompt(&engine, max_len, room) else {
+        let Some(prompt) = history.prompt(engine.tokenizer(), max_len, room) else {
             println!("(that message is too long for the context of {max_len} tokens; not sent)");
             history.turns.pop();
             continue;

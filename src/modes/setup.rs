@@ -91,7 +91,9 @@ pub fn build_engine(args: &ModelArgs) -> Result<Engine> {
             bail!("{msg}: wrong tokenizer for this checkpoint?");
         }
         if !args.model.starts_with("random:") {
-            tracing::warn!("{msg}; the checkpoint ships no tokenizer, text output may be meaningless");
+            tracing::warn!(
+                "{msg}; the checkpoint ships no tokenizer, text output may be meaningless"
+            );
         }
     }
     let shard = ShardPlan::SOLO;
