@@ -47,6 +47,25 @@ pub fn measure_read_bandwidth() -> f64 {
     best
 }
 
+/// Peak of the CPU matmul kernel (GFLOP/s) on cache-resident operands: the compute limit.
+pub fn measure_matmul_peak() -> f64 {
+    use crate::backend::cpu::{matmul::matmul, CpuMatrix, MatrixData};
+    let (m, n, k) = (64, 512, 1024);
+    let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.01).collect();
+    let w = CpuMatrix {
+        rows: n,
+        cols: k,
+        data: MatrixData::F32((0..n * k).map(|i| (i % 7) as f32 * 0.01).collect()),
+    };
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        std::hint::black_box(matmul(&x, m, &w));
+        best = best.max(2.0 * (m * n * k) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
 fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -67,8 +86,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let cfg = engine.model().config().clone();
     let bw = measure_read_bandwidth();
     let machine = format!("{} x{} threads", cpu_name(), rayon::current_num_threads());
-    eprintln!("host read bandwidth {bw:.1} GB/s on {machine}");
+    let peak = measure_matmul_peak();
+    eprintln!(
+        "host read bandwidth {bw:.1} GB/s, matmul kernel peak {peak:.1} GFLOP/s on {machine}"
+    );
     let weight_bytes = cfg.n_params() as f64 * 2.0;
+    // Multiply-adds per token: every weight except the embedding lookup (tied: used once, as output).
+    let emb = (cfg.vocab_size * cfg.dim) as f64;
+    let matmul_params = cfg.n_params() as f64 - if cfg.tie_embeddings { 0.0 } else { emb };
     // K and V of one token across layers, f32 on the CPU.
     let kv_token_bytes = (2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4) as f64;
     let mut rows = Vec::new();
@@ -113,13 +138,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let step_bytes = weight_bytes + b as f64 * mean_ctx * kv_token_bytes;
         let achieved = step_bytes / (ms_step / 1e3) / 1e9;
         let limit_tok_s = b as f64 * bw * 1e9 / step_bytes;
+        let gflops = 2.0 * matmul_params * b as f64 / (ms_step / 1e3) / 1e9;
         eprintln!(
-            "batch {b:>4}: {ms_step:8.2} ms/step  {tok_s:9.1} tok/s  {achieved:6.1} GB/s = {:.0}% of {bw:.1} GB/s (limit {limit_tok_s:.1} tok/s)  prefill {:.0} tok/s",
+            "batch {b:>4}: {ms_step:8.2} ms/step  {tok_s:9.1} tok/s  {achieved:6.1} GB/s = {:.0}% of {bw:.1} GB/s (limit {limit_tok_s:.1} tok/s)  {gflops:.1} GFLOP/s = {:.0}% of kernel peak  prefill {:.0} tok/s",
             100.0 * achieved / bw,
+            100.0 * gflops / peak,
             (b * args.prompt_len) as f64 / prefill_s
         );
         rows.push(format!(
-            "{},{},{},{},{},{},{},{:.3},{:.2},{:.0},{:.2},{:.2},{:.3},{:.1},{:.1}",
+            "{},{},{},{},{},{},{},{:.3},{:.2},{:.0},{:.2},{:.2},{:.3},{:.1},{:.2},{:.2},{:.1}",
             chrono_date(),
             env!("HERD_GIT_COMMIT"),
             machine.replace(',', " "),
@@ -134,6 +161,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             bw,
             achieved / bw,
             limit_tok_s,
+            gflops,
+            peak,
             (b * args.prompt_len) as f64 / prefill_s,
         ));
     }
@@ -148,7 +177,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
         if new {
-            writeln!(f, "date,commit,machine,backend,model,batch,prompt_len,ms_per_step,tokens_per_s,bytes_per_step,achieved_gb_s,measured_bw_gb_s,bw_ratio,limit_tokens_per_s,prefill_tokens_per_s")?;
+            writeln!(f, "date,commit,machine,backend,model,batch,prompt_len,ms_per_step,tokens_per_s,bytes_per_step,achieved_gb_s,measured_bw_gb_s,bw_ratio,limit_tokens_per_s,achieved_gflop_s,kernel_peak_gflop_s,prefill_tokens_per_s")?;
         }
         for r in rows {
             writeln!(f, "{r}")?;

@@ -1,7 +1,11 @@
 //! Parallel layer: topology (world, replicas) and communicators.
 //!
-//! For now: the solo communicator of a world of one rank. MPI and NCCL implementations plug in
-//! behind the same interface.
+//! For now: the solo world of one rank. MPI and NCCL implementations plug in behind the same
+//! interfaces.
+
+pub mod topology;
+
+pub use topology::Topology;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommError {
@@ -35,5 +39,34 @@ impl HostComm for Solo {
     }
     fn all_gather(&self, x: &[f32]) -> Result<Vec<f32>, CommError> {
         Ok(x.to_vec())
+    }
+}
+
+/// The whole job: its topology and the few world-wide operations modes need.
+pub trait World: Send + Sync {
+    fn topology(&self) -> &Topology;
+    /// Wait until every rank of the world arrives.
+    fn barrier(&self) -> Result<(), CommError>;
+}
+
+/// A world of one process (no launcher, no MPI).
+pub struct SoloWorld {
+    topo: Topology,
+}
+
+impl Default for SoloWorld {
+    fn default() -> Self {
+        SoloWorld {
+            topo: Topology::solo(),
+        }
+    }
+}
+
+impl World for SoloWorld {
+    fn topology(&self) -> &Topology {
+        &self.topo
+    }
+    fn barrier(&self) -> Result<(), CommError> {
+        Ok(())
     }
 }
