@@ -10,6 +10,10 @@ use rayon::prelude::*;
 /// Weight rows widened per task: 16 rows of 8192 f32 = 512 KB, in L2 on current CPUs.
 const ROW_BLOCK: usize = 16;
 
+/// Up to this many x rows, bf16 weights are read straight into the dot product (converted in
+/// registers) instead of being widened into a buffer first: decode streams each weight byte once.
+const DIRECT_BF16_MAX_ROWS: usize = 4;
+
 /// Storage of a CPU weight matrix.
 pub enum MatrixData {
     /// bf16 bits, as stored in the checkpoint (zero-copy when mapped).
@@ -53,6 +57,24 @@ pub fn matmul(x: &[f32], m_rows: usize, w: &CpuMatrix) -> Vec<f32> {
     let dot = dot_kernel();
     // Transposed result [n, m]: each task owns ROW_BLOCK contiguous rows of it.
     let mut out_t = vec![0f32; n * m_rows];
+    if let (MatrixData::Bf16(bytes), Some(dot_bf16)) = (&w.data, dot_bf16_kernel()) {
+        if m_rows <= DIRECT_BF16_MAX_ROWS {
+            let wb = bytes.as_slice();
+            out_t
+                .par_chunks_mut(ROW_BLOCK * m_rows)
+                .enumerate()
+                .for_each(|(blk, chunk)| {
+                    let n0 = blk * ROW_BLOCK;
+                    for (j, col) in chunk.chunks_exact_mut(m_rows).enumerate() {
+                        let row = &wb[2 * (n0 + j) * k..2 * (n0 + j + 1) * k];
+                        for (m, o) in col.iter_mut().enumerate() {
+                            *o = dot_bf16(&x[m * k..(m + 1) * k], row);
+                        }
+                    }
+                });
+            return transpose(&out_t, n, m_rows);
+        }
+    }
     out_t
         .par_chunks_mut(ROW_BLOCK * m_rows)
         .enumerate()
@@ -72,16 +94,36 @@ pub fn matmul(x: &[f32], m_rows: usize, w: &CpuMatrix) -> Vec<f32> {
                 }
             },
         );
-    let mut out = vec![0f32; m_rows * n];
-    for (j, col) in out_t.chunks_exact(m_rows.max(1)).enumerate().take(n) {
-        for (m, v) in col.iter().enumerate() {
-            out[m * n + j] = *v;
+    transpose(&out_t, n, m_rows)
+}
+
+/// `[n, m]` → `[m, n]`.
+fn transpose(t: &[f32], n: usize, m: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    for (j, col) in t.chunks_exact(m.max(1)).enumerate().take(n) {
+        for (i, v) in col.iter().enumerate() {
+            out[i * n + j] = *v;
         }
     }
     out
 }
 
 type DotFn = fn(&[f32], &[f32]) -> f32;
+type DotBf16Fn = fn(&[f32], &[u8]) -> f32;
+
+/// A dot product reading bf16 weights directly, bit-identical to `dot_kernel()` on the widened
+/// row (same accumulators, same order; widening bf16 is exact). `None` where only the portable
+/// kernel runs.
+fn dot_bf16_kernel() -> Option<DotBf16Fn> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Some(dot_bf16_avx2_entry);
+        }
+    }
+    None
+}
 
 /// The fastest dot product this CPU supports; chosen once per call, the same for every element.
 fn dot_kernel() -> DotFn {
@@ -164,6 +206,65 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+#[cfg(target_arch = "x86_64")]
+fn dot_bf16_avx2_entry(a: &[f32], w: &[u8]) -> f32 {
+    // SAFETY: only selected by dot_bf16_kernel() after checking avx2 and fma at run time.
+    unsafe { dot_bf16_avx2(a, w) }
+}
+
+/// Mirror of `dot_avx2` with the second operand as bf16 bytes; keep the two in step.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_bf16_avx2(a: &[f32], w: &[u8]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(w.len() / 2);
+    let (pa, pw) = (a.as_ptr(), w.as_ptr());
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u8) -> __m256 {
+        let raw = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+    }
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut acc2 = _mm256_setzero_ps();
+    let mut acc3 = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 32 <= n {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load_bf16(pw.add(2 * i)), acc0);
+        acc1 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(pa.add(i + 8)),
+            load_bf16(pw.add(2 * i + 16)),
+            acc1,
+        );
+        acc2 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(pa.add(i + 16)),
+            load_bf16(pw.add(2 * i + 32)),
+            acc2,
+        );
+        acc3 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(pa.add(i + 24)),
+            load_bf16(pw.add(2 * i + 48)),
+            acc3,
+        );
+        i += 32;
+    }
+    while i + 8 <= n {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load_bf16(pw.add(2 * i)), acc0);
+        i += 8;
+    }
+    let acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    while i < n {
+        let bits = u16::from_le_bytes([*pw.add(2 * i), *pw.add(2 * i + 1)]);
+        s += *pa.add(i) * f32::from_bits((bits as u32) << 16);
+        i += 1;
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,6 +319,27 @@ mod tests {
         let all = matmul(&x, 7, &w);
         let one = matmul(&x[4 * k..5 * k], 1, &w);
         assert_eq!(&all[4 * n..5 * n], &one[..]);
+    }
+
+    #[test]
+    fn bf16_rows_give_identical_results_at_any_batch_size() {
+        // Crosses DIRECT_BF16_MAX_ROWS: the direct and the widened paths must agree bit for bit.
+        let (n, k) = (37, 301);
+        let bytes: Vec<u8> = pseudo(n * k, 11)
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+            .collect();
+        let w = CpuMatrix {
+            rows: n,
+            cols: k,
+            data: MatrixData::Bf16(crate::checkpoint::Bytes::Owned(std::sync::Arc::new(bytes))),
+        };
+        let x = pseudo(9 * k, 4);
+        let all = matmul(&x, 9, &w);
+        for r in 0..9 {
+            let one = matmul(&x[r * k..(r + 1) * k], 1, &w);
+            assert_eq!(&all[r * n..(r + 1) * n], &one[..], "row {r}");
+        }
     }
 
     #[test]
