@@ -220,8 +220,10 @@ fn chat_ctrl_c_stops_the_answer_not_the_program() {
     // The program must still be there to answer the next message.
     stdin.write_all(b"/help\n/quit\n").unwrap();
     drop(stdin);
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    // Bytes, not a String: the first byte read above may have split a character.
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut stdout, &mut rest).unwrap();
+    let rest = String::from_utf8_lossy(&rest);
     let status = child.0.wait().unwrap();
     assert!(status.success(), "chat exited with {status}");
     assert!(rest.contains("(stopped)"), "{rest}");
