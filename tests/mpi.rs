@@ -39,13 +39,19 @@ struct Out {
 
 fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)]) -> Out {
     let mut c = Command::new("mpirun");
-    c.args(["-np", &np.to_string(), "--oversubscribe", "--bind-to", "none"])
-        .arg(env!("CARGO_BIN_EXE_herd"))
-        .args(args)
-        // mpirun refuses root unless told (CI containers run as root).
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RUST_LOG", "warn");
+    c.args([
+        "-np",
+        &np.to_string(),
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+    ])
+    .arg(env!("CARGO_BIN_EXE_herd"))
+    .args(args)
+    // mpirun refuses root unless told (CI containers run as root).
+    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    .env("RUST_LOG", "warn");
     for (k, v) in env {
         c.env(k, v);
     }
@@ -154,7 +160,12 @@ fn check_against_one_rank(rel: &str, reference: &str, np: usize, tp: usize) {
     let got = records(&out);
     assert_eq!(got.len(), np / tp, "one record per replica: {}", out.stdout);
     for (i, g) in got.iter().enumerate() {
-        assert_close(g, &want[0], 1e-4, &format!("{rel} np {np} tp {tp} replica {i}"));
+        assert_close(
+            g,
+            &want[0],
+            1e-4,
+            &format!("{rel} np {np} tp {tp} replica {i}"),
+        );
         // The generated tokens must be identical, not just close.
         assert_eq!(g["token_ids"], want[0]["token_ids"]);
     }
@@ -221,7 +232,11 @@ fn a_rank_failing_during_load_ends_the_job() {
     let env = [("HERD_TEST_FAIL_RANK", "1"), ("HERD_TEST_FAIL_AT", "load")];
     let out = mpirun(2, &gen_args(&m, "2"), &env);
     assert_job_failed(&out, "rank 1 of 2");
-    assert!(out.stderr.contains("injected failure at load"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("injected failure at load"),
+        "{}",
+        out.stderr
+    );
     // A rank that just exits (no MPI_Abort of its own): mpirun still ends the job.
     let env = [
         ("HERD_TEST_FAIL_RANK", "1"),
@@ -241,7 +256,11 @@ fn a_rank_failing_during_generation_ends_the_job() {
     let env = [("HERD_TEST_FAIL_RANK", "1"), ("HERD_TEST_FAIL_AT", "step")];
     let out = mpirun(2, &gen_args(&m, "2"), &env);
     assert_job_failed(&out, "rank 1 of 2");
-    assert!(out.stderr.contains("injected failure at step"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("injected failure at step"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -291,4 +310,3 @@ fn a_build_without_mpi_refuses_to_run_under_a_launcher() {
         assert!(err.contains("built without MPI support"), "{err}");
     }
 }
-
