@@ -151,7 +151,12 @@ fn records(out: &Out) -> Vec<Value> {
 
 /// `np` ranks at `tp` give dp = np / tp records, each within 1e-4 of one rank on `reference`.
 fn check_against_one_rank(rel: &str, reference: &str, np: usize, tp: usize) {
-    let m = model(rel);
+    check_dir_against_one_rank(&model(rel), reference, np, tp);
+}
+
+fn check_dir_against_one_rank(m: &str, reference: &str, np: usize, tp: usize) {
+    let rel = m;
+    let m = m.to_string();
     let r = model(reference);
     let want = records(&solo(&gen_args(&r, "1")));
     assert_eq!(want.len(), 1);
@@ -207,6 +212,29 @@ fn meta_mp2_loads_at_tp_1_2_and_4() {
             check_against_one_rank("llama31/meta-mp2", "llama31/meta", np, tp);
         }
     }
+}
+
+#[test]
+fn converted_rank_files_load_at_their_tp() {
+    if !mpi_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("tp4");
+    let st = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args([
+            "convert",
+            "--model",
+            &model("llama31/meta"),
+            "--tp",
+            "4",
+            "--output",
+        ])
+        .arg(&out)
+        .status()
+        .expect("herd runs");
+    assert!(st.success());
+    check_dir_against_one_rank(out.to_str().unwrap(), "llama31/meta", 4, 4);
 }
 
 fn assert_job_failed(out: &Out, needle: &str) {
