@@ -23,6 +23,6 @@ fn main() {
         }
     };
     // Finalize MPI before exiting (process::exit runs no destructors).
-    drop(guard);
+    guard.finalize();
     std::process::exit(code);
 }

@@ -103,6 +103,11 @@ pub struct ClusterGuard {
     _universe: Option<mpi::environment::Universe>,
 }
 
+impl ClusterGuard {
+    /// Finalize MPI now (call before `std::process::exit`, which runs no destructors).
+    pub fn finalize(self) {}
+}
+
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
 
 /// Bring up the cluster: the first thing `main` does. Under a launcher with MPI built in, MPI is
