@@ -1,7 +1,28 @@
 use clap::Parser;
 
 fn main() {
+    // MPI comes up before anything else (logging needs to know the rank; MPI must own the process
+    // before threads start).
+    let guard = match herd::parallel::init() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("herd: error: {e}");
+            std::process::exit(herd::cli::exit::FAILED);
+        }
+    };
     herd::cli::init_logging();
-    let cli = herd::cli::Cli::parse();
-    std::process::exit(herd::cli::run(cli));
+    herd::cli::abort_on_panic();
+    let code = match herd::cli::Cli::try_parse() {
+        Ok(cli) => herd::cli::run(cli),
+        Err(e) => {
+            // Only rank 0 prints usage and help; every rank exits the same way.
+            if herd::parallel::cluster().world_rank == 0 {
+                let _ = e.print();
+            }
+            e.exit_code()
+        }
+    };
+    // Finalize MPI before exiting (process::exit runs no destructors).
+    guard.finalize();
+    std::process::exit(code);
 }

@@ -13,9 +13,9 @@ use std::sync::Arc;
 const MAX_HEADER: usize = 100_000_000;
 
 /// One safetensors file: tensor name -> (shape, view or why it cannot load).
-struct StFile {
-    path: PathBuf,
-    tensors: HashMap<String, (Vec<usize>, Result<View, String>)>,
+pub(super) struct StFile {
+    pub(super) path: PathBuf,
+    pub(super) tensors: HashMap<String, (Vec<usize>, Result<View, String>)>,
 }
 
 fn st_dtype(s: &str) -> Result<DType, String> {
@@ -30,7 +30,7 @@ fn st_dtype(s: &str) -> Result<DType, String> {
 }
 
 impl StFile {
-    fn open(path: &Path) -> Result<StFile, CheckpointError> {
+    pub(super) fn open(path: &Path) -> Result<StFile, CheckpointError> {
         let map = map_file(path)?;
         let ferr = |msg: String| CheckpointError::File {
             path: path.to_path_buf(),

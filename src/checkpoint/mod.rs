@@ -12,12 +12,15 @@ pub mod hf;
 pub mod meta;
 pub mod pickle;
 pub mod pth;
+pub mod pth_writer;
+pub mod ranked;
 pub mod synthetic;
 mod view;
 
 pub use hf::HfSource;
 pub use meta::MetaSource;
 pub use pth::PthFile;
+pub use ranked::RankedSource;
 pub use synthetic::SyntheticSource;
 
 /// Element type of a stored tensor.
@@ -184,6 +187,12 @@ pub enum Layout {
         config: PathBuf,
         files: Vec<PathBuf>,
     },
+    /// herd's per-rank layout (`herd convert`): `herd-tp.json`, the source's config (`params.json`
+    /// or `config.json`) and one safetensors file per rank.
+    Ranked {
+        config: PathBuf,
+        files: Vec<PathBuf>,
+    },
 }
 
 /// Parses `<prefix>NN.pth`-style names: the shard number, or None if `name` is not one.
@@ -236,6 +245,23 @@ pub fn detect(dir: &Path) -> Result<Layout, CheckpointError> {
     }
     names.sort();
     let has = |n: &str| names.iter().any(|x| x == n);
+
+    if has(ranked::MANIFEST) {
+        let config = ["params.json", "config.json"]
+            .into_iter()
+            .find(|c| has(c))
+            .ok_or_else(|| {
+                CheckpointError::Layout(format!(
+                    "{}: {} without params.json or config.json",
+                    dir.display(),
+                    ranked::MANIFEST
+                ))
+            })?;
+        return Ok(Layout::Ranked {
+            config: dir.join(config),
+            files: ranked::files_of(dir),
+        });
+    }
 
     let mut consolidated = Vec::new();
     // merged shards grouped by their middle tag ("8GPUs")
@@ -379,5 +405,6 @@ pub fn open(dir: &Path, heads: QkHeads) -> Result<Box<dyn TensorSource>, Checkpo
             let ix = ix.exists().then_some(ix);
             Ok(Box::new(HfSource::open(&files, ix.as_deref(), heads)?))
         }
+        Layout::Ranked { .. } => Ok(Box::new(RankedSource::open(dir)?)),
     }
 }

@@ -45,6 +45,18 @@ pub fn open_model(spec: &str) -> Result<ModelSource, ModelError> {
             LlamaConfig::from_meta_params(params)?,
             Some(dir.join("tokenizer.model")),
         ),
+        // herd's per-rank layout keeps its source's config; tokenizer.model or tokenizer.json beside it.
+        Layout::Ranked { config, .. } => {
+            let cfg = if config.ends_with("params.json") {
+                LlamaConfig::from_meta_params(config)?
+            } else {
+                LlamaConfig::from_hf_config(config)?
+            };
+            let tok = [dir.join("tokenizer.model"), dir.join("tokenizer.json")]
+                .into_iter()
+                .find(|p| p.exists());
+            (cfg, tok)
+        }
         Layout::Hf { config, .. } => {
             let tok = [
                 dir.join("tokenizer.json"),

@@ -5,6 +5,7 @@ pub mod config;
 pub mod llama;
 pub mod loader;
 pub mod shard;
+pub mod tp;
 
 use crate::backend::KvShape;
 pub use crate::backend::SeqSpan;

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use super::record::result_record;
-use super::setup::{build_engine, ModelArgs};
+use super::setup::{start, ModelArgs};
 use super::SamplingArgs;
 use crate::engine::Event;
 use crate::tokenizer::Message;
@@ -38,7 +38,15 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let mut engine = build_engine(&args.model)?;
+    // Under a launcher every replica generates the same completion (a check of the whole
+    // cluster); the world leader streams text, every replica leader prints its --json record.
+    let world = crate::parallel::cluster()
+        .world(args.model.tp)
+        .map_err(anyhow::Error::msg)?;
+    let Some(mut engine) = start(&args.model, world.as_ref())? else {
+        return Ok(()); // a tensor-parallel peer: the leader's engine finished
+    };
+    let speak = world.topology().is_world_leader();
     let tok = engine.tokenizer().clone();
     let prompt = if let Some(text) = &args.prompt {
         tok.encode(text, true, false)
@@ -67,7 +75,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             match ev {
                 Event::Token { id: rid, text, .. } if rid == id => {
                     first_token.get_or_insert_with(|| t0.elapsed());
-                    if !args.json {
+                    if !args.json && speak {
                         out.write_all(text.as_bytes())?;
                         out.flush()?;
                     }
@@ -76,7 +84,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                     let secs = t0.elapsed().as_secs_f64();
                     if args.json {
                         writeln!(out, "{}", result_record(None, &res))?;
-                    } else {
+                    } else if speak {
                         writeln!(out)?;
                     }
                     let n = res.token_ids.len();

@@ -3,6 +3,8 @@
 
 pub mod bench;
 pub mod chat;
+pub mod convert;
+pub mod doctor;
 pub mod generate;
 pub mod record;
 pub mod setup;

@@ -10,6 +10,9 @@ use crate::engine::{Engine, EngineConfig};
 use crate::model::llama::Llama;
 use crate::model::loader::open_model;
 use crate::model::shard::ShardPlan;
+use crate::model::tp::{follow, TpLeader};
+use crate::model::ModelRunner;
+use crate::parallel::{self, SoloWorld, World};
 use crate::tokenizer::{self, Tokenizer};
 
 /// Options every generating mode shares.
@@ -39,6 +42,10 @@ pub struct ModelArgs {
     /// KV cache block size in tokens.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
+    /// Tensor-parallel degree: ranks per replica (the world splits into world / tp replicas of
+    /// consecutive ranks, each on one node).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
 }
 
 /// Bytes of memory the OS says are available (Linux), for sizing checks.
@@ -59,8 +66,34 @@ pub fn load_tokenizer(args: &ModelArgs, own: Option<&std::path::Path>) -> Result
     }
 }
 
+/// Peak resident memory of this process in bytes (Linux VmHWM).
+pub fn peak_rss() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Load the model for a world of one rank and wrap it in an engine.
 pub fn build_engine(args: &ModelArgs) -> Result<Engine> {
+    let world = SoloWorld::with_tp(args.tp).map_err(anyhow::Error::msg)?;
+    start(args, &world)?.context("a world of one rank is its own replica leader")
+}
+
+/// Load this rank's shard of the model in `world` (collective: every rank calls it).
+///
+/// Replica leaders get `Some(engine)`, whose model broadcasts each step plan to the replica's
+/// peers. Peers run the forward of every step they receive until the leader's engine is dropped
+/// (shutdown message), then return `None`.
+pub fn start(args: &ModelArgs, world: &dyn World) -> Result<Option<Engine>> {
+    let topo = world.topology().clone();
+    if topo.tp != args.tp {
+        bail!(
+            "internal: the world was split for tp {} but --tp is {}",
+            topo.tp,
+            args.tp
+        );
+    }
     match args.device.as_str() {
         "auto" | "cpu" => {}
         other => bail!("unknown --device '{other}': this build runs on the cpu (auto, cpu)"),
@@ -75,12 +108,19 @@ pub fn build_engine(args: &ModelArgs) -> Result<Engine> {
         }
         src.cfg.max_seq_len = n;
     }
-    let tok = Arc::new(load_tokenizer(args, src.tokenizer.as_deref())?);
     let cfg = src.cfg.clone();
+    // Before anything big is read: does --tp split this model?
+    ShardPlan::check(args.tp, &cfg)?;
+    // Only leaders tokenize; peers never see text.
+    let tok = if topo.is_replica_leader() {
+        Some(Arc::new(load_tokenizer(args, src.tokenizer.as_deref())?))
+    } else {
+        None
+    };
     // A checkpoint's own tokenizer must fit its vocabulary; the cached Llama 3 tokenizer stands in
     // for checkpoints that ship none (test fixtures with small vocabularies).
     let own_tokenizer = args.tokenizer.is_some() || src.tokenizer.is_some();
-    if tok.vocab_size() > cfg.vocab_size {
+    if let Some(tok) = tok.as_ref().filter(|t| t.vocab_size() > cfg.vocab_size) {
         let msg = format!(
             "the tokenizer ({}) has {} tokens but the model's vocabulary is {}",
             tok.source().display(),
@@ -96,7 +136,10 @@ pub fn build_engine(args: &ModelArgs) -> Result<Engine> {
             );
         }
     }
-    let shard = ShardPlan::SOLO;
+    let shard = ShardPlan {
+        rank: topo.tp_rank,
+        tp: topo.tp,
+    };
     let shape = KvShape {
         n_layers: cfg.n_layers,
         num_blocks: 1,
@@ -116,7 +159,8 @@ pub fn build_engine(args: &ModelArgs) -> Result<Engine> {
             block_bytes
         );
     }
-    let weights_bytes = cfg.n_params() as u64 * 2;
+    // Each rank holds 1/tp of the layers plus the whole embedding table.
+    let weights_bytes = (cfg.n_params() / args.tp + cfg.vocab_size * cfg.dim) as u64 * 2;
     if let Some(avail) = mem_available() {
         let need = weights_bytes + (num_blocks * block_bytes) as u64;
         let msg = format!(
@@ -142,21 +186,57 @@ pub fn build_engine(args: &ModelArgs) -> Result<Engine> {
         params_b = cfg.n_params() as f64 / 1e9,
         kv_blocks = num_blocks,
         kv_tokens = num_blocks * args.block_size,
+        world = topo.world_size,
+        tp = topo.tp,
+        replicas = topo.n_replicas,
         "loading"
     );
-    let model = Llama::load(
-        CpuBackend::default(),
+    parallel::test_fault("load").map_err(anyhow::Error::msg)?;
+    let comm = world.replica_comm();
+    let mut model = Llama::load(
+        CpuBackend::with_comm(comm.clone()),
         src.tensors.as_ref(),
         &cfg,
         shard,
         num_blocks,
         args.block_size,
     )?;
-    tracing::info!(seconds = format!("{:.2}", model.load_seconds()), "loaded");
+    report_load(world, model.load_seconds())?;
+    let Some(tok) = tok else {
+        follow(&mut model, comm.as_ref(), |n| {
+            // Fail on the second step, mid-generation, when a test asks.
+            if n == 1 {
+                parallel::test_fault("step")
+            } else {
+                Ok(())
+            }
+        })?;
+        return Ok(None);
+    };
     let engine_cfg = EngineConfig {
         max_batch_size: args.max_batch_size,
         max_batch_tokens: args.max_batch_tokens,
         prefill_chunk: args.max_batch_tokens.min(512),
     };
-    Ok(Engine::new(Box::new(model), tok, engine_cfg))
+    let runner: Box<dyn ModelRunner> = if topo.tp > 1 {
+        Box::new(TpLeader::new(model, comm))
+    } else {
+        Box::new(model)
+    };
+    Ok(Some(Engine::new(runner, tok, engine_cfg)))
+}
+
+/// Every rank's load time and peak host memory, logged by the world leader (one line per rank).
+fn report_load(world: &dyn World, seconds: f64) -> Result<()> {
+    let peak_gb = peak_rss().map_or(f32::NAN, |b| (b as f64 / 1e9) as f32);
+    let all = world.world_comm().all_gather(&[seconds as f32, peak_gb])?;
+    for (rank, r) in all.chunks(2).enumerate() {
+        tracing::info!(
+            rank,
+            seconds = format!("{:.2}", r[0]),
+            peak_host_gb = format!("{:.3}", r[1]),
+            "loaded"
+        );
+    }
+    Ok(())
 }

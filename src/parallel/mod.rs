@@ -1,10 +1,15 @@
-//! Parallel layer: topology (world, replicas) and communicators.
-//!
-//! For now: the solo world of one rank. MPI and NCCL implementations plug in behind the same
-//! interfaces.
+//! Parallel layer: topology (world, replicas, local rank), the bring-up of the cluster and the
+//! communicators behind one interface: [`Solo`], MPI (CPU backend; feature `mpi`) and, later,
+//! NCCL for the CUDA backend.
 
+pub mod launch;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod topology;
 
+use std::sync::Arc;
+
+pub use launch::{abort, cluster, init, Cluster, ClusterGuard};
 pub use topology::Topology;
 
 #[derive(Debug, thiserror::Error)]
@@ -13,7 +18,7 @@ pub enum CommError {
     Failed { rank: usize, msg: String },
 }
 
-/// Collectives over host memory within one tensor-parallel group.
+/// Collectives over host memory within one group of ranks (a replica, or the world).
 pub trait HostComm: Send + Sync {
     fn rank(&self) -> usize;
     fn size(&self) -> usize;
@@ -21,6 +26,8 @@ pub trait HostComm: Send + Sync {
     fn all_reduce_sum(&self, x: &mut [f32]) -> Result<(), CommError>;
     /// Every rank's `x` concatenated in rank order (all `x` have the same length).
     fn all_gather(&self, x: &[f32]) -> Result<Vec<f32>, CommError>;
+    /// `root`'s bytes on every rank (`buf` is resized on the others). Carries step plans.
+    fn broadcast_bytes(&self, root: usize, buf: &mut Vec<u8>) -> Result<(), CommError>;
 }
 
 /// A group of one: every collective is the identity.
@@ -40,6 +47,9 @@ impl HostComm for Solo {
     fn all_gather(&self, x: &[f32]) -> Result<Vec<f32>, CommError> {
         Ok(x.to_vec())
     }
+    fn broadcast_bytes(&self, _root: usize, _buf: &mut Vec<u8>) -> Result<(), CommError> {
+        Ok(())
+    }
 }
 
 /// The whole job: its topology and the few world-wide operations modes need.
@@ -47,11 +57,28 @@ pub trait World: Send + Sync {
     fn topology(&self) -> &Topology;
     /// Wait until every rank of the world arrives.
     fn barrier(&self) -> Result<(), CommError>;
+    /// The collectives of this rank's replica (its tensor-parallel group).
+    fn replica_comm(&self) -> Arc<dyn HostComm> {
+        Arc::new(Solo)
+    }
+    /// Collectives over the whole world (load reports, merges).
+    fn world_comm(&self) -> Arc<dyn HostComm> {
+        Arc::new(Solo)
+    }
 }
 
 /// A world of one process (no launcher, no MPI).
 pub struct SoloWorld {
     topo: Topology,
+}
+
+impl SoloWorld {
+    /// One process whose replica would need `tp` ranks: an error unless tp is 1.
+    pub fn with_tp(tp: usize) -> Result<Self, String> {
+        Ok(SoloWorld {
+            topo: Topology::new(0, 1, tp, 0)?,
+        })
+    }
 }
 
 impl Default for SoloWorld {
@@ -69,4 +96,25 @@ impl World for SoloWorld {
     fn barrier(&self) -> Result<(), CommError> {
         Ok(())
     }
+}
+
+/// Test hook: `HERD_TEST_FAIL_RANK=R HERD_TEST_FAIL_AT=POINT` makes world rank R fail at `point`
+/// ("load", "step"); `HERD_TEST_FAIL_HOW=exit` makes it exit on the spot instead of returning an
+/// error (a crash that never reaches MPI_Abort). Used by the failure tests in tests/mpi.rs.
+pub fn test_fault(point: &str) -> Result<(), String> {
+    let at = std::env::var("HERD_TEST_FAIL_AT").unwrap_or_default();
+    let rank = std::env::var("HERD_TEST_FAIL_RANK")
+        .ok()
+        .and_then(|r| r.parse::<usize>().ok());
+    if at != point || rank != Some(cluster().world_rank) {
+        return Ok(());
+    }
+    if std::env::var("HERD_TEST_FAIL_HOW").as_deref() == Ok("exit") {
+        eprintln!(
+            "herd: rank {}: injected exit at {point}",
+            cluster().world_rank
+        );
+        std::process::exit(3);
+    }
+    Err(format!("injected failure at {point} (HERD_TEST_FAIL_AT)"))
 }

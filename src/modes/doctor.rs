@@ -1,0 +1,93 @@
+//! `herd doctor`: what this job sees, section by section (topology now; GPU, CUDA, NCCL and the
+//! kernel self-test plug in as further sections). World rank 0 prints; every rank takes part.
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+
+use crate::parallel::{self, World};
+
+#[derive(clap::Args, Debug)]
+pub struct DoctorArgs {
+    /// Tensor-parallel degree to check the world against (as the other modes' --tp).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+}
+
+/// One titled block of the report; `lines` are "key: value" lines.
+pub struct Section {
+    pub title: &'static str,
+    pub lines: Vec<String>,
+}
+
+/// The topology section: world, replicas, this rank's node, and every rank's place.
+pub fn topology_section(world: &dyn World) -> Result<Section> {
+    let c = parallel::cluster();
+    let t = world.topology();
+    let mut lines = vec![
+        format!("world size: {}", t.world_size),
+        format!(
+            "tp: {} ({} replica{} of {} consecutive ranks)",
+            t.tp,
+            t.n_replicas,
+            if t.n_replicas == 1 { "" } else { "s" },
+            t.tp
+        ),
+        format!(
+            "rank: {} (local rank {} of {} on {})",
+            t.world_rank, c.local_rank, c.local_size, c.hostname
+        ),
+        format!(
+            "launcher: {}",
+            c.launcher.as_deref().unwrap_or("none (one process)")
+        ),
+        format!(
+            "mpi: {}",
+            match (&c.mpi_version, cfg!(feature = "mpi")) {
+                (Some(v), _) => v.lines().next().unwrap_or(v).to_string(),
+                (None, true) => "built in, not initialized (no launcher)".into(),
+                (None, false) => "not built in (cargo feature mpi)".into(),
+            }
+        ),
+    ];
+    // Every rank's place, gathered to all (numbers only; hostnames differ per node id).
+    let me = [
+        t.world_rank as f32,
+        c.local_rank as f32,
+        c.node as f32,
+        t.replica as f32,
+        t.tp_rank as f32,
+    ];
+    let all = world.world_comm().all_gather(&me)?;
+    for r in all.chunks(me.len()) {
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            "  rank {:>3}: node {} local rank {} replica {} tp rank {}",
+            r[0] as usize, r[2] as usize, r[1] as usize, r[3] as usize, r[4] as usize
+        );
+        lines.push(s);
+    }
+    Ok(Section {
+        title: "topology",
+        lines,
+    })
+}
+
+pub fn run(args: DoctorArgs) -> Result<()> {
+    let world = parallel::cluster()
+        .world(args.tp)
+        .map_err(anyhow::Error::msg)?;
+    let sections = vec![topology_section(world.as_ref())?];
+    if world.topology().is_world_leader() {
+        let mut out = String::new();
+        for s in &sections {
+            let _ = writeln!(out, "== {} ==", s.title);
+            for l in &s.lines {
+                let _ = writeln!(out, "{l}");
+            }
+        }
+        print!("{out}");
+    }
+    Ok(())
+}

@@ -1,0 +1,340 @@
+//! Many ranks: `herd` under `mpirun`, compared with one rank. Tensor parallel (tp 2, tp 4 with
+//! KV-head replication), data-parallel replicas, a Meta MP=2 checkpoint at tp 1/2/4, one rank
+//! failing during load and during generation, errors before loading.
+//!
+//! These need a build with the `mpi` feature and OpenMPI's `mpirun` (scripts/test runs
+//! `cargo test --features mpi` after .ci/run installed OpenMPI). In a build without the feature
+//! they fail, so CI can never pass them by accident, unless `HERD_NO_MPI=1` says this machine has
+//! no MPI (then they print "skipped" and pass).
+
+mod common;
+
+use std::process::Command;
+use std::time::Instant;
+
+use serde_json::Value;
+
+/// False (after saying so) when the MPI tests must be skipped; panics when they cannot run but
+/// nobody said MPI is unavailable.
+fn mpi_available() -> bool {
+    if std::env::var("HERD_NO_MPI").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: HERD_NO_MPI=1");
+        return false;
+    }
+    if !cfg!(feature = "mpi") {
+        panic!(
+            "tests/mpi.rs needs a build with MPI: run `cargo test --features mpi` (scripts/test does), \
+             or set HERD_NO_MPI=1 on a machine without an MPI library"
+        );
+    }
+    true
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+    secs: f64,
+}
+
+fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)]) -> Out {
+    let mut c = Command::new("mpirun");
+    c.args([
+        "-np",
+        &np.to_string(),
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+    ])
+    .arg(env!("CARGO_BIN_EXE_herd"))
+    .args(args)
+    // mpirun refuses root unless told (CI containers run as root).
+    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let t0 = Instant::now();
+    let out = c
+        .output()
+        .unwrap_or_else(|e| panic!("mpirun does not start ({e}); install openmpi-bin"));
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        secs: t0.elapsed().as_secs_f64(),
+    }
+}
+
+fn solo(args: &[&str]) -> Out {
+    let t0 = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("herd runs");
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        secs: t0.elapsed().as_secs_f64(),
+    }
+}
+
+fn model(rel: &str) -> String {
+    common::fixture(&format!("models/{rel}"))
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Greedy generation with every log-prob the record can hold.
+fn gen_args<'a>(model: &'a str, tp: &'a str) -> Vec<&'a str> {
+    vec![
+        "generate",
+        "--model",
+        model,
+        "--tp",
+        tp,
+        "--prompt-token-ids",
+        "1,17,33,5,6,7,8,100,42",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+        "--logprobs",
+        "3",
+        "--prompt-logprobs",
+    ]
+}
+
+/// Same structure; integers (token ids, counts) equal; other numbers within `tol`.
+fn assert_close(a: &Value, b: &Value, tol: f64, path: &str) {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            if let (Some(x), Some(y)) = (x.as_i64(), y.as_i64()) {
+                assert_eq!(x, y, "{path}");
+            } else {
+                let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+                assert!((x - y).abs() <= tol, "{path}: {x} vs {y}");
+            }
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            assert_eq!(x.len(), y.len(), "{path}: lengths");
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                assert_close(p, q, tol, &format!("{path}[{i}]"));
+            }
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            let mut kx: Vec<_> = x.keys().collect();
+            let mut ky: Vec<_> = y.keys().collect();
+            kx.sort();
+            ky.sort();
+            assert_eq!(kx, ky, "{path}: keys");
+            for k in kx {
+                assert_close(&x[k], &y[k], tol, &format!("{path}.{k}"));
+            }
+        }
+        _ => assert_eq!(a, b, "{path}"),
+    }
+}
+
+fn records(out: &Out) -> Vec<Value> {
+    assert_eq!(out.code, 0, "stderr: {}", out.stderr);
+    out.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// `np` ranks at `tp` give dp = np / tp records, each within 1e-4 of one rank on `reference`.
+fn check_against_one_rank(rel: &str, reference: &str, np: usize, tp: usize) {
+    check_dir_against_one_rank(&model(rel), reference, np, tp);
+}
+
+fn check_dir_against_one_rank(m: &str, reference: &str, np: usize, tp: usize) {
+    let rel = m;
+    let m = m.to_string();
+    let r = model(reference);
+    let want = records(&solo(&gen_args(&r, "1")));
+    assert_eq!(want.len(), 1);
+    let tp_s = tp.to_string();
+    let out = mpirun(np, &gen_args(&m, &tp_s), &[]);
+    let got = records(&out);
+    assert_eq!(got.len(), np / tp, "one record per replica: {}", out.stdout);
+    for (i, g) in got.iter().enumerate() {
+        assert_close(
+            g,
+            &want[0],
+            1e-4,
+            &format!("{rel} np {np} tp {tp} replica {i}"),
+        );
+        // The generated tokens must be identical, not just close.
+        assert_eq!(g["token_ids"], want[0]["token_ids"]);
+    }
+}
+
+#[test]
+fn tp2_matches_one_rank() {
+    if mpi_available() {
+        check_against_one_rank("llama30/meta", "llama30/meta", 2, 2);
+    }
+}
+
+#[test]
+fn tp4_replicates_kv_heads_and_matches_one_rank() {
+    // llama31: 8 heads, 2 KV heads: at tp 4 each KV head lives on two ranks.
+    if mpi_available() {
+        check_against_one_rank("llama31/meta", "llama31/meta", 4, 4);
+    }
+}
+
+#[test]
+fn two_replicas_of_tp2_match_one_rank() {
+    if mpi_available() {
+        check_against_one_rank("llama31/hf", "llama31/meta", 4, 2);
+    }
+}
+
+#[test]
+fn two_replicas_of_one_rank_match_one_rank() {
+    if mpi_available() {
+        check_against_one_rank("llama30/hf", "llama30/meta", 2, 1);
+    }
+}
+
+#[test]
+fn meta_mp2_loads_at_tp_1_2_and_4() {
+    if mpi_available() {
+        for (np, tp) in [(1, 1), (2, 2), (4, 4)] {
+            check_against_one_rank("llama31/meta-mp2", "llama31/meta", np, tp);
+        }
+    }
+}
+
+#[test]
+fn converted_rank_files_load_at_their_tp() {
+    if !mpi_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("tp4");
+    let st = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args([
+            "convert",
+            "--model",
+            &model("llama31/meta"),
+            "--tp",
+            "4",
+            "--output",
+        ])
+        .arg(&out)
+        .status()
+        .expect("herd runs");
+    assert!(st.success());
+    check_dir_against_one_rank(out.to_str().unwrap(), "llama31/meta", 4, 4);
+}
+
+fn assert_job_failed(out: &Out, needle: &str) {
+    assert_ne!(out.code, 0, "the job must fail: {}", out.stderr);
+    assert!(
+        out.secs < 30.0,
+        "the job took {:.1} s to end after a rank failed",
+        out.secs
+    );
+    assert!(
+        out.stderr.contains(needle),
+        "stderr should name {needle:?}: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_rank_failing_during_load_ends_the_job() {
+    if !mpi_available() {
+        return;
+    }
+    let m = model("llama31/meta");
+    let env = [("HERD_TEST_FAIL_RANK", "1"), ("HERD_TEST_FAIL_AT", "load")];
+    let out = mpirun(2, &gen_args(&m, "2"), &env);
+    assert_job_failed(&out, "rank 1 of 2");
+    assert!(
+        out.stderr.contains("injected failure at load"),
+        "{}",
+        out.stderr
+    );
+    // A rank that just exits (no MPI_Abort of its own): mpirun still ends the job.
+    let env = [
+        ("HERD_TEST_FAIL_RANK", "1"),
+        ("HERD_TEST_FAIL_AT", "load"),
+        ("HERD_TEST_FAIL_HOW", "exit"),
+    ];
+    let out = mpirun(2, &gen_args(&m, "2"), &env);
+    assert_job_failed(&out, "rank 1: injected exit at load");
+}
+
+#[test]
+fn a_rank_failing_during_generation_ends_the_job() {
+    if !mpi_available() {
+        return;
+    }
+    let m = model("llama31/meta");
+    let env = [("HERD_TEST_FAIL_RANK", "1"), ("HERD_TEST_FAIL_AT", "step")];
+    let out = mpirun(2, &gen_args(&m, "2"), &env);
+    assert_job_failed(&out, "rank 1 of 2");
+    assert!(
+        out.stderr.contains("injected failure at step"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn bad_splits_fail_before_loading() {
+    if !mpi_available() {
+        return;
+    }
+    let m = model("llama31/meta");
+    let out = mpirun(3, &gen_args(&m, "2"), &[]);
+    assert_job_failed(&out, "not a multiple of --tp 2");
+    // 8 heads do not split 3 ways.
+    let out = mpirun(3, &gen_args(&m, "3"), &[]);
+    assert_job_failed(&out, "n_heads 8 is not divisible by 3");
+}
+
+#[test]
+fn doctor_reports_the_topology() {
+    if !mpi_available() {
+        return;
+    }
+    let out = mpirun(4, &["doctor", "--tp", "2"], &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    for want in [
+        "world size: 4",
+        "tp: 2 (2 replicas",
+        "mpi: ",
+        "rank   3: node 0 local rank 3 replica 1 tp rank 1",
+    ] {
+        assert!(out.stdout.contains(want), "{want:?} in {}", out.stdout);
+    }
+    // Only rank 0 prints.
+    assert_eq!(out.stdout.matches("== topology ==").count(), 1);
+}
+
+/// Without MPI built in, a launch of many tasks is refused (the variables are what mpirun sets).
+#[test]
+#[cfg(not(feature = "mpi"))]
+fn a_build_without_mpi_refuses_to_run_under_a_launcher() {
+    for var in ["OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "PMI_SIZE"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args(["doctor"])
+            .env(var, "2")
+            .output()
+            .expect("herd runs");
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("built without MPI support"), "{err}");
+    }
+}
