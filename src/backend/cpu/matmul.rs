@@ -159,51 +159,55 @@ fn dot_avx2_entry(a: &[f32], b: &[f32]) -> f32 {
     unsafe { dot_avx2(a, b) }
 }
 
+/// One body for both AVX2 dot products, so that they stay bit-identical: four independent
+/// accumulators (hiding the FMA latency) over 32-element steps, then 8-element steps into the
+/// first, a fixed reduction, a scalar tail. `$load8(i)` loads 8 lanes of the second operand from
+/// element `i`, `$get(i)` one element.
+macro_rules! avx2_dot_body {
+    ($pa:ident, $n:expr, $load8:expr, $get:expr) => {{
+        let n = $n;
+        let load8 = $load8;
+        let get = $get;
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut acc2 = _mm256_setzero_ps();
+        let mut acc3 = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 32 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps($pa.add(i)), load8(i), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps($pa.add(i + 8)), load8(i + 8), acc1);
+            acc2 = _mm256_fmadd_ps(_mm256_loadu_ps($pa.add(i + 16)), load8(i + 16), acc2);
+            acc3 = _mm256_fmadd_ps(_mm256_loadu_ps($pa.add(i + 24)), load8(i + 24), acc3);
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps($pa.add(i)), load8(i), acc0);
+            i += 8;
+        }
+        let acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+            + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+        while i < n {
+            s += *$pa.add(i) * get(i);
+            i += 1;
+        }
+        s
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    // Four independent accumulators hide the FMA latency.
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
-    let mut acc2 = _mm256_setzero_ps();
-    let mut acc3 = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 32 <= n {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-        acc1 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(pa.add(i + 8)),
-            _mm256_loadu_ps(pb.add(i + 8)),
-            acc1,
-        );
-        acc2 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(pa.add(i + 16)),
-            _mm256_loadu_ps(pb.add(i + 16)),
-            acc2,
-        );
-        acc3 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(pa.add(i + 24)),
-            _mm256_loadu_ps(pb.add(i + 24)),
-            acc3,
-        );
-        i += 32;
-    }
-    while i + 8 <= n {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-        i += 8;
-    }
-    let acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-    while i < n {
-        s += *pa.add(i) * *pb.add(i);
-        i += 1;
-    }
-    s
+    avx2_dot_body!(
+        pa,
+        a.len().min(b.len()),
+        |i| _mm256_loadu_ps(pb.add(i)),
+        |i| *pb.add(i)
+    )
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -212,57 +216,20 @@ fn dot_bf16_avx2_entry(a: &[f32], w: &[u8]) -> f32 {
     unsafe { dot_bf16_avx2(a, w) }
 }
 
-/// Mirror of `dot_avx2` with the second operand as bf16 bytes; keep the two in step.
+/// `dot_avx2` with the second operand as bf16 bytes, widened in registers (exact).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_bf16_avx2(a: &[f32], w: &[u8]) -> f32 {
     use std::arch::x86_64::*;
-    let n = a.len().min(w.len() / 2);
     let (pa, pw) = (a.as_ptr(), w.as_ptr());
-    #[inline(always)]
-    unsafe fn load_bf16(p: *const u8) -> __m256 {
-        let raw = _mm_loadu_si128(p as *const __m128i);
+    let load8 = |i: usize| {
+        let raw = _mm_loadu_si128(pw.add(2 * i) as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
-    }
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
-    let mut acc2 = _mm256_setzero_ps();
-    let mut acc3 = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 32 <= n {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load_bf16(pw.add(2 * i)), acc0);
-        acc1 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(pa.add(i + 8)),
-            load_bf16(pw.add(2 * i + 16)),
-            acc1,
-        );
-        acc2 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(pa.add(i + 16)),
-            load_bf16(pw.add(2 * i + 32)),
-            acc2,
-        );
-        acc3 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(pa.add(i + 24)),
-            load_bf16(pw.add(2 * i + 48)),
-            acc3,
-        );
-        i += 32;
-    }
-    while i + 8 <= n {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), load_bf16(pw.add(2 * i)), acc0);
-        i += 8;
-    }
-    let acc = _mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3));
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-    while i < n {
-        let bits = u16::from_le_bytes([*pw.add(2 * i), *pw.add(2 * i + 1)]);
-        s += *pa.add(i) * f32::from_bits((bits as u32) << 16);
-        i += 1;
-    }
-    s
+    };
+    let get = |i: usize| {
+        f32::from_bits((u16::from_le_bytes([*pw.add(2 * i), *pw.add(2 * i + 1)]) as u32) << 16)
+    };
+    avx2_dot_body!(pa, a.len().min(w.len() / 2), load8, get)
 }
 
 #[cfg(test)]
