@@ -5,6 +5,7 @@
 //! once against the [`Backend`] trait.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::checkpoint::Tensor;
 
