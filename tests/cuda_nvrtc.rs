@@ -14,7 +14,9 @@ fn nvrtc_dir() -> std::path::PathBuf {
     }
     let base = std::env::var_os("HERD_CACHE")
         .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/herd")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/herd"))
+        })
         .unwrap_or_default();
     base.join("nvrtc")
 }
@@ -30,7 +32,11 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
             }
             let exe = std::env::current_exe().expect("test binary path");
             let out = std::process::Command::new(exe)
-                .args(["--exact", "every_kernel_compiles_for_sm80_and_sm90", "--nocapture"])
+                .args([
+                    "--exact",
+                    "every_kernel_compiles_for_sm80_and_sm90",
+                    "--nocapture",
+                ])
                 .env("LD_LIBRARY_PATH", path)
                 .env("HERD_NVRTC_CHILD", "1")
                 .output()
