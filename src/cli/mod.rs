@@ -33,6 +33,8 @@ pub enum Command {
     Chat(modes::chat::ChatArgs),
     /// Measure decode throughput against the memory-bandwidth limit; write CSV.
     Bench(modes::bench::BenchArgs),
+    /// Check the GPU, CUDA libraries and kernels (--selftest: kernels vs the CPU reference).
+    Doctor(modes::doctor::DoctorArgs),
 }
 
 /// Logs go to stderr; RUST_LOG overrides the level (default info).
@@ -53,6 +55,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Generate(a) => modes::generate::run(a),
         Command::Chat(a) => modes::chat::run(a),
         Command::Bench(a) => modes::bench::run(a),
+        Command::Doctor(a) => modes::doctor::run(a),
     };
     match result {
         Ok(()) => exit::OK,

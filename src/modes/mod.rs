@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod doctor;
 pub mod generate;
 pub mod record;
 pub mod setup;

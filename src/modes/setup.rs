@@ -5,11 +5,14 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{self, plan, CudaBackend};
+use crate::backend::Backend;
 use crate::backend::KvShape;
 use crate::engine::{Engine, EngineConfig};
 use crate::model::llama::Llama;
-use crate::model::loader::open_model;
+use crate::model::loader::{open_model, ModelSource};
 use crate::model::shard::ShardPlan;
+use crate::model::{LlamaConfig, ModelRunner};
 use crate::tokenizer::{self, Tokenizer};
 
 /// Options every generating mode shares.
@@ -21,9 +24,12 @@ pub struct ModelArgs {
     /// Tokenizer file (tokenizer.model or tokenizer.json); default: the checkpoint's own, else the cached Llama 3 tokenizer.
     #[arg(long)]
     pub tokenizer: Option<std::path::PathBuf>,
-    /// Where to run: auto or cpu.
+    /// Where to run: auto (a GPU when one is present, else the cpu), cpu, or cuda.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Fraction of the GPU's memory herd may use for weights, activations and the KV cache.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
     /// Most sequences generated at once (continuous batching).
     #[arg(long, default_value_t = 64)]
     pub max_batch_size: usize,
@@ -61,10 +67,21 @@ pub fn load_tokenizer(args: &ModelArgs, own: Option<&std::path::Path>) -> Result
 
 /// Load the model for a world of one rank and wrap it in an engine.
 pub fn build_engine(args: &ModelArgs) -> Result<Engine> {
-    match args.device.as_str() {
-        "auto" | "cpu" => {}
-        other => bail!("unknown --device '{other}': this build runs on the cpu (auto, cpu)"),
-    }
+    let use_cuda = match args.device.as_str() {
+        "cpu" => false,
+        "cuda" => match cuda::device_count() {
+            Ok(_) => true,
+            Err(why) => bail!("--device cuda: {why} (use --device cpu or auto)"),
+        },
+        "auto" => match cuda::device_count() {
+            Ok(_) => true,
+            Err(why) => {
+                tracing::info!("{why}; running on the cpu");
+                false
+            }
+        },
+        other => bail!("unknown --device '{other}': use auto, cpu or cuda"),
+    };
     if args.block_size == 0 || args.max_batch_size == 0 || args.max_batch_tokens == 0 {
         bail!("--block-size, --max-batch-size and --max-batch-tokens must be at least 1");
     }
@@ -97,11 +114,31 @@ pub fn build_engine(args: &ModelArgs) -> Result<Engine> {
         }
     }
     let shard = ShardPlan::SOLO;
+    let model: Box<dyn ModelRunner> = if use_cuda {
+        load_cuda(args, &src, &cfg, shard)?
+    } else {
+        load_cpu(args, &src, &cfg, shard)?
+    };
+    let engine_cfg = EngineConfig {
+        max_batch_size: args.max_batch_size,
+        max_batch_tokens: args.max_batch_tokens,
+        prefill_chunk: args.max_batch_tokens.min(512),
+    };
+    Ok(Engine::new(model, tok, engine_cfg))
+}
+
+/// The CPU backend with a KV pool of `--kv-cache-gb` (default 1 GB), checked against host memory.
+fn load_cpu(
+    args: &ModelArgs,
+    src: &ModelSource,
+    cfg: &LlamaConfig,
+    shard: ShardPlan,
+) -> Result<Box<dyn ModelRunner>> {
     let shape = KvShape {
         n_layers: cfg.n_layers,
         num_blocks: 1,
         block_size: args.block_size,
-        n_kv_heads: shard.local_kv_heads(&cfg),
+        n_kv_heads: shard.local_kv_heads(cfg),
         head_dim: cfg.head_dim,
     };
     let block_bytes = shape.block_bytes(4);
@@ -147,16 +184,77 @@ pub fn build_engine(args: &ModelArgs) -> Result<Engine> {
     let model = Llama::load(
         CpuBackend::default(),
         src.tensors.as_ref(),
-        &cfg,
+        cfg,
         shard,
         num_blocks,
         args.block_size,
     )?;
     tracing::info!(seconds = format!("{:.2}", model.load_seconds()), "loaded");
-    let engine_cfg = EngineConfig {
-        max_batch_size: args.max_batch_size,
-        max_batch_tokens: args.max_batch_tokens,
-        prefill_chunk: args.max_batch_tokens.min(512),
+    Ok(Box::new(model))
+}
+
+/// The CUDA backend on GPU 0, with the memory plan made before anything big is allocated.
+/// NOTE: never run on a GPU yet.
+fn load_cuda(
+    args: &ModelArgs,
+    src: &ModelSource,
+    cfg: &LlamaConfig,
+    shard: ShardPlan,
+) -> Result<Box<dyn ModelRunner>> {
+    let backend = CudaBackend::new(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
+    let info = backend.info.clone();
+    let shape = KvShape {
+        n_layers: cfg.n_layers,
+        num_blocks: 1,
+        block_size: args.block_size,
+        n_kv_heads: shard.local_kv_heads(cfg),
+        head_dim: cfg.head_dim,
     };
-    Ok(Engine::new(Box::new(model), tok, engine_cfg))
+    let q_dim = (shard.local_heads(cfg) * cfg.head_dim) as u64;
+    let kv_dim = (shape.n_kv_heads * cfg.head_dim) as u64;
+    let activations = plan::activation_bytes(
+        args.max_batch_tokens as u64,
+        args.max_batch_size.max(1) as u64,
+        cfg.dim as u64,
+        cfg.ffn_dim as u64,
+        q_dim,
+        kv_dim,
+        cfg.vocab_size as u64,
+    );
+    let useful = args.max_batch_size * cfg.max_seq_len.div_ceil(args.block_size) + 1;
+    let kv_cap = args
+        .kv_cache_gb
+        .map(|gb| ((gb * 1e9) as usize / shape.block_bytes(2)).max(1))
+        .unwrap_or(usize::MAX);
+    let p = plan::plan_memory(&plan::MemoryPlanInput {
+        total_bytes: info.total_bytes,
+        free_bytes: info.free_bytes,
+        utilization: args.gpu_memory_utilization,
+        weight_bytes: cfg.n_params() as u64 * 2,
+        activation_bytes: activations,
+        kv_block_bytes: shape.block_bytes(2) as u64,
+        useful_blocks: useful.min(kv_cap) as u64,
+    })
+    .map_err(|e| anyhow::anyhow!("{} on {} ({}): {e}", args.model, info.name, backend.name()))?;
+    tracing::info!(
+        model = %src.label,
+        gpu = %backend.name(),
+        kernels = %backend.kernel_cache.0.display(),
+        kernel_cache_hit = backend.kernel_cache.1,
+        params_b = cfg.n_params() as f64 / 1e9,
+        kv_blocks = p.kv_blocks,
+        kv_gb = format!("{:.2}", p.kv_bytes as f64 / 1e9),
+        budget_gb = format!("{:.2}", p.budget_bytes as f64 / 1e9),
+        "loading"
+    );
+    let model = Llama::load(
+        backend,
+        src.tensors.as_ref(),
+        cfg,
+        shard,
+        p.kv_blocks as usize,
+        args.block_size,
+    )?;
+    tracing::info!(seconds = format!("{:.2}", model.load_seconds()), "loaded");
+    Ok(Box::new(model))
 }

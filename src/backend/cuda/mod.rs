@@ -21,3 +21,5 @@ pub use backend::{
     device_count, driver_present, CudaAct, CudaBackend, CudaKv, CudaMatrix, DeviceInfo,
     MAX_TOP_LOGPROBS,
 };
+pub use report::report;
+pub use selftest::selftest;
