@@ -408,7 +408,7 @@ impl Engine {
     /// A token sampled on the device: same bookkeeping as a host-sampled one.
     fn accept_sampled(&mut self, id: u64, s: Sampled) -> Option<Vec<Event>> {
         let wants = self.seqs.get(&id)?.params.logprobs.is_some();
-        let lp = wants.then(|| TokenLogprob {
+        let lp = wants.then_some(TokenLogprob {
             token_id: s.token,
             logprob: s.logprob,
             top: s.top,

@@ -203,7 +203,9 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     // chunks it as it always does (512 tokens per step). FLOPs: 2 per weight per token plus
     // causal attention (QK and PV: 2 * len^2 * q_dim per layer).
     for &len in &args.prefill_lens {
-        let prompt: Vec<u32> = (0..len).map(|i| 1000 + ((i * 104729) % 50000) as u32).collect();
+        let prompt: Vec<u32> = (0..len)
+            .map(|i| 1000 + ((i * 104729) % 50000) as u32)
+            .collect();
         engine.add_request(
             prompt,
             SamplingParams {
