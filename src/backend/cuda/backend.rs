@@ -227,13 +227,18 @@ impl CudaBackend {
         }
     }
 
-    /// A fresh device buffer of `n` elements. Out of memory here means the memory plan was
-    /// wrong, which is a bug: it panics with the numbers rather than corrupting a step.
+    /// A fresh, uninitialized device buffer of `n` elements (every kernel writes all of its
+    /// output, so zeroing would only cost a pass of bandwidth; the self-test poisons outputs
+    /// instead to prove it). Stream-ordered allocation (cuMemAllocAsync pool) makes this cheap.
+    /// Out of memory here means the memory plan was wrong, which is a bug: it panics with the
+    /// numbers rather than corrupting a step.
     fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &self,
         n: usize,
     ) -> CudaSlice<T> {
-        let r = self.stream.alloc_zeros::<T>(n.max(1));
+        // SAFETY: callers only hand the buffer to kernels that write every element before
+        // anything reads it.
+        let r = unsafe { self.stream.alloc::<T>(n.max(1)) };
         match r {
             Ok(b) => b,
             Err(e) => panic!(

@@ -15,6 +15,7 @@ mod gemm;
 pub mod kernels;
 pub mod plan;
 pub mod report;
+mod sample_model;
 pub mod selftest;
 
 pub use backend::{

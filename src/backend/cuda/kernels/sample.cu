@@ -32,9 +32,10 @@ __device__ double uniform01(u64 seed, u64 n) {
     return (double)(r >> 11) / 9007199254740992.0;
 }
 
-// Order-preserving key of a float: a > b  <=>  key(a) > key(b).
+// Order-preserving key of a float: a > b  <=>  key(a) > key(b). -0 and +0 get one key, as they
+// compare equal on the host.
 __device__ __forceinline__ unsigned int fkey(float f) {
-    unsigned int u = __float_as_uint(f);
+    unsigned int u = (f == 0.f) ? 0u : __float_as_uint(f);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
