@@ -370,8 +370,10 @@ impl CudaBackend {
             f()?; // warm-up
             let mut best = f64::MAX;
             for _ in 0..5 {
-                let a = self.ctx.new_event(None).map_err(be)?;
-                let b = self.ctx.new_event(None).map_err(be)?;
+                // Default flags: cudarc's `None` means CU_EVENT_DISABLE_TIMING.
+                let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+                let a = self.ctx.new_event(timed).map_err(be)?;
+                let b = self.ctx.new_event(timed).map_err(be)?;
                 a.record(&self.stream).map_err(be)?;
                 f()?;
                 b.record(&self.stream).map_err(be)?;

@@ -48,7 +48,11 @@ impl Row<'_> {
             }
         }
         let key = lo as u32;
-        let mut cum = if key == u32::MAX { 0.0 } else { self.mass_above(key) };
+        let mut cum = if key == u32::MAX {
+            0.0
+        } else {
+            self.mass_above(key)
+        };
         let mut last = None;
         for j in 0..self.l.len() {
             if fkey(self.l[j]) != key {
@@ -106,7 +110,9 @@ mod tests {
     fn the_kernels_algorithm_matches_the_host_sampler() {
         let mut s = 12345u64;
         let mut rnd = || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         };
         let vocab = 500;
