@@ -29,11 +29,42 @@ pub struct CudaMatrix {
     buf: CudaSlice<u8>,
 }
 
-/// The paged KV pool: K and V each `[layer, slot, kv_head, head_dim]` bf16, one allocation.
+/// The paged KV pool: K and V each `[layer, slot, kv_head, head_dim]`, one allocation each;
+/// bf16 (half the bytes attention must read) or f32 (`Numerics::Accurate`).
 pub struct CudaKv {
     pub shape: KvShape,
-    k: CudaSlice<u16>,
-    v: CudaSlice<u16>,
+    store: KvStore,
+}
+
+enum KvStore {
+    Bf16 {
+        k: CudaSlice<u16>,
+        v: CudaSlice<u16>,
+    },
+    F32 {
+        k: CudaSlice<f32>,
+        v: CudaSlice<f32>,
+    },
+}
+
+/// How much precision the GPU keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Numerics {
+    /// bf16 GEMM inputs and KV cache (f32 accumulation): the fast path.
+    Bf16,
+    /// GEMM inputs split into bf16 hi + lo (one GEMM of 2m rows: the weights are still read once)
+    /// and an f32 KV cache: f32-like results, twice the GEMM FLOPs and KV bytes.
+    Accurate,
+}
+
+impl Numerics {
+    /// Bytes per KV cache element.
+    pub fn kv_elem_bytes(self) -> usize {
+        match self {
+            Numerics::Bf16 => 2,
+            Numerics::Accurate => 4,
+        }
+    }
 }
 
 impl CudaKv {
@@ -49,9 +80,12 @@ struct Funcs {
     silu_mul: CudaFunction,
     add_in_place: CudaFunction,
     cast_bf16: CudaFunction,
+    cast_bf16_split: CudaFunction,
     select_rows: CudaFunction,
-    rope: CudaFunction,
-    attn_partial: CudaFunction,
+    rope_bf16: CudaFunction,
+    rope_f32: CudaFunction,
+    attn_partial_bf16: CudaFunction,
+    attn_partial_f32: CudaFunction,
     attn_combine: CudaFunction,
     sample: CudaFunction,
 }
@@ -90,6 +124,7 @@ pub struct CudaBackend {
     err: RefCell<Option<String>>,
     /// Fill every fresh output with NaN first (self-test: an unwritten element shows up).
     poison: bool,
+    numerics: Numerics,
     pub info: DeviceInfo,
     /// Where the kernels' PTX came from (cache file) and whether it was a cache hit.
     pub kernel_cache: (std::path::PathBuf, bool),
@@ -165,9 +200,12 @@ impl CudaBackend {
             silu_mul: load("silu_mul")?,
             add_in_place: load("add_in_place")?,
             cast_bf16: load("cast_bf16")?,
+            cast_bf16_split: load("cast_bf16_split")?,
             select_rows: load("select_rows")?,
-            rope: load("rope_store_kv")?,
-            attn_partial: load("attn_partial")?,
+            rope_bf16: load("rope_store_kv_bf16")?,
+            rope_f32: load("rope_store_kv_f32")?,
+            attn_partial_bf16: load("attn_partial_bf16")?,
+            attn_partial_f32: load("attn_partial_f32")?,
             attn_combine: load("attn_combine")?,
             sample: load("sample_rows")?,
         };
@@ -196,9 +234,19 @@ impl CudaBackend {
             inv_freq: RefCell::new(None),
             err: RefCell::new(None),
             poison: false,
+            numerics: Numerics::Bf16,
             info,
             kernel_cache: (path, hit),
         })
+    }
+
+    /// Choose the precision (before `alloc_kv`: the KV cache's dtype follows it).
+    pub fn set_numerics(&mut self, n: Numerics) {
+        self.numerics = n;
+    }
+
+    pub fn numerics(&self) -> Numerics {
+        self.numerics
     }
 
     /// Poison every fresh output with NaN (the self-test sets this).
@@ -343,14 +391,20 @@ impl CudaBackend {
         f(&c.as_ref().expect("set above").1)
     }
 
-    /// `x` cast to bf16 (the GEMM's A operand).
-    fn to_bf16(&self, x: &CudaAct) -> CudaSlice<u16> {
+    /// `x` cast to bf16 (the GEMM's operand): `[m, k]`, or `[2m, k]` (hi rows then lo rows)
+    /// when `split`.
+    fn to_bf16(&self, x: &CudaAct, split: bool) -> CudaSlice<u16> {
         let n = x.rows * x.cols;
-        let mut out = self.alloc::<u16>(n);
+        let mut out = self.alloc::<u16>(if split { 2 * n } else { n });
         let n64 = n as u64;
+        let f = if split {
+            &self.f.cast_bf16_split
+        } else {
+            &self.f.cast_bf16
+        };
         let r = unsafe {
             self.stream
-                .launch_builder(&self.f.cast_bf16)
+                .launch_builder(f)
                 .arg(&x.buf)
                 .arg(&mut out)
                 .arg(&n64)
@@ -455,9 +509,9 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_kv(&self, shape: KvShape) -> Result<CudaKv, BackendError> {
-        if shape.head_dim % 32 != 0 || shape.head_dim > 256 || shape.head_dim % 2 != 0 {
+        if shape.head_dim > 256 || shape.head_dim % 2 != 0 || shape.head_dim == 0 {
             return Err(BackendError::Unsupported(format!(
-                "the CUDA attention kernel needs head_dim a multiple of 32 and at most 256, got {}",
+                "the CUDA kernels need an even head_dim of at most 256, got {}",
                 shape.head_dim
             )));
         }
@@ -467,11 +521,22 @@ impl Backend for CudaBackend {
             * shape.n_kv_heads
             * shape.head_dim;
         let oom = |e: cudarc::driver::DriverError| {
-            BackendError::OutOfMemory(format!("KV cache of {} bytes: {e}", 4 * n))
+            BackendError::OutOfMemory(format!(
+                "KV cache of {} bytes: {e}",
+                2 * n * self.numerics.kv_elem_bytes()
+            ))
         };
-        let k = self.stream.alloc_zeros::<u16>(n).map_err(oom)?;
-        let v = self.stream.alloc_zeros::<u16>(n).map_err(oom)?;
-        Ok(CudaKv { shape, k, v })
+        let store = match self.numerics {
+            Numerics::Bf16 => KvStore::Bf16 {
+                k: self.stream.alloc_zeros::<u16>(n).map_err(oom)?,
+                v: self.stream.alloc_zeros::<u16>(n).map_err(oom)?,
+            },
+            Numerics::Accurate => KvStore::F32 {
+                k: self.stream.alloc_zeros::<f32>(n).map_err(oom)?,
+                v: self.stream.alloc_zeros::<f32>(n).map_err(oom)?,
+            },
+        };
+        Ok(CudaKv { shape, store })
     }
 
     fn embed(&self, table: &CudaMatrix, tokens: &[u32]) -> CudaAct {
@@ -539,21 +604,39 @@ impl Backend for CudaBackend {
     }
 
     fn matmul(&self, x: &CudaAct, w: &CudaMatrix) -> CudaAct {
-        let mut out = self.act(x.rows, w.rows);
+        let split = self.numerics == Numerics::Accurate;
+        let m = if split { 2 * x.rows } else { x.rows };
+        // Split: rows 0..m of the result come from hi, m..2m from lo; their sum is the product.
+        let mut out = self.act(m, w.rows);
+        out.rows = x.rows;
         if x.rows == 0 {
             return out;
         }
-        let xb = self.to_bf16(x);
+        let xb = self.to_bf16(x, split);
         let r = self.gemm.borrow_mut().bf16_f32(
             &self.stream,
             &xb,
             &w.buf,
             &mut out.buf,
-            x.rows,
+            m,
             w.rows,
             w.cols,
         );
         self.note(r, "matmul");
+        if split {
+            let n = x.rows * w.rows;
+            let n64 = n as u64;
+            let (mut hi, mut lo) = out.buf.split_at_mut(n);
+            let r = unsafe {
+                self.stream
+                    .launch_builder(&self.f.add_in_place)
+                    .arg(&mut hi)
+                    .arg(&mut lo)
+                    .arg(&n64)
+                    .launch(grid_for(n, self.info.sm_count))
+            };
+            self.note(r, "matmul split sum");
+        }
         out
     }
 
@@ -572,27 +655,37 @@ impl Backend for CudaBackend {
             return;
         }
         let per_layer = kv.per_layer();
+        let range = layer * per_layer..(layer + 1) * per_layer;
         let n_heads = (q.cols / s.head_dim) as i32;
         let (n_kv, hd) = (s.n_kv_heads as i32, s.head_dim as i32);
+        let launch_cfg = cfg((q.rows as u32, 1, 1), 256);
         self.with_meta(batch, s.block_size, |m| {
             self.inv_freq_dev(inv_freq, |inv| {
-                let mut kc = kv.k.slice_mut(layer * per_layer..(layer + 1) * per_layer);
-                let mut vc = kv.v.slice_mut(layer * per_layer..(layer + 1) * per_layer);
-                let r = unsafe {
-                    self.stream
-                        .launch_builder(&self.f.rope)
-                        .arg(&mut q.buf)
-                        .arg(&mut k.buf)
-                        .arg(&v.buf)
-                        .arg(inv)
-                        .arg(&m.positions)
-                        .arg(&m.slots)
-                        .arg(&mut kc)
-                        .arg(&mut vc)
-                        .arg(&n_heads)
-                        .arg(&n_kv)
-                        .arg(&hd)
-                        .launch(cfg((q.rows as u32, 1, 1), 256))
+                macro_rules! launch {
+                    ($f:expr, $kc:expr, $vc:expr) => {{
+                        let mut kc = $kc.slice_mut(range.clone());
+                        let mut vc = $vc.slice_mut(range.clone());
+                        unsafe {
+                            self.stream
+                                .launch_builder($f)
+                                .arg(&mut q.buf)
+                                .arg(&mut k.buf)
+                                .arg(&v.buf)
+                                .arg(inv)
+                                .arg(&m.positions)
+                                .arg(&m.slots)
+                                .arg(&mut kc)
+                                .arg(&mut vc)
+                                .arg(&n_heads)
+                                .arg(&n_kv)
+                                .arg(&hd)
+                                .launch(launch_cfg)
+                        }
+                    }};
+                }
+                let r = match &mut kv.store {
+                    KvStore::Bf16 { k: kc, v: vc } => launch!(&self.f.rope_bf16, kc, vc),
+                    KvStore::F32 { k: kc, v: vc } => launch!(&self.f.rope_f32, kc, vc),
                 };
                 self.note(r, "rope_store_kv");
             })
@@ -622,8 +715,7 @@ impl Backend for CudaBackend {
             let splits = want.min(m.max_ctx.div_ceil(64)).clamp(1, 32);
             let mut acc = self.alloc::<f32>(blocks * splits * hd);
             let mut ml = self.alloc::<f32>(blocks * splits * 2);
-            let kc = kv.k.slice(layer * per_layer..(layer + 1) * per_layer);
-            let vc = kv.v.slice(layer * per_layer..(layer + 1) * per_layer);
+            let range = layer * per_layer..(layer + 1) * per_layer;
             let (nh, nkv, hdi, bs) = (
                 n_heads as i32,
                 s.n_kv_heads as i32,
@@ -631,23 +723,34 @@ impl Backend for CudaBackend {
                 s.block_size as i32,
             );
             let scale = 1.0 / (hd as f32).sqrt();
-            let r = unsafe {
-                self.stream
-                    .launch_builder(&self.f.attn_partial)
-                    .arg(&q.buf)
-                    .arg(&kc)
-                    .arg(&vc)
-                    .arg(&m.row_ctx)
-                    .arg(&m.row_table)
-                    .arg(&m.tables)
-                    .arg(&mut acc)
-                    .arg(&mut ml)
-                    .arg(&nh)
-                    .arg(&nkv)
-                    .arg(&hdi)
-                    .arg(&bs)
-                    .arg(&scale)
-                    .launch(cfg((q.rows as u32, n_heads as u32, splits as u32), 128))
+            let launch_cfg = cfg((q.rows as u32, n_heads as u32, splits as u32), 128);
+            macro_rules! launch {
+                ($f:expr, $kc:expr, $vc:expr) => {{
+                    let kc = $kc.slice(range.clone());
+                    let vc = $vc.slice(range.clone());
+                    unsafe {
+                        self.stream
+                            .launch_builder($f)
+                            .arg(&kc)
+                            .arg(&vc)
+                            .arg(&q.buf)
+                            .arg(&m.row_ctx)
+                            .arg(&m.row_table)
+                            .arg(&m.tables)
+                            .arg(&mut acc)
+                            .arg(&mut ml)
+                            .arg(&nh)
+                            .arg(&nkv)
+                            .arg(&hdi)
+                            .arg(&bs)
+                            .arg(&scale)
+                            .launch(launch_cfg)
+                    }
+                }};
+            }
+            let r = match &kv.store {
+                KvStore::Bf16 { k: kc, v: vc } => launch!(&self.f.attn_partial_bf16, kc, vc),
+                KvStore::F32 { k: kc, v: vc } => launch!(&self.f.attn_partial_f32, kc, vc),
             };
             self.note(r, "attn_partial");
             let sp = splits as i32;

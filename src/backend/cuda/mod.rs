@@ -19,7 +19,7 @@ mod sample_model;
 pub mod selftest;
 
 pub use backend::{
-    device_count, driver_present, CudaAct, CudaBackend, CudaKv, CudaMatrix, DeviceInfo,
+    device_count, driver_present, CudaAct, CudaBackend, CudaKv, CudaMatrix, DeviceInfo, Numerics,
     MAX_TOP_LOGPROBS,
 };
 pub use report::report;

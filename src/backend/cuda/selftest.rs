@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use super::CudaBackend;
+use super::{CudaBackend, Numerics};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AttnBatch, Backend, KvShape, RowSampling, SeqSpan};
 use crate::checkpoint::{Bytes, DType, Tensor};
@@ -195,7 +195,8 @@ pub fn run_kernels(gpu: &CudaBackend) -> Vec<Check> {
         }
     }
 
-    out.extend(attention_checks(gpu, &cpu, &mut rng));
+    out.extend(attention_checks(gpu, &cpu, &mut rng, 128));
+    out.extend(attention_checks(gpu, &cpu, &mut rng, 16));
     out.extend(sampling_checks(gpu, &mut rng));
     if let Err(e) = gpu.check() {
         out.push(Check {
@@ -210,16 +211,52 @@ pub fn run_kernels(gpu: &CudaBackend) -> Vec<Check> {
     out
 }
 
+/// `Numerics::Accurate`: the split GEMM and the f32 KV cache, f32-like tolerances.
+pub fn run_accurate_kernels(gpu: &CudaBackend) -> Vec<Check> {
+    let cpu = CpuBackend::default();
+    let mut rng = Rng(0xacc0_2a7e);
+    let mut out = Vec::new();
+    for m in [1usize, 33] {
+        let (n, k) = (512, 1024);
+        let w = bf16_tensor(n, k, &mut rng);
+        let xv = rng.vec(m * k);
+        if let (Ok(wc), Ok(wg)) = (cpu.load_matrix(&w), gpu.load_matrix(&w)) {
+            let xc = crate::backend::cpu::CpuAct {
+                rows: m,
+                cols: k,
+                data: xv.clone(),
+            };
+            let xg = gpu.act_from_host(m, k, &xv);
+            // hi + lo keeps ~16 mantissa bits of x: ~1e-5.
+            out.push(compare(
+                &format!("matmul split bf16x2 [accurate] m={m}"),
+                &gpu.to_host(&gpu.matmul(&xg, &wg)),
+                &cpu.to_host(&cpu.matmul(&xc, &wc)),
+                1e-4,
+            ));
+        }
+    }
+    for c in attention_checks(gpu, &cpu, &mut rng, 128) {
+        let mut c = c;
+        c.name = format!("{} [accurate]", c.name);
+        // f32 KV: only reassociation differs.
+        c.tol = 1e-5;
+        c.pass = c.rel_err.is_finite() && c.rel_err <= c.tol;
+        out.push(c);
+    }
+    out
+}
+
 /// RoPE + paged K/V write, then attention: a prefill step of two sequences, then a step that
 /// mixes decode rows with a new prefill (split-K engages on the long context).
-fn attention_checks(gpu: &CudaBackend, cpu: &CpuBackend, rng: &mut Rng) -> Vec<Check> {
+fn attention_checks(gpu: &CudaBackend, cpu: &CpuBackend, rng: &mut Rng, hd: usize) -> Vec<Check> {
     let mut out = Vec::new();
     let shape = KvShape {
         n_layers: 2,
         num_blocks: 64,
         block_size: 16,
         n_kv_heads: 2,
-        head_dim: 128,
+        head_dim: hd,
     };
     let n_heads = 8;
     let (Ok(mut kc), Ok(mut kg)) = (cpu.alloc_kv(shape), gpu.alloc_kv(shape)) else {
@@ -257,35 +294,35 @@ fn attention_checks(gpu: &CudaBackend, cpu: &CpuBackend, rng: &mut Rng) -> Vec<C
         }
         let batch = AttnBatch::new(seqs);
         let rows = batch.n_tokens();
-        let qv = rng.vec(rows * n_heads * 128);
-        let kv_ = rng.vec(rows * 2 * 128);
-        let vv = rng.vec(rows * 2 * 128);
+        let qv = rng.vec(rows * n_heads * hd);
+        let kv_ = rng.vec(rows * 2 * hd);
+        let vv = rng.vec(rows * 2 * hd);
         let act = |d: &Vec<f32>, c| crate::backend::cpu::CpuAct {
             rows,
             cols: c,
             data: d.clone(),
         };
-        let (mut qc, mut kcc, vc) = (act(&qv, n_heads * 128), act(&kv_, 256), act(&vv, 256));
-        let mut qg = gpu.act_from_host(rows, n_heads * 128, &qv);
-        let mut kgg = gpu.act_from_host(rows, 256, &kv_);
-        let vg = gpu.act_from_host(rows, 256, &vv);
+        let (mut qc, mut kcc, vc) = (act(&qv, n_heads * hd), act(&kv_, 2 * hd), act(&vv, 2 * hd));
+        let mut qg = gpu.act_from_host(rows, n_heads * hd, &qv);
+        let mut kgg = gpu.act_from_host(rows, 2 * hd, &kv_);
+        let vg = gpu.act_from_host(rows, 2 * hd, &vv);
         cpu.rope_store_kv(&mut qc, &mut kcc, &vc, &inv_freq, &mut kc, layer, &batch);
         gpu.rope_store_kv(&mut qg, &mut kgg, &vg, &inv_freq, &mut kg, layer, &batch);
         out.push(compare(
-            &format!("rope q (step {si})"),
+            &format!("rope q (head_dim {hd}, step {si})"),
             &gpu.to_host(&qg),
             &qc.data,
             1e-5,
         ));
         out.push(compare(
-            &format!("rope k (step {si})"),
+            &format!("rope k (head_dim {hd}, step {si})"),
             &gpu.to_host(&kgg),
             &kcc.data,
             1e-5,
         ));
         // K/V are stored in bf16 on the GPU: attention inherits ~2^-9 relative rounding.
         out.push(compare(
-            &format!("attention paged GQA (step {si}, {rows} rows)"),
+            &format!("attention paged GQA (head_dim {hd}, step {si}, {rows} rows)"),
             &gpu.to_host(&gpu.attention(&qg, &kg, layer, n_heads, &batch)),
             &cpu.to_host(&cpu.attention(&qc, &kc, layer, n_heads, &batch)),
             1e-2,
@@ -375,11 +412,25 @@ fn sampling_checks(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Check> {
 
 /// A small Llama (head_dim 64: the kernels need a multiple of 32) end-to-end on both backends:
 /// log-probs of the last row of every step within 2e-2, greedy tokens equal.
-pub fn run_model(gpu: CudaBackend) -> Vec<Check> {
+pub fn run_model(mut gpu: CudaBackend, numerics: Numerics) -> Vec<Check> {
+    gpu.set_numerics(numerics);
+    let (label, tol) = label_tol("tiny model", numerics);
+    compare_models(gpu, &label, tol)
+}
+
+fn label_tol(what: &str, n: Numerics) -> (String, Tolerance) {
+    match n {
+        Numerics::Bf16 => (format!("{what} [bf16]"), TOL_BF16),
+        Numerics::Accurate => (format!("{what} [accurate]"), TOL_ACCURATE),
+    }
+}
+
+/// The end-to-end comparison against the CPU backend, for any backend (tests run it on a CPU
+/// backend that rounds like the GPU does, to check the tolerance is honest).
+pub fn compare_models<B: Backend>(gpu: B, label: &str, tol: Tolerance) -> Vec<Check> {
     use crate::checkpoint::SyntheticSource;
-    use crate::model::llama::{tensor_specs, Llama};
-    use crate::model::shard::ShardPlan;
-    use crate::model::{LlamaConfig, ModelRunner, StepInput};
+    use crate::model::llama::tensor_specs;
+    use crate::model::LlamaConfig;
     let mut cfg = match LlamaConfig::preset("tiny") {
         Ok(c) => c,
         Err(e) => return vec![fail("model config", e.to_string())],
@@ -390,19 +441,96 @@ pub fn run_model(gpu: CudaBackend) -> Vec<Check> {
     cfg.head_dim = 64;
     cfg.ffn_dim = 512;
     let src = SyntheticSource::new(7, tensor_specs(&cfg));
-    let mut cpu_m = match Llama::load(CpuBackend::default(), &src, &cfg, ShardPlan::SOLO, 16, 16) {
+    compare_models_on(gpu, &cfg, &src, label, tol)
+}
+
+/// The committed reference fixtures (tests/fixtures/models/*/hf), when run from the repository
+/// root (scripts/gpu-check does): the acceptance check, CUDA vs CPU.
+pub fn run_fixtures(numerics: Numerics) -> Vec<Check> {
+    let mut out = Vec::new();
+    let root = std::path::Path::new("tests/fixtures/models");
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return out;
+    };
+    let mut dirs: Vec<_> = rd
+        .flatten()
+        .map(|e| e.path().join("hf"))
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        let label = dir.display().to_string();
+        let src = match crate::model::loader::open_model(&label) {
+            Ok(s) => s,
+            Err(e) => {
+                out.push(fail(&label, e.to_string()));
+                continue;
+            }
+        };
+        let (label, tol) = label_tol(&label, numerics);
+        match CudaBackend::new(0) {
+            Ok(mut g) => {
+                g.set_numerics(numerics);
+                out.extend(compare_models_on(
+                    g,
+                    &src.cfg,
+                    src.tensors.as_ref(),
+                    &label,
+                    tol,
+                ))
+            }
+            Err(e) => out.push(fail(&label, e.to_string())),
+        }
+    }
+    out
+}
+
+/// End-to-end log-prob tolerances (max |Δ log-prob| vs the f32 CPU backend).
+#[derive(Clone, Copy, Debug)]
+pub struct Tolerance {
+    /// The CPU's 20 most likely tokens (what users see).
+    pub top: f64,
+    /// Every token of the vocabulary (unlikely tokens carry the largest roundings).
+    pub all: f64,
+}
+
+/// `Numerics::Accurate`: f32-like, the 2e-2 with a wide margin.
+pub const TOL_ACCURATE: Tolerance = Tolerance {
+    top: 2e-2,
+    all: 2e-2,
+};
+/// `Numerics::Bf16`: a CPU backend rounding exactly like the GPU (bf16 GEMM inputs, bf16 KV)
+/// measures up to 0.205 (top-20) and 0.251 (whole vocabulary) on the committed fixtures, whose
+/// tiny random models have sharp distributions (0.014 / 0.037 on the self-test's tiny model);
+/// 1.5x that margin. The 2e-2 is met only by `Numerics::Accurate`.
+pub const TOL_BF16: Tolerance = Tolerance { top: 0.3, all: 0.4 };
+
+/// Prefill 40 tokens then 5 greedy decode steps on both backends; compare log-probs and tokens.
+pub fn compare_models_on<B: Backend>(
+    gpu: B,
+    cfg: &crate::model::LlamaConfig,
+    src: &dyn crate::checkpoint::TensorSource,
+    label: &str,
+    tol: Tolerance,
+) -> Vec<Check> {
+    use crate::model::llama::Llama;
+    use crate::model::shard::ShardPlan;
+    use crate::model::{ModelRunner, StepInput};
+    let mut cpu_m = match Llama::load(CpuBackend::default(), src, cfg, ShardPlan::SOLO, 16, 16) {
         Ok(m) => m,
         Err(e) => return vec![fail("load (cpu)", e.to_string())],
     };
-    let mut gpu_m = match Llama::load(gpu, &src, &cfg, ShardPlan::SOLO, 16, 16) {
+    let mut gpu_m = match Llama::load(gpu, src, cfg, ShardPlan::SOLO, 16, 16) {
         Ok(m) => m,
         Err(e) => return vec![fail("load (cuda)", e.to_string())],
     };
-    let prompt: Vec<u32> = (0..40).map(|i| 1000 + (i * 7919) % 50000).collect();
+    let vocab = cfg.vocab_size as u32;
+    let prompt: Vec<u32> = (0..40u32).map(|i| (1000 + i * 7919) % vocab).collect();
     let mut tokens = prompt.clone();
     let mut out = Vec::new();
     let mut greedy_equal = true;
     let mut worst = 0f64;
+    let mut worst_all = 0f64;
     let mut computed = 0;
     for step in 0..6 {
         let n = tokens.len() - computed;
@@ -429,7 +557,11 @@ pub fn run_model(gpu: CudaBackend) -> Vec<Check> {
         let norm = |l: &[f32]| crate::engine::sampler::log_normalizer(l);
         let (nc, ng) = (norm(&lc), norm(&lg));
         for (a, b) in lc.iter().zip(&lg) {
-            worst = worst.max(((*a as f64 - nc) - (*b as f64 - ng)).abs());
+            worst_all = worst_all.max(((*a as f64 - nc) - (*b as f64 - ng)).abs());
+        }
+        // What users see: the log-probs of the CPU's 20 most likely tokens.
+        for (t, lp) in crate::engine::sampler::top_logprobs(&lc, nc, 20) {
+            worst = worst.max((lp as f64 - (lg[t as usize] as f64 - ng)).abs());
         }
         let (tc, tg) = (
             crate::engine::sampler::argmax(&lc),
@@ -440,15 +572,23 @@ pub fn run_model(gpu: CudaBackend) -> Vec<Check> {
         tokens.push(tc);
     }
     out.push(Check {
-        name: "tiny model log-probs vs CPU (prefill 40 + 5 decode)".into(),
+        name: format!("{label}: top-20 log-probs vs CPU (prefill 40 + 5 decode)"),
         rel_err: worst,
         max_abs: worst,
-        tol: 2e-2,
-        pass: worst.is_finite() && worst <= 2e-2,
+        tol: tol.top,
+        pass: worst.is_finite() && worst <= tol.top,
         note: String::new(),
     });
     out.push(Check {
-        name: "tiny model greedy tokens vs CPU".into(),
+        name: format!("{label}: log-probs, whole vocabulary"),
+        rel_err: worst_all,
+        max_abs: worst_all,
+        tol: tol.all,
+        pass: worst_all.is_finite() && worst_all <= tol.all,
+        note: String::new(),
+    });
+    out.push(Check {
+        name: format!("{label}: greedy tokens vs CPU"),
         rel_err: if greedy_equal { 0.0 } else { 1.0 },
         max_abs: 0.0,
         tol: 0.0,
@@ -474,8 +614,14 @@ pub fn selftest() -> Result<(String, bool), String> {
     let mut gpu = CudaBackend::new(0).map_err(|e| e.to_string())?;
     gpu.set_poison(true);
     let mut checks = run_kernels(&gpu);
-    let model_gpu = CudaBackend::new(0).map_err(|e| e.to_string())?;
-    checks.extend(run_model(model_gpu));
+    // The accurate mode's GEMM and attention against the CPU: f32-like tolerances.
+    gpu.set_numerics(Numerics::Accurate);
+    checks.extend(run_accurate_kernels(&gpu));
+    for n in [Numerics::Bf16, Numerics::Accurate] {
+        let model_gpu = CudaBackend::new(0).map_err(|e| e.to_string())?;
+        checks.extend(run_model(model_gpu, n));
+        checks.extend(run_fixtures(n));
+    }
     Ok(format_checks(&checks))
 }
 
@@ -492,7 +638,7 @@ pub fn format_checks(checks: &[Check]) -> (String, bool) {
         all &= c.pass;
         let _ = writeln!(
             s,
-            "{:<58} {:>10.2e} {:>10.2e} {:>9.0e}  {}{}",
+            "{:<58} {:>10.2e} {:>10.2e} {:>9.1e}  {}{}",
             c.name,
             c.rel_err,
             c.max_abs,
@@ -506,4 +652,121 @@ pub fn format_checks(checks: &[Check]) -> (String, bool) {
         );
     }
     (s, all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::{CpuAct, CpuKv, CpuMatrix};
+
+    fn round_bf16(v: &mut [f32]) {
+        for x in v {
+            *x = half::bf16::from_f32(*x).to_f32();
+        }
+    }
+
+    /// The CPU backend with the GPU's roundings: GEMM inputs and the KV cache in bf16.
+    struct Bf16Cpu(CpuBackend);
+
+    impl Backend for Bf16Cpu {
+        type Act = CpuAct;
+        type Matrix = CpuMatrix;
+        type Vector = Vec<f32>;
+        type Kv = CpuKv;
+        fn name(&self) -> String {
+            "cpu rounding like the GPU".into()
+        }
+        fn load_matrix(&self, t: &Tensor) -> Result<CpuMatrix, crate::backend::BackendError> {
+            self.0.load_matrix(t)
+        }
+        fn load_vector(&self, t: &Tensor) -> Result<Vec<f32>, crate::backend::BackendError> {
+            self.0.load_vector(t)
+        }
+        fn alloc_kv(&self, s: KvShape) -> Result<CpuKv, crate::backend::BackendError> {
+            self.0.alloc_kv(s)
+        }
+        fn embed(&self, t: &CpuMatrix, tokens: &[u32]) -> CpuAct {
+            self.0.embed(t, tokens)
+        }
+        fn rmsnorm(&self, x: &CpuAct, w: &Vec<f32>, eps: f32) -> CpuAct {
+            self.0.rmsnorm(x, w, eps)
+        }
+        fn matmul(&self, x: &CpuAct, w: &CpuMatrix) -> CpuAct {
+            let mut xb = x.clone();
+            round_bf16(&mut xb.data);
+            self.0.matmul(&xb, w)
+        }
+        fn rope_store_kv(
+            &self,
+            q: &mut CpuAct,
+            k: &mut CpuAct,
+            v: &CpuAct,
+            inv_freq: &[f32],
+            kv: &mut CpuKv,
+            layer: usize,
+            batch: &AttnBatch,
+        ) {
+            self.0.rope_store_kv(q, k, v, inv_freq, kv, layer, batch);
+            round_bf16(&mut kv.k[layer]);
+            round_bf16(&mut kv.v[layer]);
+        }
+        fn attention(&self, q: &CpuAct, kv: &CpuKv, l: usize, h: usize, b: &AttnBatch) -> CpuAct {
+            self.0.attention(q, kv, l, h, b)
+        }
+        fn silu_mul(&self, g: &CpuAct, u: &CpuAct) -> CpuAct {
+            self.0.silu_mul(g, u)
+        }
+        fn add_in_place(&self, x: &mut CpuAct, y: &CpuAct) {
+            self.0.add_in_place(x, y)
+        }
+        fn select_rows(&self, x: &CpuAct, rows: &[usize]) -> CpuAct {
+            self.0.select_rows(x, rows)
+        }
+        fn all_reduce_sum(&self, x: &mut CpuAct) -> Result<(), crate::backend::BackendError> {
+            self.0.all_reduce_sum(x)
+        }
+        fn all_gather_cols(&self, x: CpuAct) -> Result<CpuAct, crate::backend::BackendError> {
+            self.0.all_gather_cols(x)
+        }
+        fn to_host(&self, x: &CpuAct) -> Vec<f32> {
+            self.0.to_host(x)
+        }
+    }
+
+    #[test]
+    fn the_end_to_end_tolerance_holds_for_gpu_roundings() {
+        let checks = compare_models(Bf16Cpu(CpuBackend::default()), "tiny", TOL_BF16);
+        let (table, ok) = format_checks(&checks);
+        println!("{table}");
+        assert!(ok, "{table}");
+        // Margin: the GPU adds only f32 reassociation on top of these roundings.
+        assert!(checks[0].rel_err < TOL_BF16.top / 1.5, "{table}");
+    }
+
+    #[test]
+    fn the_fixture_tolerance_holds_for_gpu_roundings() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+        for m in ["llama30", "llama31", "llama32tied"] {
+            let dir = root.join(m).join("hf");
+            let src =
+                crate::model::loader::open_model(&dir.display().to_string()).expect("fixture");
+            let checks = compare_models_on(
+                Bf16Cpu(CpuBackend::default()),
+                &src.cfg,
+                src.tensors.as_ref(),
+                m,
+                TOL_BF16,
+            );
+            let (table, ok) = format_checks(&checks);
+            println!("{table}");
+            assert!(ok, "{table}");
+        }
+    }
+
+    #[test]
+    fn the_checks_catch_unwritten_outputs() {
+        let c = compare("x", &[1.0, f32::NAN], &[1.0, 2.0], 1.0);
+        assert!(!c.pass);
+        assert!(compare("y", &[1.0, 2.0], &[1.0, 2.0], 0.0).pass);
+    }
 }

@@ -7,15 +7,18 @@
 // read the same K/V, which L2 serves after the first.
 //
 // Layout: 4 warps per block; warp w takes positions w, w+4, ...; within a warp each lane holds
-// head_dim/32 consecutive elements (4 for head_dim 128: one 8-byte load of K and of V per lane).
+// ceil(head_dim/32) consecutive elements (4 for head_dim 128: one 8-byte load of K and of V per
+// lane; small test models with head_dim 16 leave half the lanes idle).
 
 #define ATT_WARPS 4
 #define MAX_PER_LANE 8  // head_dim <= 256
+#define LANE_OK(e) ((e) < per && lane * per + (e) < head_dim)
 
-extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attn_partial(const float* __restrict__ q,            // [rows, n_heads * head_dim]
-             const bf16_t* __restrict__ kcache,       // this layer: [slots, n_kv_heads, head_dim]
-             const bf16_t* __restrict__ vcache,
+template <typename KV>
+__device__ __forceinline__ void attn_partial_impl(
+             const float* __restrict__ q,            // [rows, n_heads * head_dim]
+             const KV* __restrict__ kcache,           // this layer: [slots, n_kv_heads, head_dim]
+             const KV* __restrict__ vcache,
              const unsigned int* __restrict__ row_ctx,  // positions each row sees (pos + 1)
              const unsigned int* __restrict__ row_table, // offset of the row's block table in tables
              const unsigned int* __restrict__ tables,
@@ -24,7 +27,7 @@ attn_partial(const float* __restrict__ q,            // [rows, n_heads * head_di
              int n_heads, int n_kv_heads, int head_dim, int block_size, float scale) {
     int row = blockIdx.x, h = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    int per = head_dim / 32;
+    int per = (head_dim + 31) / 32;
     int kvh = h / (n_heads / n_kv_heads);
     int n_ctx = row_ctx[row];
     int chunk = (n_ctx + splits - 1) / splits;
@@ -35,7 +38,7 @@ attn_partial(const float* __restrict__ q,            // [rows, n_heads * head_di
     const float* qr = q + ((u64)row * n_heads + h) * head_dim + lane * per;
 #pragma unroll
     for (int e = 0; e < MAX_PER_LANE; e++) {
-        qv[e] = (e < per) ? qr[e] * scale : 0.f;
+        qv[e] = LANE_OK(e) ? qr[e] * scale : 0.f;
         acc[e] = 0.f;
     }
     float m = -INFINITY, l = 0.f;
@@ -45,14 +48,14 @@ attn_partial(const float* __restrict__ q,            // [rows, n_heads * head_di
         float d = 0.f;
 #pragma unroll
         for (int e = 0; e < MAX_PER_LANE; e++)
-            if (e < per) d += qv[e] * bf16_to_f32(kcache[at + e]);
+            if (LANE_OK(e)) d += qv[e] * kv_load(kcache, at + e);
         d = warp_sum(d);
         float m2 = fmaxf(m, d);
         float corr = expf(m - m2), pw = expf(d - m2);
         l = l * corr + pw;
 #pragma unroll
         for (int e = 0; e < MAX_PER_LANE; e++)
-            if (e < per) acc[e] = acc[e] * corr + pw * bf16_to_f32(vcache[at + e]);
+            if (LANE_OK(e)) acc[e] = acc[e] * corr + pw * kv_load(vcache, at + e);
         m = m2;
     }
     // Merge the 4 warps' states through shared memory.
@@ -61,7 +64,7 @@ attn_partial(const float* __restrict__ q,            // [rows, n_heads * head_di
     if (lane == 0) { s_m[w] = m; s_l[w] = l; }
 #pragma unroll
     for (int e = 0; e < MAX_PER_LANE; e++)
-        if (e < per) s_acc[w][lane * per + e] = acc[e];
+        if (LANE_OK(e)) s_acc[w][lane * per + e] = acc[e];
     __syncthreads();
     u64 part = ((u64)row * n_heads + h) * splits + split;
     float gm = -INFINITY;
@@ -79,6 +82,17 @@ attn_partial(const float* __restrict__ q,            // [rows, n_heads * head_di
         part_ml[part * 2] = gm;
         part_ml[part * 2 + 1] = gl;
     }
+}
+
+#define ATTN_ARGS const float *q, const unsigned int *row_ctx, const unsigned int *row_table, \
+    const unsigned int *tables, float *part_acc, float *part_ml, int nh, int nkv, int hd, int bs, float scale
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attn_partial_bf16(const bf16_t* kc, const bf16_t* vc, ATTN_ARGS) {
+    attn_partial_impl<bf16_t>(q, kc, vc, row_ctx, row_table, tables, part_acc, part_ml, nh, nkv, hd, bs, scale);
+}
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attn_partial_f32(const float* kc, const float* vc, ATTN_ARGS) {
+    attn_partial_impl<float>(q, kc, vc, row_ctx, row_table, tables, part_acc, part_ml, nh, nkv, hd, bs, scale);
 }
 
 // out[row, h, :] = sum_s acc_s * e^(m_s - M) / sum_s l_s * e^(m_s - M). One block per (row, head).

@@ -63,3 +63,9 @@ __device__ double block_sum_d(double v) {
     __syncthreads();
     return s[0];
 }
+
+// The KV cache is bf16 (default) or f32 (--gpu-numerics accurate): one kernel body, two types.
+__device__ __forceinline__ float kv_load(const bf16_t* p, u64 i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ float kv_load(const float* p, u64 i) { return p[i]; }
+__device__ __forceinline__ void kv_store(bf16_t* p, u64 i, float v) { p[i] = f32_to_bf16(v); }
+__device__ __forceinline__ void kv_store(float* p, u64 i, float v) { p[i] = v; }

@@ -62,3 +62,15 @@ extern "C" __global__ void select_rows(const float* __restrict__ x, const unsign
     float* dst = out + (u64)blockIdx.x * cols;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) dst[i] = src[i];
 }
+
+// x = hi + lo with hi = bf16(x), lo = bf16(x - hi): [hi rows; lo rows] as one [2m, k] GEMM input,
+// so one GEMM reads the weights once and x carries ~16 mantissa bits (--gpu-numerics accurate).
+// The two halves of the f32 result are summed by add_in_place.
+extern "C" __global__ void cast_bf16_split(const float* __restrict__ x, bf16_t* __restrict__ out, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float v = x[i];
+        bf16_t hi = f32_to_bf16(v);
+        out[i] = hi;
+        out[n + i] = f32_to_bf16(v - bf16_to_f32(hi));
+    }
+}

@@ -4,13 +4,14 @@
 // write q, k back rotated, write k, v to the cache in bf16.
 // Cache layout per layer: [slot, kv_head, head_dim], slot = block * block_size + offset: the same
 // as the CPU backend, so a token's K for all heads is one contiguous run.
-extern "C" __global__ void rope_store_kv(float* __restrict__ q, float* __restrict__ k,
-                                         const float* __restrict__ v,
-                                         const float* __restrict__ inv_freq,
-                                         const unsigned int* __restrict__ positions,
-                                         const long long* __restrict__ slots,
-                                         bf16_t* __restrict__ kcache, bf16_t* __restrict__ vcache,
-                                         int n_heads, int n_kv_heads, int head_dim) {
+template <typename KV>
+__device__ void rope_store_kv_impl(float* __restrict__ q, float* __restrict__ k,
+                                   const float* __restrict__ v,
+                                   const float* __restrict__ inv_freq,
+                                   const unsigned int* __restrict__ positions,
+                                   const long long* __restrict__ slots,
+                                   KV* __restrict__ kcache, KV* __restrict__ vcache,
+                                   int n_heads, int n_kv_heads, int head_dim) {
     int row = blockIdx.x;
     float pos = (float)positions[row];
     int half = head_dim / 2;
@@ -35,11 +36,20 @@ extern "C" __global__ void rope_store_kv(float* __restrict__ q, float* __restric
             pk[0] = k0;
             pk[1] = k1;
             u64 at = base + h * head_dim + 2 * i;
-            kcache[at] = f32_to_bf16(k0);
-            kcache[at + 1] = f32_to_bf16(k1);
+            kv_store(kcache, at, k0);
+            kv_store(kcache, at + 1, k1);
             const float* pv = vr + h * head_dim + 2 * i;
-            vcache[at] = f32_to_bf16(pv[0]);
-            vcache[at + 1] = f32_to_bf16(pv[1]);
+            kv_store(vcache, at, pv[0]);
+            kv_store(vcache, at + 1, pv[1]);
         }
     }
+}
+
+#define ROPE_ARGS float *q, float *k, const float *v, const float *inv_freq, \
+    const unsigned int *positions, const long long *slots
+extern "C" __global__ void rope_store_kv_bf16(ROPE_ARGS, bf16_t* kc, bf16_t* vc, int nh, int nkv, int hd) {
+    rope_store_kv_impl<bf16_t>(q, k, v, inv_freq, positions, slots, kc, vc, nh, nkv, hd);
+}
+extern "C" __global__ void rope_store_kv_f32(ROPE_ARGS, float* kc, float* vc, int nh, int nkv, int hd) {
+    rope_store_kv_impl<float>(q, k, v, inv_freq, positions, slots, kc, vc, nh, nkv, hd);
 }
