@@ -127,7 +127,11 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     let emb = (cfg.vocab_size * cfg.dim) as f64;
     let matmul_params = cfg.n_params() as f64 - if cfg.tie_embeddings { 0.0 } else { emb };
     // K and V of one token across layers: f32 on the CPU, bf16 on the GPU.
-    let kv_elem = if gpu { 2 } else { 4 };
+    let kv_elem = if gpu && margs.gpu_numerics != "accurate" {
+        2
+    } else {
+        4
+    };
     let kv_token_bytes = (2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * kv_elem) as f64;
     let mut rows = Vec::new();
     for &b in &args.batch_sizes {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::{self, plan, CudaBackend};
+use crate::backend::cuda::{self, plan, CudaBackend, Numerics};
 use crate::backend::Backend;
 use crate::backend::KvShape;
 use crate::engine::{Engine, EngineConfig};
@@ -30,6 +30,10 @@ pub struct ModelArgs {
     /// Fraction of the GPU's memory herd may use for weights, activations and the KV cache.
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
+    /// GPU precision: bf16 (bf16 GEMM inputs and KV cache, fastest) or accurate (GEMM inputs
+    /// split into two bf16 halves and an f32 KV cache: f32-like log-probs, 2x GEMM FLOPs and KV bytes).
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "accurate"])]
+    pub gpu_numerics: String,
     /// Most sequences generated at once (continuous batching).
     #[arg(long, default_value_t = 64)]
     pub max_batch_size: usize,
@@ -201,7 +205,14 @@ fn load_cuda(
     cfg: &LlamaConfig,
     shard: ShardPlan,
 ) -> Result<Box<dyn ModelRunner>> {
-    let backend = CudaBackend::new(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
+    let mut backend = CudaBackend::new(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
+    let numerics = if args.gpu_numerics == "accurate" {
+        Numerics::Accurate
+    } else {
+        Numerics::Bf16
+    };
+    backend.set_numerics(numerics);
+    let kv_elem = numerics.kv_elem_bytes();
     let info = backend.info.clone();
     let shape = KvShape {
         n_layers: cfg.n_layers,
@@ -224,7 +235,7 @@ fn load_cuda(
     let useful = args.max_batch_size * cfg.max_seq_len.div_ceil(args.block_size) + 1;
     let kv_cap = args
         .kv_cache_gb
-        .map(|gb| ((gb * 1e9) as usize / shape.block_bytes(2)).max(1))
+        .map(|gb| ((gb * 1e9) as usize / shape.block_bytes(kv_elem)).max(1))
         .unwrap_or(usize::MAX);
     let p = plan::plan_memory(&plan::MemoryPlanInput {
         total_bytes: info.total_bytes,
@@ -232,13 +243,14 @@ fn load_cuda(
         utilization: args.gpu_memory_utilization,
         weight_bytes: cfg.n_params() as u64 * 2,
         activation_bytes: activations,
-        kv_block_bytes: shape.block_bytes(2) as u64,
+        kv_block_bytes: shape.block_bytes(kv_elem) as u64,
         useful_blocks: useful.min(kv_cap) as u64,
     })
     .map_err(|e| anyhow::anyhow!("{} on {} ({}): {e}", args.model, info.name, backend.name()))?;
     tracing::info!(
         model = %src.label,
         gpu = %backend.name(),
+        numerics = ?numerics,
         kernels = %backend.kernel_cache.0.display(),
         kernel_cache_hit = backend.kernel_cache.1,
         params_b = cfg.n_params() as f64 / 1e9,
