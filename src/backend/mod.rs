@@ -5,6 +5,7 @@
 //! once against the [`Backend`] trait.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::checkpoint::Tensor;
 
@@ -77,6 +78,32 @@ impl AttnBatch {
     }
 }
 
+/// Sampling parameters of one logits row, for backends that sample where the logits are
+/// (see [`Backend::sample`]). Same meaning as the engine's `SamplingParams`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowSampling {
+    /// 0 = greedy.
+    pub temperature: f32,
+    pub top_p: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    /// The request's seed and how many tokens it has generated: the random number is
+    /// `engine::sampler::uniform(seed, n)` on every device.
+    pub seed: u64,
+    pub n: u64,
+    /// How many most-likely alternatives to report with their log-probs.
+    pub top_logprobs: usize,
+}
+
+/// A sampled token with its log-prob under the raw (temperature 1) distribution.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+    /// The `top_logprobs` most likely tokens, most likely first (ties: lower id first).
+    pub top: Vec<(u32, f32)>,
+}
+
 /// Kernels the Llama forward pass needs. Activations are row-major `[rows, cols]` matrices.
 pub trait Backend: Send {
     type Act: Send;
@@ -127,4 +154,32 @@ pub trait Backend: Send {
     fn all_gather_cols(&self, x: Self::Act) -> Result<Self::Act, BackendError>;
     /// Copy to host memory as f32, row-major.
     fn to_host(&self, x: &Self::Act) -> Vec<f32>;
+
+    // Additive methods with default implementations (the CPU backend keeps the defaults).
+
+    /// `x += y`, then `rmsnorm(x)`: one fused kernel on the GPU.
+    fn add_rmsnorm(
+        &self,
+        x: &mut Self::Act,
+        y: &Self::Act,
+        w: &Self::Vector,
+        eps: f32,
+    ) -> Self::Act {
+        self.add_in_place(x, y);
+        self.rmsnorm(x, w, eps)
+    }
+    /// Sample every row of `logits` where it lives; `None` means "not supported here: copy the
+    /// logits to the host and sample there" (the CPU backend, whose host sampler is the reference).
+    fn sample(
+        &self,
+        _logits: &Self::Act,
+        _rows: &[RowSampling],
+    ) -> Option<Result<Vec<Sampled>, BackendError>> {
+        None
+    }
+    /// Report a failure of asynchronous device work since the last check (kernel launches
+    /// cannot return errors through the infallible methods above).
+    fn check(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
 }

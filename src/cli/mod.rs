@@ -33,7 +33,7 @@ pub enum Command {
     Chat(modes::chat::ChatArgs),
     /// Measure decode throughput against the memory-bandwidth limit; write CSV.
     Bench(modes::bench::BenchArgs),
-    /// Report what this rank sees: topology (world, replicas, local rank), host, MPI.
+    /// Report what this rank sees: topology, host, MPI, GPUs and CUDA libraries (--selftest: kernels vs the CPU reference).
     Doctor(modes::doctor::DoctorArgs),
     /// Reshard a checkpoint for a tensor-parallel degree: one safetensors file per rank, or Meta consolidated.NN.pth files.
     Convert(modes::convert::ConvertArgs),

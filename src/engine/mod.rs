@@ -19,7 +19,7 @@ use kv_blocks::BlockPool;
 pub use request::{Event, FinishReason, RequestOutput, SamplingParams, TokenLogprob};
 use sequence::{find_stop, safe_prefix, Sequence};
 
-use crate::model::{ModelError, ModelRunner, SeqSpan, StepInput};
+use crate::model::{ModelError, ModelRunner, RowSampling, Sampled, SeqSpan, StepInput, StepOutput};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Batching limits.
@@ -322,7 +322,35 @@ impl Engine {
             });
         }
         let t0 = Instant::now();
-        let logits = self.model.forward(&input)?;
+        // Steps that only sample go through forward_sample: a GPU backend samples where the
+        // logits are; the CPU backend hands the logits back and the host sampler runs as before.
+        let only_samples = uses.iter().all(|u| matches!(u, RowUse::Sample { .. }));
+        let mut sampled = None;
+        let logits = if only_samples {
+            let rows: Vec<RowSampling> = uses
+                .iter()
+                .filter_map(|u| match u {
+                    RowUse::Sample { seq } => self.seqs.get(seq).map(|s| RowSampling {
+                        temperature: s.params.temperature,
+                        top_p: s.params.top_p,
+                        top_k: s.params.top_k,
+                        seed: s.seed,
+                        n: s.generated.len() as u64,
+                        top_logprobs: s.params.logprobs.unwrap_or(0),
+                    }),
+                    RowUse::PromptLogprob { .. } => None,
+                })
+                .collect();
+            match self.model.forward_sample(&input, &rows)? {
+                StepOutput::Logits(l) => l,
+                StepOutput::Sampled(s) => {
+                    sampled = Some(s);
+                    Vec::new()
+                }
+            }
+        } else {
+            self.model.forward(&input)?
+        };
         self.stats.forward_seconds += t0.elapsed().as_secs_f64();
         self.stats.steps += 1;
         let vocab = self.model.config().vocab_size;
@@ -335,6 +363,16 @@ impl Engine {
             }
         }
         let mut events = Vec::new();
+        if let Some(sampled) = sampled {
+            for (u, smp) in uses.into_iter().zip(sampled) {
+                if let RowUse::Sample { seq } = u {
+                    if let Some(ev) = self.accept_sampled(seq, smp) {
+                        events.extend(ev);
+                    }
+                }
+            }
+            return Ok(events);
+        }
         for (r, u) in uses.into_iter().enumerate() {
             let row = &logits[r * vocab..(r + 1) * vocab];
             match u {
@@ -360,8 +398,29 @@ impl Engine {
     fn accept_token(&mut self, id: u64, row: &[f32]) -> Option<Vec<Event>> {
         let seq = self.seqs.get_mut(&id)?;
         let tok = sampler::sample(row, &seq.params, seq.seed, seq.generated.len() as u64);
-        if let Some(n) = seq.params.logprobs {
-            seq.logprobs.push(sampler::token_logprob(row, tok, n));
+        let lp = seq
+            .params
+            .logprobs
+            .map(|n| sampler::token_logprob(row, tok, n));
+        self.accept(id, tok, lp)
+    }
+
+    /// A token sampled on the device: same bookkeeping as a host-sampled one.
+    fn accept_sampled(&mut self, id: u64, s: Sampled) -> Option<Vec<Event>> {
+        let wants = self.seqs.get(&id)?.params.logprobs.is_some();
+        let lp = wants.then_some(TokenLogprob {
+            token_id: s.token,
+            logprob: s.logprob,
+            top: s.top,
+        });
+        self.accept(id, s.token, lp)
+    }
+
+    /// Append a chosen token and apply the stop rules.
+    fn accept(&mut self, id: u64, tok: u32, lp: Option<TokenLogprob>) -> Option<Vec<Event>> {
+        let seq = self.seqs.get_mut(&id)?;
+        if let Some(lp) = lp {
+            seq.logprobs.push(lp);
         }
         seq.generated.push(tok);
         self.stats.generated_tokens += 1;

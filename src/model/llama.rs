@@ -4,8 +4,8 @@ use std::time::Instant;
 
 use super::config::LlamaConfig;
 use super::shard::ShardPlan;
-use super::{ModelError, ModelRunner, StepInput};
-use crate::backend::{AttnBatch, Backend, KvShape};
+use super::{ModelError, ModelRunner, StepInput, StepOutput};
+use crate::backend::{AttnBatch, Backend, KvShape, RowSampling};
 use crate::checkpoint::{Slice, TensorSource};
 
 struct Layer<B: Backend> {
@@ -165,6 +165,34 @@ impl<B: Backend> ModelRunner for Llama<B> {
     }
 
     fn forward(&mut self, step: &StepInput) -> Result<Vec<f32>, ModelError> {
+        let logits = self.logits(step)?;
+        let host = self.backend.to_host(&logits);
+        self.backend
+            .check()
+            .map_err(|e| ModelError::Backend(e.to_string()))?;
+        Ok(host)
+    }
+
+    fn forward_sample(
+        &mut self,
+        step: &StepInput,
+        rows: &[RowSampling],
+    ) -> Result<StepOutput, ModelError> {
+        let logits = self.logits(step)?;
+        let out = match self.backend.sample(&logits, rows) {
+            Some(r) => StepOutput::Sampled(r.map_err(|e| ModelError::Backend(e.to_string()))?),
+            None => StepOutput::Logits(self.backend.to_host(&logits)),
+        };
+        self.backend
+            .check()
+            .map_err(|e| ModelError::Backend(e.to_string()))?;
+        Ok(out)
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// The forward pass up to the logits `[logit_rows, vocab]`, left where the backend keeps them.
+    fn logits(&mut self, step: &StepInput) -> Result<B::Act, ModelError> {
         let b = &self.backend;
         let cfg = &self.cfg;
         if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
@@ -182,8 +210,14 @@ impl<B: Backend> ModelRunner for Llama<B> {
         let n_heads = self.shard.local_heads(cfg);
         let comm_err = |e: crate::backend::BackendError| ModelError::Backend(e.to_string());
         let mut x = b.embed(&self.tok_embeddings, &step.tokens);
+        // The residual add of each block is fused with the norm that follows it
+        // (x += down; h = norm(x)): `pending` is the branch output not yet added to x.
+        let mut pending: Option<B::Act> = None;
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = b.rmsnorm(&x, &layer.attention_norm, cfg.norm_eps);
+            let h = match pending.take() {
+                Some(d) => b.add_rmsnorm(&mut x, &d, &layer.attention_norm, cfg.norm_eps),
+                None => b.rmsnorm(&x, &layer.attention_norm, cfg.norm_eps),
+            };
             let mut q = b.matmul(&h, &layer.wq);
             let mut k = b.matmul(&h, &layer.wk);
             let v = b.matmul(&h, &layer.wv);
@@ -191,20 +225,20 @@ impl<B: Backend> ModelRunner for Llama<B> {
             let attn = b.attention(&q, &self.kv, l, n_heads, &batch);
             let mut o = b.matmul(&attn, &layer.wo);
             b.all_reduce_sum(&mut o).map_err(comm_err)?;
-            b.add_in_place(&mut x, &o);
-            let h = b.rmsnorm(&x, &layer.ffn_norm, cfg.norm_eps);
+            let h = b.add_rmsnorm(&mut x, &o, &layer.ffn_norm, cfg.norm_eps);
             let gate = b.matmul(&h, &layer.w1);
             let up = b.matmul(&h, &layer.w3);
             let mut down = b.matmul(&b.silu_mul(&gate, &up), &layer.w2);
             b.all_reduce_sum(&mut down).map_err(comm_err)?;
-            b.add_in_place(&mut x, &down);
+            pending = Some(down);
+        }
+        if let Some(d) = pending {
+            b.add_in_place(&mut x, &d);
         }
         // Only the rows that need logits go through the vocab projection.
         let x = b.select_rows(&x, &step.logit_rows);
         let x = b.rmsnorm(&x, &self.norm, cfg.norm_eps);
-        let logits = b
-            .all_gather_cols(b.matmul(&x, &self.output))
-            .map_err(comm_err)?;
-        Ok(b.to_host(&logits))
+        b.all_gather_cols(b.matmul(&x, &self.output))
+            .map_err(comm_err)
     }
 }

@@ -9,6 +9,7 @@ pub mod tp;
 
 use crate::backend::KvShape;
 pub use crate::backend::SeqSpan;
+pub use crate::backend::{RowSampling, Sampled};
 use crate::checkpoint::CheckpointError;
 pub use config::LlamaConfig;
 
@@ -50,4 +51,24 @@ pub trait ModelRunner: Send {
     fn backend_name(&self) -> String;
     /// Logits `[logit_rows.len(), vocab_size]`, row-major f32.
     fn forward(&mut self, step: &StepInput) -> Result<Vec<f32>, ModelError>;
+    /// One step whose logit rows are all sampled with `rows` (one per logit row): backends that
+    /// can sample where the logits live return the tokens (logits never cross to the host);
+    /// others return the logits for the host sampler. Additive: the default is `forward`.
+    fn forward_sample(
+        &mut self,
+        step: &StepInput,
+        rows: &[RowSampling],
+    ) -> Result<StepOutput, ModelError> {
+        let _ = rows;
+        Ok(StepOutput::Logits(self.forward(step)?))
+    }
+}
+
+/// What [`ModelRunner::forward_sample`] gives back.
+#[derive(Clone, Debug)]
+pub enum StepOutput {
+    /// `[rows, vocab]` f32 logits, to be sampled on the host.
+    Logits(Vec<f32>),
+    /// One sampled token (with log-probs) per row, sampled on the device.
+    Sampled(Vec<Sampled>),
 }

@@ -118,14 +118,14 @@ pub fn decode(bytes: &[u8]) -> Result<StepMsg, ModelError> {
 }
 
 /// The replica leader's model: broadcasts each step plan, then runs its own shard's forward.
-pub struct TpLeader<R: ModelRunner> {
-    inner: R,
+pub struct TpLeader {
+    inner: Box<dyn ModelRunner>,
     comm: Arc<dyn HostComm>,
     buf: Vec<u8>,
 }
 
-impl<R: ModelRunner> TpLeader<R> {
-    pub fn new(inner: R, comm: Arc<dyn HostComm>) -> Self {
+impl TpLeader {
+    pub fn new(inner: Box<dyn ModelRunner>, comm: Arc<dyn HostComm>) -> Self {
         TpLeader {
             inner,
             comm,
@@ -134,7 +134,7 @@ impl<R: ModelRunner> TpLeader<R> {
     }
 }
 
-impl<R: ModelRunner> ModelRunner for TpLeader<R> {
+impl ModelRunner for TpLeader {
     fn config(&self) -> &super::LlamaConfig {
         self.inner.config()
     }
@@ -154,7 +154,7 @@ impl<R: ModelRunner> ModelRunner for TpLeader<R> {
     }
 }
 
-impl<R: ModelRunner> Drop for TpLeader<R> {
+impl Drop for TpLeader {
     fn drop(&mut self) {
         encode(&StepMsg::Shutdown, &mut self.buf);
         // Nothing to do about a failure here: the job is ending either way.

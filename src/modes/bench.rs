@@ -9,15 +9,19 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 
 use super::setup::{build_engine, ModelArgs};
+use crate::backend::cuda;
 use crate::engine::{Event, SamplingParams};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Batch sizes to measure.
-    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    /// Batch sizes to measure (default: 1,16 on the cpu; 1,8,32,128,256 on a GPU).
+    #[arg(long, value_delimiter = ',')]
     pub batch_sizes: Vec<usize>,
+    /// Prompt lengths whose prefill is timed alone (default: none on the cpu; 512,2048 on a GPU).
+    #[arg(long, value_delimiter = ',')]
+    pub prefill_lens: Vec<usize>,
     /// Prompt length of every request (tokens).
     #[arg(long, default_value_t = 64)]
     pub prompt_len: usize,
@@ -78,24 +82,57 @@ fn cpu_name() -> String {
         .unwrap_or_else(|| "unknown cpu".into())
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+pub fn run(mut args: BenchArgs) -> Result<()> {
+    let on_gpu = match args.model.device.as_str() {
+        "cpu" => false,
+        "cuda" => true,
+        _ => cuda::device_count().is_ok(),
+    };
+    if args.batch_sizes.is_empty() {
+        args.batch_sizes = if on_gpu {
+            vec![1, 8, 32, 128, 256]
+        } else {
+            vec![1, 16]
+        };
+    }
+    if args.prefill_lens.is_empty() && on_gpu {
+        args.prefill_lens = vec![512, 2048];
+    }
     let max_b = args.batch_sizes.iter().copied().max().unwrap_or(1);
     let mut margs = args.model.clone();
     margs.max_batch_size = margs.max_batch_size.max(max_b);
     let mut engine = build_engine(&margs)?;
     let cfg = engine.model().config().clone();
-    let bw = measure_read_bandwidth();
-    let machine = format!("{} x{} threads", cpu_name(), rayon::current_num_threads());
-    let peak = measure_matmul_peak();
-    eprintln!(
-        "host read bandwidth {bw:.1} GB/s, matmul kernel peak {peak:.1} GFLOP/s on {machine}"
-    );
+    let gpu = engine.model().backend_name().starts_with("cuda");
+    // The two limits, measured in this run on this device: memory bandwidth and the matrix rate.
+    let (bw, peak, machine) = if gpu {
+        let b = cuda::CudaBackend::new(0).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (bw, tflops) = b.measure_limits().map_err(|e| anyhow::anyhow!("{e}"))?;
+        eprintln!(
+            "device-to-device copy {bw:.0} GB/s (read + write), bf16 GEMM 8192^3 {tflops:.0} TFLOP/s on {}",
+            b.info.name
+        );
+        (bw, tflops * 1e3, format!("{} x1", b.info.name))
+    } else {
+        let bw = measure_read_bandwidth();
+        let machine = format!("{} x{} threads", cpu_name(), rayon::current_num_threads());
+        let peak = measure_matmul_peak();
+        eprintln!(
+            "host read bandwidth {bw:.1} GB/s, matmul kernel peak {peak:.1} GFLOP/s on {machine}"
+        );
+        (bw, peak, machine)
+    };
     let weight_bytes = cfg.n_params() as f64 * 2.0;
     // Multiply-adds per token: every weight except the embedding lookup (tied: used once, as output).
     let emb = (cfg.vocab_size * cfg.dim) as f64;
     let matmul_params = cfg.n_params() as f64 - if cfg.tie_embeddings { 0.0 } else { emb };
-    // K and V of one token across layers, f32 on the CPU.
-    let kv_token_bytes = (2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4) as f64;
+    // K and V of one token across layers: f32 on the CPU, bf16 on the GPU.
+    let kv_elem = if gpu && margs.gpu_numerics != "accurate" {
+        2
+    } else {
+        4
+    };
+    let kv_token_bytes = (2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * kv_elem) as f64;
     let mut rows = Vec::new();
     for &b in &args.batch_sizes {
         for r in 0..b {
@@ -164,6 +201,60 @@ pub fn run(args: BenchArgs) -> Result<()> {
             gflops,
             peak,
             (b * args.prompt_len) as f64 / prefill_s,
+        ));
+    }
+    // Prefill alone: one request of `len` prompt tokens and one generated token; the engine
+    // chunks it as it always does (512 tokens per step). FLOPs: 2 per weight per token plus
+    // causal attention (QK and PV: 2 * len^2 * q_dim per layer).
+    for &len in &args.prefill_lens {
+        let prompt: Vec<u32> = (0..len)
+            .map(|i| 1000 + ((i * 104729) % 50000) as u32)
+            .collect();
+        engine.add_request(
+            prompt,
+            SamplingParams {
+                max_tokens: 1,
+                ignore_eos: true,
+                seed: Some(1),
+                ..Default::default()
+            },
+        )?;
+        let steps0 = engine.stats().steps;
+        let t = Instant::now();
+        engine.run_to_completion()?;
+        let secs = t.elapsed().as_secs_f64();
+        let steps = (engine.stats().steps - steps0).max(1);
+        let q_dim = (cfg.n_heads * cfg.head_dim) as f64;
+        let flops = 2.0 * matmul_params * len as f64
+            + 2.0 * (len * len) as f64 * q_dim * cfg.n_layers as f64;
+        let gflops = flops / secs / 1e9;
+        let tok_s = len as f64 / secs;
+        eprintln!(
+            "prefill {len:>5}: {:8.2} ms  {tok_s:9.1} tok/s  {:.1} TFLOP/s = {:.0}% of the measured GEMM peak  ({steps} steps)",
+            secs * 1e3,
+            gflops / 1e3,
+            100.0 * gflops / peak
+        );
+        let bytes = weight_bytes * steps as f64;
+        rows.push(format!(
+            "{},{},{},{},{},{},{},{:.3},{:.2},{:.0},{:.2},{:.2},{:.3},{:.1},{:.2},{:.2},{:.1}",
+            chrono_date(),
+            env!("HERD_GIT_COMMIT"),
+            machine.replace(',', " "),
+            format!("{} prefill", engine.model().backend_name()).replace(',', " "),
+            margs.model,
+            1,
+            len,
+            secs * 1e3 / steps as f64,
+            tok_s,
+            bytes / steps as f64,
+            bytes / secs / 1e9,
+            bw,
+            bytes / secs / 1e9 / bw,
+            0.0,
+            gflops,
+            peak,
+            tok_s,
         ));
     }
     if let Some(path) = &args.csv {

@@ -1,10 +1,11 @@
-//! `herd doctor`: what this job sees, section by section (topology now; GPU, CUDA, NCCL and the
-//! kernel self-test plug in as further sections). World rank 0 prints; every rank takes part.
+//! `herd doctor`: what this job sees, section by section (topology, GPU and CUDA libraries), and
+//! with --selftest the CUDA kernels against their CPU twins. World rank 0 prints; every rank takes part.
 
 use std::fmt::Write as _;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
+use crate::backend::cuda;
 use crate::parallel::{self, World};
 
 #[derive(clap::Args, Debug)]
@@ -12,6 +13,10 @@ pub struct DoctorArgs {
     /// Tensor-parallel degree to check the world against (as the other modes' --tp).
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
+    /// Also run every CUDA kernel against its CPU twin and a small model end-to-end
+    /// (needs a GPU; exits non-zero when a check fails).
+    #[arg(long)]
+    pub selftest: bool,
 }
 
 /// One titled block of the report; `lines` are "key: value" lines.
@@ -78,7 +83,13 @@ pub fn run(args: DoctorArgs) -> Result<()> {
     let world = parallel::cluster()
         .world(args.tp)
         .map_err(anyhow::Error::msg)?;
-    let sections = vec![topology_section(world.as_ref())?];
+    let sections = vec![
+        topology_section(world.as_ref())?,
+        Section {
+            title: "gpu",
+            lines: cuda::report().lines().map(str::to_string).collect(),
+        },
+    ];
     if world.topology().is_world_leader() {
         let mut out = String::new();
         for s in &sections {
@@ -88,6 +99,18 @@ pub fn run(args: DoctorArgs) -> Result<()> {
             }
         }
         print!("{out}");
+    }
+    if args.selftest {
+        if let Err(why) = cuda::device_count() {
+            bail!("--selftest needs a GPU: {why}");
+        }
+        println!("\nself-test (GPU vs CPU twin; rel err = ‖gpu − cpu‖ / ‖cpu‖):");
+        let (table, ok) = cuda::selftest().map_err(anyhow::Error::msg)?;
+        print!("{table}");
+        if !ok {
+            bail!("self-test FAILED (see the table above)");
+        }
+        println!("self-test passed");
     }
     Ok(())
 }

@@ -5,14 +5,16 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{self, plan, CudaBackend, Numerics};
+use crate::backend::Backend;
 use crate::backend::KvShape;
 use crate::engine::{Engine, EngineConfig};
 use crate::model::llama::Llama;
-use crate::model::loader::open_model;
+use crate::model::loader::{open_model, ModelSource};
 use crate::model::shard::ShardPlan;
 use crate::model::tp::{follow, TpLeader};
-use crate::model::ModelRunner;
-use crate::parallel::{self, SoloWorld, World};
+use crate::model::{LlamaConfig, ModelRunner};
+use crate::parallel::{self, HostComm, SoloWorld, World};
 use crate::tokenizer::{self, Tokenizer};
 
 /// Options every generating mode shares.
@@ -24,9 +26,16 @@ pub struct ModelArgs {
     /// Tokenizer file (tokenizer.model or tokenizer.json); default: the checkpoint's own, else the cached Llama 3 tokenizer.
     #[arg(long)]
     pub tokenizer: Option<std::path::PathBuf>,
-    /// Where to run: auto or cpu.
+    /// Where to run: auto (a GPU when one is present, else the cpu), cpu, or cuda.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Fraction of the GPU's memory herd may use for weights, activations and the KV cache.
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    /// GPU precision: bf16 (bf16 GEMM inputs and KV cache, fastest) or accurate (GEMM inputs
+    /// split into two bf16 halves and an f32 KV cache: f32-like log-probs, 2x GEMM FLOPs and KV bytes).
+    #[arg(long, default_value = "bf16", value_parser = ["bf16", "accurate"])]
+    pub gpu_numerics: String,
     /// Most sequences generated at once (continuous batching).
     #[arg(long, default_value_t = 64)]
     pub max_batch_size: usize,
@@ -80,6 +89,25 @@ pub fn build_engine(args: &ModelArgs) -> Result<Engine> {
     start(args, &world)?.context("a world of one rank is its own replica leader")
 }
 
+/// `--device`: true for the GPU. auto takes one when present and says why not otherwise.
+fn use_cuda(args: &ModelArgs) -> Result<bool> {
+    Ok(match args.device.as_str() {
+        "cpu" => false,
+        "cuda" => match cuda::device_count() {
+            Ok(_) => true,
+            Err(why) => bail!("--device cuda: {why} (use --device cpu or auto)"),
+        },
+        "auto" => match cuda::device_count() {
+            Ok(_) => true,
+            Err(why) => {
+                tracing::info!("{why}; running on the cpu");
+                false
+            }
+        },
+        other => bail!("unknown --device '{other}': use auto, cpu or cuda"),
+    })
+}
+
 /// Load this rank's shard of the model in `world` (collective: every rank calls it).
 ///
 /// Replica leaders get `Some(engine)`, whose model broadcasts each step plan to the replica's
@@ -94,9 +122,11 @@ pub fn start(args: &ModelArgs, world: &dyn World) -> Result<Option<Engine>> {
             args.tp
         );
     }
-    match args.device.as_str() {
-        "auto" | "cpu" => {}
-        other => bail!("unknown --device '{other}': this build runs on the cpu (auto, cpu)"),
+    let on_gpu = use_cuda(args)?;
+    if on_gpu && topo.tp > 1 {
+        // The CUDA backend's collectives (NCCL) are not built yet; MPI over host memory would
+        // defeat the GPU.
+        bail!("--tp {} on the GPU needs the NCCL communicator, which herd does not have yet; use --tp 1 per GPU (data-parallel replicas) or --device cpu", topo.tp);
     }
     if args.block_size == 0 || args.max_batch_size == 0 || args.max_batch_tokens == 0 {
         bail!("--block-size, --max-batch-size and --max-batch-tokens must be at least 1");
@@ -140,11 +170,72 @@ pub fn start(args: &ModelArgs, world: &dyn World) -> Result<Option<Engine>> {
         rank: topo.tp_rank,
         tp: topo.tp,
     };
+    parallel::test_fault("load").map_err(anyhow::Error::msg)?;
+    let comm = world.replica_comm();
+    tracing::info!(
+        world = topo.world_size,
+        tp = topo.tp,
+        replicas = topo.n_replicas,
+        "topology"
+    );
+    let (mut model, seconds) = if on_gpu {
+        load_cuda(args, &src, &cfg, shard)?
+    } else {
+        load_cpu(args, &src, &cfg, shard, comm.clone())?
+    };
+    report_load(world, seconds)?;
+    let Some(tok) = tok else {
+        follow(model.as_mut(), comm.as_ref(), |n| {
+            // Fail on the second step, mid-generation, when a test asks.
+            if n == 1 {
+                parallel::test_fault("step")
+            } else {
+                Ok(())
+            }
+        })?;
+        return Ok(None);
+    };
+    let engine_cfg = EngineConfig {
+        max_batch_size: args.max_batch_size,
+        max_batch_tokens: args.max_batch_tokens,
+        prefill_chunk: args.max_batch_tokens.min(512),
+    };
+    let runner: Box<dyn ModelRunner> = if topo.tp > 1 {
+        Box::new(TpLeader::new(model, comm))
+    } else {
+        model
+    };
+    Ok(Some(Engine::new(runner, tok, engine_cfg)))
+}
+
+/// Every rank's load time and peak host memory, logged by the world leader (one line per rank).
+fn report_load(world: &dyn World, seconds: f64) -> Result<()> {
+    let peak_gb = peak_rss().map_or(f32::NAN, |b| (b as f64 / 1e9) as f32);
+    let all = world.world_comm().all_gather(&[seconds as f32, peak_gb])?;
+    for (rank, r) in all.chunks(2).enumerate() {
+        tracing::info!(
+            rank,
+            seconds = format!("{:.2}", r[0]),
+            peak_host_gb = format!("{:.3}", r[1]),
+            "loaded"
+        );
+    }
+    Ok(())
+}
+
+/// The CPU backend with a KV pool of `--kv-cache-gb` (default 1 GB), checked against host memory.
+fn load_cpu(
+    args: &ModelArgs,
+    src: &ModelSource,
+    cfg: &LlamaConfig,
+    shard: ShardPlan,
+    comm: Arc<dyn HostComm>,
+) -> Result<(Box<dyn ModelRunner>, f64)> {
     let shape = KvShape {
         n_layers: cfg.n_layers,
         num_blocks: 1,
         block_size: args.block_size,
-        n_kv_heads: shard.local_kv_heads(&cfg),
+        n_kv_heads: shard.local_kv_heads(cfg),
         head_dim: cfg.head_dim,
     };
     let block_bytes = shape.block_bytes(4);
@@ -160,7 +251,7 @@ pub fn start(args: &ModelArgs, world: &dyn World) -> Result<Option<Engine>> {
         );
     }
     // Each rank holds 1/tp of the layers plus the whole embedding table.
-    let weights_bytes = (cfg.n_params() / args.tp + cfg.vocab_size * cfg.dim) as u64 * 2;
+    let weights_bytes = (cfg.n_params() / shard.tp + cfg.vocab_size * cfg.dim) as u64 * 2;
     if let Some(avail) = mem_available() {
         let need = weights_bytes + (num_blocks * block_bytes) as u64;
         let msg = format!(
@@ -186,57 +277,90 @@ pub fn start(args: &ModelArgs, world: &dyn World) -> Result<Option<Engine>> {
         params_b = cfg.n_params() as f64 / 1e9,
         kv_blocks = num_blocks,
         kv_tokens = num_blocks * args.block_size,
-        world = topo.world_size,
-        tp = topo.tp,
-        replicas = topo.n_replicas,
         "loading"
     );
-    parallel::test_fault("load").map_err(anyhow::Error::msg)?;
-    let comm = world.replica_comm();
-    let mut model = Llama::load(
-        CpuBackend::with_comm(comm.clone()),
+    let model = Llama::load(
+        CpuBackend::with_comm(comm),
         src.tensors.as_ref(),
-        &cfg,
+        cfg,
         shard,
         num_blocks,
         args.block_size,
     )?;
-    report_load(world, model.load_seconds())?;
-    let Some(tok) = tok else {
-        follow(&mut model, comm.as_ref(), |n| {
-            // Fail on the second step, mid-generation, when a test asks.
-            if n == 1 {
-                parallel::test_fault("step")
-            } else {
-                Ok(())
-            }
-        })?;
-        return Ok(None);
-    };
-    let engine_cfg = EngineConfig {
-        max_batch_size: args.max_batch_size,
-        max_batch_tokens: args.max_batch_tokens,
-        prefill_chunk: args.max_batch_tokens.min(512),
-    };
-    let runner: Box<dyn ModelRunner> = if topo.tp > 1 {
-        Box::new(TpLeader::new(model, comm))
-    } else {
-        Box::new(model)
-    };
-    Ok(Some(Engine::new(runner, tok, engine_cfg)))
+    let seconds = model.load_seconds();
+    Ok((Box::new(model), seconds))
 }
 
-/// Every rank's load time and peak host memory, logged by the world leader (one line per rank).
-fn report_load(world: &dyn World, seconds: f64) -> Result<()> {
-    let peak_gb = peak_rss().map_or(f32::NAN, |b| (b as f64 / 1e9) as f32);
-    let all = world.world_comm().all_gather(&[seconds as f32, peak_gb])?;
-    for (rank, r) in all.chunks(2).enumerate() {
-        tracing::info!(
-            rank,
-            seconds = format!("{:.2}", r[0]),
-            peak_host_gb = format!("{:.3}", r[1]),
-            "loaded"
-        );
-    }
-    Ok(())
+/// The CUDA backend on GPU 0, with the memory plan made before anything big is allocated.
+/// NOTE: never run on a GPU yet.
+fn load_cuda(
+    args: &ModelArgs,
+    src: &ModelSource,
+    cfg: &LlamaConfig,
+    shard: ShardPlan,
+) -> Result<(Box<dyn ModelRunner>, f64)> {
+    let mut backend = CudaBackend::new(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
+    let numerics = if args.gpu_numerics == "accurate" {
+        Numerics::Accurate
+    } else {
+        Numerics::Bf16
+    };
+    backend.set_numerics(numerics);
+    let kv_elem = numerics.kv_elem_bytes();
+    let info = backend.info.clone();
+    let shape = KvShape {
+        n_layers: cfg.n_layers,
+        num_blocks: 1,
+        block_size: args.block_size,
+        n_kv_heads: shard.local_kv_heads(cfg),
+        head_dim: cfg.head_dim,
+    };
+    let q_dim = (shard.local_heads(cfg) * cfg.head_dim) as u64;
+    let kv_dim = (shape.n_kv_heads * cfg.head_dim) as u64;
+    let activations = plan::activation_bytes(
+        args.max_batch_tokens as u64,
+        args.max_batch_size.max(1) as u64,
+        cfg.dim as u64,
+        cfg.ffn_dim as u64,
+        q_dim,
+        kv_dim,
+        cfg.vocab_size as u64,
+    );
+    let useful = args.max_batch_size * cfg.max_seq_len.div_ceil(args.block_size) + 1;
+    let kv_cap = args
+        .kv_cache_gb
+        .map(|gb| ((gb * 1e9) as usize / shape.block_bytes(kv_elem)).max(1))
+        .unwrap_or(usize::MAX);
+    let p = plan::plan_memory(&plan::MemoryPlanInput {
+        total_bytes: info.total_bytes,
+        free_bytes: info.free_bytes,
+        utilization: args.gpu_memory_utilization,
+        weight_bytes: cfg.n_params() as u64 * 2,
+        activation_bytes: activations,
+        kv_block_bytes: shape.block_bytes(kv_elem) as u64,
+        useful_blocks: useful.min(kv_cap) as u64,
+    })
+    .map_err(|e| anyhow::anyhow!("{} on {} ({}): {e}", args.model, info.name, backend.name()))?;
+    tracing::info!(
+        model = %src.label,
+        gpu = %backend.name(),
+        numerics = ?numerics,
+        kernels = %backend.kernel_cache.0.display(),
+        kernel_cache_hit = backend.kernel_cache.1,
+        params_b = cfg.n_params() as f64 / 1e9,
+        kv_blocks = p.kv_blocks,
+        kv_gb = format!("{:.2}", p.kv_bytes as f64 / 1e9),
+        budget_gb = format!("{:.2}", p.budget_bytes as f64 / 1e9),
+        "loading"
+    );
+    let model = Llama::load(
+        backend,
+        src.tensors.as_ref(),
+        cfg,
+        shard,
+        p.kv_blocks as usize,
+        args.block_size,
+    )?;
+    let seconds = model.load_seconds();
+    Ok((Box::new(model), seconds))
 }

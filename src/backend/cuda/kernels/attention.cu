@@ -1,0 +1,116 @@
+// Causal grouped-query attention over the paged bf16 KV cache, split over the context
+// (flash-decoding): grid = (query row, head, split); each block reduces its share of positions
+// with an online softmax and writes a partial (max, sum, acc[head_dim]); attn_combine merges them.
+// Decode and (for now) prefill use the same kernel: prefill is one block per (query row, head),
+// correct but it re-reads K/V once per query row: a tiled flash-style prefill kernel is future work.
+// Bytes per (row, head): n_ctx * head_dim * 2 (K) + the same for V, bf16; GQA heads of one group
+// read the same K/V, which L2 serves after the first.
+//
+// Layout: 4 warps per block; warp w takes positions w, w+4, ...; within a warp each lane holds
+// ceil(head_dim/32) consecutive elements (4 for head_dim 128: one 8-byte load of K and of V per
+// lane; small test models with head_dim 16 leave half the lanes idle).
+
+#define ATT_WARPS 4
+#define MAX_PER_LANE 8  // head_dim <= 256
+#define LANE_OK(e) ((e) < per && lane * per + (e) < head_dim)
+
+template <typename KV>
+__device__ __forceinline__ void attn_partial_impl(
+             const float* __restrict__ q,            // [rows, n_heads * head_dim]
+             const KV* __restrict__ kcache,           // this layer: [slots, n_kv_heads, head_dim]
+             const KV* __restrict__ vcache,
+             const unsigned int* __restrict__ row_ctx,  // positions each row sees (pos + 1)
+             const unsigned int* __restrict__ row_table, // offset of the row's block table in tables
+             const unsigned int* __restrict__ tables,
+             float* __restrict__ part_acc,            // [rows, n_heads, splits, head_dim]
+             float* __restrict__ part_ml,             // [rows, n_heads, splits, 2]
+             int n_heads, int n_kv_heads, int head_dim, int block_size, float scale) {
+    int row = blockIdx.x, h = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int per = (head_dim + 31) / 32;
+    int kvh = h / (n_heads / n_kv_heads);
+    int n_ctx = row_ctx[row];
+    int chunk = (n_ctx + splits - 1) / splits;
+    int p0 = split * chunk, p1 = min(n_ctx, p0 + chunk);
+    const unsigned int* table = tables + row_table[row];
+
+    float qv[MAX_PER_LANE], acc[MAX_PER_LANE];
+    const float* qr = q + ((u64)row * n_heads + h) * head_dim + lane * per;
+#pragma unroll
+    for (int e = 0; e < MAX_PER_LANE; e++) {
+        qv[e] = LANE_OK(e) ? qr[e] * scale : 0.f;
+        acc[e] = 0.f;
+    }
+    float m = -INFINITY, l = 0.f;
+    for (int p = p0 + w; p < p1; p += ATT_WARPS) {
+        u64 slot = (u64)table[p / block_size] * block_size + p % block_size;
+        u64 at = (slot * n_kv_heads + kvh) * head_dim + lane * per;
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < MAX_PER_LANE; e++)
+            if (LANE_OK(e)) d += qv[e] * kv_load(kcache, at + e);
+        d = warp_sum(d);
+        float m2 = fmaxf(m, d);
+        float corr = expf(m - m2), pw = expf(d - m2);
+        l = l * corr + pw;
+#pragma unroll
+        for (int e = 0; e < MAX_PER_LANE; e++)
+            if (LANE_OK(e)) acc[e] = acc[e] * corr + pw * kv_load(vcache, at + e);
+        m = m2;
+    }
+    // Merge the 4 warps' states through shared memory.
+    __shared__ float s_m[ATT_WARPS], s_l[ATT_WARPS];
+    __shared__ float s_acc[ATT_WARPS][32 * MAX_PER_LANE];
+    if (lane == 0) { s_m[w] = m; s_l[w] = l; }
+#pragma unroll
+    for (int e = 0; e < MAX_PER_LANE; e++)
+        if (LANE_OK(e)) s_acc[w][lane * per + e] = acc[e];
+    __syncthreads();
+    u64 part = ((u64)row * n_heads + h) * splits + split;
+    float gm = -INFINITY;
+    for (int i = 0; i < ATT_WARPS; i++) gm = fmaxf(gm, s_m[i]);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float a = 0.f;
+        for (int i = 0; i < ATT_WARPS; i++)
+            if (s_m[i] != -INFINITY) a += s_acc[i][d] * expf(s_m[i] - gm);
+        part_acc[part * head_dim + d] = a;
+    }
+    if (threadIdx.x == 0) {
+        float gl = 0.f;
+        for (int i = 0; i < ATT_WARPS; i++)
+            if (s_m[i] != -INFINITY) gl += s_l[i] * expf(s_m[i] - gm);
+        part_ml[part * 2] = gm;
+        part_ml[part * 2 + 1] = gl;
+    }
+}
+
+#define ATTN_ARGS const float *q, const unsigned int *row_ctx, const unsigned int *row_table, \
+    const unsigned int *tables, float *part_acc, float *part_ml, int nh, int nkv, int hd, int bs, float scale
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attn_partial_bf16(const bf16_t* kc, const bf16_t* vc, ATTN_ARGS) {
+    attn_partial_impl<bf16_t>(q, kc, vc, row_ctx, row_table, tables, part_acc, part_ml, nh, nkv, hd, bs, scale);
+}
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attn_partial_f32(const float* kc, const float* vc, ATTN_ARGS) {
+    attn_partial_impl<float>(q, kc, vc, row_ctx, row_table, tables, part_acc, part_ml, nh, nkv, hd, bs, scale);
+}
+
+// out[row, h, :] = sum_s acc_s * e^(m_s - M) / sum_s l_s * e^(m_s - M). One block per (row, head).
+// An empty split has m = -inf and contributes nothing; split 0 always holds position 0.
+extern "C" __global__ void attn_combine(const float* __restrict__ part_acc,
+                                        const float* __restrict__ part_ml,
+                                        float* __restrict__ out, int splits, int head_dim) {
+    u64 rh = blockIdx.x;
+    const float* ml = part_ml + rh * splits * 2;
+    float gm = -INFINITY;
+    for (int s = 0; s < splits; s++) gm = fmaxf(gm, ml[2 * s]);
+    float denom = 0.f;
+    for (int s = 0; s < splits; s++)
+        if (ml[2 * s] != -INFINITY) denom += ml[2 * s + 1] * expf(ml[2 * s] - gm);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < splits; s++)
+            if (ml[2 * s] != -INFINITY) a += part_acc[(rh * splits + s) * head_dim + d] * expf(ml[2 * s] - gm);
+        out[rh * head_dim + d] = a / denom;
+    }
+}

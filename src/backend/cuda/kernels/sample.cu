@@ -1,0 +1,196 @@
+// Sampling on the GPU, the twin of engine::sampler::{sample, token_logprob}: one block of 1024
+// threads per logits row; only tokens and log-probs go back to the host (a few bytes per row
+// instead of vocab * 4 = 512 KB).
+//
+// The CPU sorts candidates by (logit desc, id asc) and walks cumulative probabilities. Sorting
+// 128K logits per row is avoided here: every "walk to cumulative mass X" is a bisection over the
+// logit's order-preserving integer key (32 passes over the row, which stays in L1/L2), then a walk
+// in id order among the tokens tied at the found logit. Probabilities are f64 as on the CPU; only
+// the summation order differs, so a choice can differ from the CPU's only when the uniform number
+// lands within ~1e-15 (relative) of a boundary between two tokens.
+
+#define SAMPLE_THREADS 1024
+
+struct SampleRow {
+    float temperature;
+    float top_p;
+    unsigned int top_k;   // 0 = off
+    unsigned int n_top;   // top log-probs wanted (<= max_top)
+    u64 seed;
+    u64 n;                // tokens this request generated so far
+};
+
+__device__ __forceinline__ u64 mix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// Identical to engine::sampler::uniform.
+__device__ double uniform01(u64 seed, u64 n) {
+    u64 r = mix64(mix64(seed) ^ (n * 0x9e3779b97f4a7c15ull + 0x632be59bd9b4e019ull));
+    return (double)(r >> 11) / 9007199254740992.0;
+}
+
+// Order-preserving key of a float: a > b  <=>  key(a) > key(b). -0 and +0 get one key, as they
+// compare equal on the host.
+__device__ __forceinline__ unsigned int fkey(float f) {
+    unsigned int u = (f == 0.f) ? 0u : __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// (value, id) ranking: larger value first, then lower id. Returns the better of two.
+__device__ __forceinline__ void better(float& v, int& i, float v2, int i2) {
+    if (v2 > v || (v2 == v && i2 < i) || i < 0) { v = v2; i = i2; }
+}
+
+__device__ void block_best(float& v, int& i) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+        int i2 = __shfl_xor_sync(0xffffffffu, i, o);
+        if (i2 >= 0) better(v, i, v2, i2);
+    }
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) { sv[w] = v; si[w] = i; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int k = 1; k < (int)(blockDim.x >> 5); k++)
+            if (si[k] >= 0) better(sv[0], si[0], sv[k], si[k]);
+    }
+    __syncthreads();
+    v = sv[0];
+    i = si[0];
+}
+
+// Candidate mass sum_{key(l) > t} p(l) (strict) over the row, with p = exp((l - max) / T).
+__device__ double mass_above(const float* lr, int vocab, unsigned int t, float mx, double inv_t,
+                             unsigned int cut_key, int cut_id) {
+    double s = 0.0;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        unsigned int kj = fkey(lr[j]);
+        bool cand = kj > cut_key || (kj == cut_key && j <= cut_id);
+        if (cand && kj > t) s += exp(((double)lr[j] - (double)mx) * inv_t);
+    }
+    return block_sum_d(s);
+}
+
+// The token at which the cumulative mass (in rank order, among candidates) first reaches
+// `target`: returns (its key, its id) and the mass ranked before it in *before.
+// Candidates: rank <= (cut_key, cut_id), i.e. key > cut_key, or key == cut_key and id <= cut_id.
+__device__ void walk_to(const float* lr, int vocab, float mx, double inv_t, unsigned int cut_key,
+                        int cut_id, double target, unsigned int* out_key, int* out_id,
+                        double* before) {
+    // Largest key K with mass(key >= K) > target, by bisection over [cut_key, 0xffffffff].
+    unsigned long long lo = cut_key, hi = 0xffffffffull;  // answer key in [lo, hi]
+    while (lo < hi) {
+        unsigned long long mid = (lo + hi + 1) >> 1;
+        double m = mass_above(lr, vocab, (unsigned int)(mid - 1), mx, inv_t, cut_key, cut_id);
+        // mass(key >= mid) > target  => the answer's key is >= mid
+        if (m > target) lo = mid; else hi = mid - 1;
+    }
+    unsigned int key = (unsigned int)lo;
+    double above = (key == 0xffffffffu) ? 0.0 : mass_above(lr, vocab, key, mx, inv_t, cut_key, cut_id);
+    // Among tokens tied at `key` (candidates), walk in id order: serial on thread 0 (ties are rare).
+    __shared__ int s_id;
+    __shared__ double s_before;
+    if (threadIdx.x == 0) {
+        double cum = above;
+        int last = -1;
+        int found = -1;
+        double fb = above;
+        for (int j = 0; j < vocab; j++) {
+            if (fkey(lr[j]) != key) continue;
+            if (key == cut_key && j > cut_id) break;
+            double pj = exp(((double)lr[j] - (double)mx) * inv_t);
+            last = j;
+            if (target < cum + pj) { found = j; fb = cum; break; }
+            cum += pj;
+            fb = cum;
+        }
+        if (found < 0) found = last;  // rounding: target at the very end of the mass
+        s_id = found;
+        s_before = fb;
+    }
+    __syncthreads();
+    *out_key = key;
+    *out_id = s_id;
+    *before = s_before;
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+sample_rows(const float* __restrict__ logits, int vocab, const SampleRow* __restrict__ params,
+            int max_top, unsigned int* __restrict__ out_token, float* __restrict__ out_logprob,
+            unsigned int* __restrict__ out_top_id, float* __restrict__ out_top_lp) {
+    int row = blockIdx.x;
+    const float* lr = logits + (u64)row * vocab;
+    SampleRow p = params[row];
+    // Max and argmax (ties: lowest id), and the log-normalizer in f64 like the CPU.
+    float bv = -INFINITY;
+    int bi = -1;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) better(bv, bi, lr[j], j);
+    block_best(bv, bi);
+    float mx = bv;
+    double se = 0.0;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) se += exp((double)lr[j] - (double)mx);
+    double norm = (double)mx + log(block_sum_d(se));
+
+    int tok = bi;
+    if (!(p.temperature == 0.f || p.top_k == 1)) {
+        double inv_t = 1.0 / (double)p.temperature;
+        // Top-k: the k-th ranked token is the cut (everything ranked at or above it stays).
+        unsigned int cut_key = 0;
+        int cut_id = vocab - 1;
+        double total;
+        unsigned int k_key;
+        int k_id;
+        double before;
+        if (p.top_k > 0 && p.top_k < (unsigned int)vocab) {
+            // Walking with unit mass per token: reuse walk_to with inv_t = 0 (every p = 1).
+            walk_to(lr, vocab, mx, 0.0, 0, vocab - 1, (double)p.top_k - 0.5, &k_key, &k_id, &before);
+            cut_key = k_key;
+            cut_id = k_id;
+        }
+        total = mass_above(lr, vocab, 0, mx, inv_t, cut_key, cut_id);
+        if (p.top_p < 1.f) {
+            // Smallest prefix whose mass reaches top_p * total.
+            walk_to(lr, vocab, mx, inv_t, cut_key, cut_id, (double)p.top_p * total, &k_key, &k_id, &before);
+            // walk_to finds the token whose inclusion reaches the target: it is the last kept.
+            cut_key = k_key;
+            cut_id = k_id;
+            total = mass_above(lr, vocab, 0, mx, inv_t, cut_key, cut_id);
+        }
+        double target = uniform01(p.seed, p.n) * total;
+        unsigned int t_key;
+        int t_id;
+        walk_to(lr, vocab, mx, inv_t, cut_key, cut_id, target, &t_key, &t_id, &before);
+        tok = t_id;
+    }
+    if (threadIdx.x == 0) {
+        out_token[row] = (unsigned int)tok;
+        out_logprob[row] = (float)((double)lr[tok] - norm);
+    }
+    // Top log-probs: n_top passes of "best below the previous one" in rank order.
+    float pv = INFINITY;
+    int pi = -1;
+    for (int t = 0; t < max_top; t++) {
+        float v = -INFINITY;
+        int i = -1;
+        if (t < (int)p.n_top) {
+            for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+                float lj = lr[j];
+                bool below = pi < 0 || lj < pv || (lj == pv && j > pi);
+                if (below) better(v, i, lj, j);
+            }
+        }
+        block_best(v, i);
+        if (threadIdx.x == 0) {
+            out_top_id[(u64)row * max_top + t] = (unsigned int)(i < 0 ? 0 : i);
+            out_top_lp[(u64)row * max_top + t] = i < 0 ? -INFINITY : (float)((double)v - norm);
+        }
+        pv = v;
+        pi = i;
+    }
+}

@@ -1,0 +1,26 @@
+//! The CUDA backend: cudarc with the CUDA libraries loaded at run time, so the same binary builds
+//! and runs on a machine without CUDA and says "no GPU" there.
+//!
+//! - `kernels/`: CUDA C, embedded with `include_str!`, compiled by NVRTC for the card's arch at
+//!   first use and cached on disk (kernels.rs).
+//! - gemm.rs: cuBLASLt bf16 × bf16 → f32 products.
+//! - backend.rs: the [`crate::backend::Backend`] implementation.
+//! - plan.rs: the memory plan under `--gpu-memory-utilization`.
+//! - selftest.rs / report: `herd doctor` sections.
+//!
+//! STATUS: compiled and NVRTC-checked without a GPU; never run on a GPU yet (see README "GPU").
+
+mod backend;
+mod gemm;
+pub mod kernels;
+pub mod plan;
+pub mod report;
+mod sample_model;
+pub mod selftest;
+
+pub use backend::{
+    device_count, driver_present, CudaAct, CudaBackend, CudaKv, CudaMatrix, DeviceInfo, Numerics,
+    MAX_TOP_LOGPROBS,
+};
+pub use report::report;
+pub use selftest::selftest;
