@@ -72,16 +72,28 @@ pub fn run(cli: Cli) -> i32 {
             let c = crate::parallel::cluster();
             if c.world_size > 1 {
                 // One rank's fatal error ends the whole job (its peers may wait in a collective).
-                eprintln!(
+                say(&format!(
                     "herd: error: rank {} of {} ({}): {e:#}",
                     c.world_rank, c.world_size, c.hostname
-                );
+                ));
                 crate::parallel::abort(exit::FAILED);
             }
             eprintln!("herd: error: {e:#}");
             exit::FAILED
         }
     }
+}
+
+/// One line to stderr in a single write, then a moment for the launcher to forward it: mpirun
+/// relays each rank's stderr in chunks and prints its own abort notice as soon as it hears of
+/// MPI_Abort, which otherwise can land in the middle of (or before) the rank's message.
+fn say(line: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(format!("{line}\n").as_bytes());
+    let _ = err.flush();
+    drop(err);
+    std::thread::sleep(std::time::Duration::from_millis(200));
 }
 
 /// Under a launcher, a panic on any rank aborts the job instead of leaving peers in a collective.
@@ -93,7 +105,7 @@ pub fn abort_on_panic() {
     let (rank, host) = (c.world_rank, c.hostname.clone());
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        eprintln!("herd: error: rank {rank} ({host}) panicked");
+        say(&format!("herd: error: rank {rank} ({host}) panicked"));
         default(info);
         crate::parallel::abort(101);
     }));
