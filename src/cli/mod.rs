@@ -10,8 +10,37 @@ pub mod exit {
     pub const OK: i32 = 0;
     /// Failed: bad input, missing file, model error (the message says what to do).
     pub const FAILED: i32 = 1;
-    /// Wrong command line (clap's own code).
+    /// Wrong command line (clap's own code), or arguments that do not fit the job (e.g. a
+    /// resume with different settings).
     pub const USAGE: i32 = 2;
+    /// The model could not be loaded or failed while running.
+    pub const MODEL: i32 = 3;
+    /// Interrupted (SIGTERM/SIGINT): what was done is on disk; rerun the same command to resume.
+    pub const INTERRUPTED: i32 = 4;
+    /// Finished, but some records are error records (only with `--fail-on-error`).
+    pub const RECORD_ERRORS: i32 = 5;
+
+    /// An error that carries the exit code it should end the process with.
+    #[derive(Debug)]
+    pub struct Coded {
+        pub code: i32,
+        pub error: anyhow::Error,
+    }
+
+    impl Coded {
+        /// Wrap an error with an exit code (use with `map_err`).
+        pub fn with(code: i32) -> impl Fn(anyhow::Error) -> anyhow::Error {
+            move |error| anyhow::Error::new(Coded { code, error })
+        }
+    }
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{:#}", self.error)
+        }
+    }
+
+    impl std::error::Error for Coded {}
 }
 
 #[derive(Parser, Debug)]
@@ -33,6 +62,8 @@ pub enum Command {
     Chat(modes::chat::ChatArgs),
     /// Measure decode throughput against the memory-bandwidth limit; write CSV.
     Bench(modes::bench::BenchArgs),
+    /// Generate for every record of a prompt file (JSONL, OpenAI batch JSONL, CSV): resumable.
+    Batch(modes::batch::BatchArgs),
 }
 
 /// Logs go to stderr; RUST_LOG overrides the level (default info).
@@ -53,12 +84,14 @@ pub fn run(cli: Cli) -> i32 {
         Command::Generate(a) => modes::generate::run(a),
         Command::Chat(a) => modes::chat::run(a),
         Command::Bench(a) => modes::bench::run(a),
+        Command::Batch(a) => modes::batch::run(a),
     };
     match result {
         Ok(()) => exit::OK,
         Err(e) => {
             eprintln!("herd: error: {e:#}");
-            exit::FAILED
+            e.downcast_ref::<exit::Coded>()
+                .map_or(exit::FAILED, |c| c.code)
         }
     }
 }
