@@ -602,10 +602,11 @@ fn report(
     let gen: u64 = states.iter().map(|s| u(s, "generated_tokens")).sum();
     let wall = states.iter().map(|s| f(s, "wall_s")).fold(0.0, f64::max);
     eprintln!(
-        "batch {}: {records} records ({errors} errors) -> {}; this run: prompt {pin} tokens, generated {gen} tokens in {wall:.1} s ({:.1} generated tokens/s)",
+        "batch {}: {records} records ({errors} errors) -> {}; this run: prompt {pin} tokens, generated {gen} tokens in {wall:.1} s ({:.1} generated tokens/s), peak memory {} MB",
         if complete { "done" } else { "interrupted" },
         args.output.display(),
-        gen as f64 / wall.max(1e-9)
+        gen as f64 / wall.max(1e-9),
+        peak_rss_kb().map_or("?".into(), |kb| format!("{:.1}", kb as f64 / 1024.0)),
     );
     if states.len() > 1 {
         for (k, s) in states.iter().enumerate() {
@@ -689,6 +690,13 @@ fn report(
     }
     w.flush()?;
     Ok(())
+}
+
+/// This process's peak resident memory (Linux VmHWM), in KiB.
+fn peak_rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn machine_name() -> String {
