@@ -91,7 +91,7 @@ pub fn detect_format(path: &Path) -> std::io::Result<InputFormat> {
     if path
         .extension()
         .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("csv") || e.eq_ignore_ascii_case("tsv"))
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
     {
         return Ok(InputFormat::Csv);
     }
@@ -256,9 +256,8 @@ impl RecordReader {
 
 /// A record's id and content, before tokenization.
 pub struct Parsed {
+    /// The record's own id, or its line number (both take part in the duplicate check).
     pub id: Value,
-    /// Whether the id came from the record (only those take part in the duplicate check... and
-    /// line-number ids too, so a record cannot borrow another line's number).
     pub metadata: Option<Value>,
     pub content: Result<Content, String>,
 }

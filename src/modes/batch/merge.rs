@@ -44,7 +44,7 @@ struct Part {
 /// Sink of merged records.
 enum Sink {
     Jsonl(BufWriter<File>),
-    Csv(csv::Writer<BufWriter<File>>),
+    Csv(Box<csv::Writer<BufWriter<File>>>),
 }
 
 impl Sink {
@@ -104,7 +104,7 @@ pub fn merge(paths: &Paths, dp: usize, total: u64, format: OutputFormat) -> Resu
                 "error",
                 "metadata",
             ])?;
-            Sink::Csv(w)
+            Sink::Csv(Box::new(w))
         }
     };
     // Records seen before their turn: index -> offset of their line in their part.
