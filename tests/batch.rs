@@ -557,11 +557,13 @@ fn replicas_write_parts_and_the_leader_merges_in_input_order() {
     let (code, err) = run(batch_cmd(&inp, &single, &args));
     assert_eq!(code, 0, "{err}");
     let out = dir.path().join("multi.jsonl");
+    let stats = dir.path().join("stats.csv");
     let barrier = tempfile::tempdir().unwrap();
     let dp = 3;
     let children: Vec<KillOnDrop> = (0..dp)
         .map(|r| {
             let mut c = batch_cmd(&inp, &out, &args);
+            c.arg("--stats-csv").arg(&stats);
             c.env(
                 "HERD_BATCH_TEST_WORLD",
                 format!("{r},{dp},{}", barrier.path().display()),
@@ -597,6 +599,21 @@ fn replicas_write_parts_and_the_leader_merges_in_input_order() {
     for r in 0..dp {
         assert!(!with_suffix(&out, &format!(".part-{r}")).exists());
     }
+    // Only the leader writes the stats: one row for the job, one per replica.
+    let mut rdr = csv::Reader::from_path(&stats).unwrap();
+    let h = rdr.headers().unwrap().clone();
+    let col = |name: &str| h.iter().position(|c| c == name).unwrap();
+    let rows: Vec<csv::StringRecord> = rdr.records().map(Result::unwrap).collect();
+    let replicas: Vec<&str> = rows.iter().map(|r| &r[col("replica")]).collect();
+    assert_eq!(replicas, ["all", "0", "1", "2"]);
+    assert_eq!(&rows[0][col("records")], "25");
+    assert!(
+        rows[0][col("generated_tokens_per_s")]
+            .parse::<f64>()
+            .unwrap()
+            > 0.0
+    );
+    assert!(!rows[0][col("machine")].is_empty());
 }
 
 #[test]
@@ -678,9 +695,15 @@ fn memory_stays_bounded_on_an_input_far_larger_than_the_window() {
     // 50 000 records, 43 MB of input and 45 MB of output: ~200 times the read-ahead window.
     let big = make("big.jsonl", 50_000);
     let out = dir.path().join("b.jsonl");
-    let (code, err) = run(batch_cmd(&big, &out, &args));
+    let (code, err) = run(batch_cmd(
+        &big,
+        &out,
+        &[&args[..], &["--log-interval", "0.5"]].concat(),
+    ));
     assert_eq!(code, 0, "{err}");
     let peak = peak_mb(&err);
+    // Without a terminal, progress comes as log lines.
+    assert!(err.contains("/50000 records ("), "{err}");
     assert_eq!(part_lines(&out), 50_000);
     // The bound: what a 500-record run needs plus 25 MB (the ids' hashes, the done bits, buffers),
     // far less than the 43 MB input a non-streaming reader would hold.

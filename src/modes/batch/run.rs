@@ -181,63 +181,80 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
     let mut interrupted = false;
     let mut total = 0;
     let t0 = Instant::now();
+    // A replica that fails still meets the others at the barrier (they would wait forever), then
+    // reports its error.
+    let mut failure = None;
     if topo.is_replica_leader() {
-        let scan = state::scan_part(&paths.part(r), dp)?;
-        if scan.dropped_bytes > 0 {
-            tracing::warn!(
-                bytes = scan.dropped_bytes,
-                "dropped a torn last line of {} (an earlier run was killed while writing); it will be redone",
-                paths.part(r).display()
-            );
-        }
-        counts.records = scan.records;
-        counts.errors = scan.errors;
-        counts.resumed = scan.records;
-        if scan.records > 0 && leader {
-            eprintln!("batch: resuming: {} records already done", scan.records);
-        }
-        state::write_state(
-            &paths.part_state(r),
-            &replica_state(&ident, 0, &counts, 0.0, false),
-        )?;
-        let mut engine = engine_for(args, world)?;
-        let count = input::count_records(&args.input, format)?;
-        let mut progress = Progress::new(
-            owned(count, dp, r),
-            counts.records,
-            leader,
-            args.log_interval,
-        );
+        // Before the model loads, so that a signal during the load also ends in a clean stop.
         let stop = install_signals()?;
-        let outcome = generate(
-            args,
-            &mut engine,
-            format,
-            scan.done,
-            dp,
-            r,
-            &paths,
-            &mut counts,
-            &mut progress,
-            &stop,
-        )?;
-        progress.finish();
-        total = outcome.total;
-        interrupted = outcome.interrupted;
-        state::write_state(
-            &paths.part_state(r),
-            &replica_state(
-                &ident,
-                total,
-                &counts,
-                t0.elapsed().as_secs_f64(),
-                !interrupted && counts.records == owned(total, dp, r),
-            ),
-        )?;
+        let mut work = || -> Result<Outcome> {
+            let scan = state::scan_part(&paths.part(r), dp)?;
+            if scan.dropped_bytes > 0 {
+                tracing::warn!(
+                    bytes = scan.dropped_bytes,
+                    "dropped a torn last line of {} (an earlier run was killed while writing); it will be redone",
+                    paths.part(r).display()
+                );
+            }
+            counts.records = scan.records;
+            counts.errors = scan.errors;
+            counts.resumed = scan.records;
+            if scan.records > 0 && leader {
+                eprintln!("batch: resuming: {} records already done", scan.records);
+            }
+            state::write_state(
+                &paths.part_state(r),
+                &replica_state(&ident, 0, &counts, 0.0, false),
+            )?;
+            let mut engine = engine_for(args, world)?;
+            let count = input::count_records(&args.input, format)?;
+            let mut progress = Progress::new(
+                owned(count, dp, r),
+                counts.records,
+                leader,
+                args.log_interval,
+            );
+            let outcome = generate(
+                args,
+                &mut engine,
+                format,
+                scan.done,
+                dp,
+                r,
+                &paths,
+                &mut counts,
+                &mut progress,
+                &stop,
+            );
+            progress.finish();
+            let outcome = outcome?;
+            let complete = !outcome.interrupted && counts.records == owned(outcome.total, dp, r);
+            state::write_state(
+                &paths.part_state(r),
+                &replica_state(
+                    &ident,
+                    outcome.total,
+                    &counts,
+                    t0.elapsed().as_secs_f64(),
+                    complete,
+                ),
+            )?;
+            Ok(outcome)
+        };
+        match work() {
+            Ok(o) => {
+                total = o.total;
+                interrupted = o.interrupted;
+            }
+            Err(e) => failure = Some(e),
+        }
     }
     world
         .barrier()
         .map_err(|e| anyhow!("waiting for the other replicas: {e}"))?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
     if !leader {
         return finish_code(args, interrupted, counts.errors);
     }
