@@ -392,6 +392,7 @@ impl Writer<'_> {
 }
 
 /// Parse and tokenize records on a thread, ahead of the engine, at most `read_ahead` at a time.
+#[allow(clippy::too_many_arguments)]
 fn spawn_reader(
     args: &BatchArgs,
     format: InputFormat,
@@ -400,6 +401,7 @@ fn spawn_reader(
     done: state::DoneSet,
     dp: usize,
     r: usize,
+    stop: Arc<AtomicBool>,
 ) -> Result<(Receiver<Item>, std::thread::JoinHandle<Result<u64>>)> {
     let opts = ParseOptions {
         format,
@@ -439,6 +441,11 @@ fn spawn_reader(
             let mut ids = input::IdSet::default();
             let mut index = 0u64;
             while let Some((line, raw)) = reader.next_record()? {
+                // On a signal stop at once: the rest of the file may hold none of our records,
+                // and reading it all would outlast the grace period.
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 let i = index;
                 index += 1;
                 let parsed = input::parse_record(raw, line, &opts, &headers);
@@ -481,10 +488,19 @@ fn generate(
     paths: &Paths,
     counts: &mut Counts,
     progress: &mut Progress,
-    stop: &AtomicBool,
+    stop: &Arc<AtomicBool>,
 ) -> Result<Outcome> {
     let tok = engine.tokenizer().clone();
-    let (rx, reader) = spawn_reader(args, format, tok.clone(), engine.max_len(), done, dp, r)?;
+    let (rx, reader) = spawn_reader(
+        args,
+        format,
+        tok.clone(),
+        engine.max_len(),
+        done,
+        dp,
+        r,
+        Arc::clone(stop),
+    )?;
     let mut writer = Writer {
         part: PartWriter::open(&paths.part(r))?,
         model: &args.model.model,
@@ -595,7 +611,9 @@ fn generate(
     }
     writer.part.sync()?;
     progress.update(counts);
-    let interrupted = deadline.is_some();
+    // The reader also stops on the signal, so a signal means the input may not have been read
+    // to its end: never count such a run as complete.
+    let interrupted = deadline.is_some() || stop.load(Ordering::Relaxed);
     // Dropping the receiver ends the reader if it is blocked on a full channel.
     drop(rx);
     let total = match reader.join() {
