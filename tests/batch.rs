@@ -352,6 +352,17 @@ fn csv_in_csv_and_jsonl_out() {
     assert_eq!(code, 0, "{err}");
     let recs = jsonl(&out2);
     assert_eq!(recs[1]["text"].as_str().unwrap(), &rows[1][1]);
+    // A CSV under another name: --input-format says what it is.
+    let txt = dir.path().join("in.txt");
+    std::fs::copy(&inp, &txt).unwrap();
+    let out3 = dir.path().join("out3.jsonl");
+    let (code, err) = run(batch_cmd(
+        &txt,
+        &out3,
+        &[&args[..], &["--input-format", "csv"]].concat(),
+    ));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(jsonl(&out3)[1]["text"], recs[1]["text"]);
     // A missing prompt column is a usage error.
     let (code, err) = run(batch_cmd(&inp, &dir.path().join("x.jsonl"), &tiny()));
     assert_eq!(code, 2, "{err}");
