@@ -344,3 +344,67 @@ fn a_build_without_mpi_refuses_to_run_under_a_launcher() {
         assert!(err.contains("built without MPI support"), "{err}");
     }
 }
+
+/// `herd batch` over 2 data-parallel replicas (and over 2 replicas of tp 2) gives the output of
+/// one rank: same records, same order.
+#[test]
+fn batch_with_replicas_matches_one_rank() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let lines: String = (0..13)
+        .map(|i| {
+            format!(
+                "{{\"id\": \"r{i}\", \"prompt_token_ids\": [{}, {}, {}], \"max_tokens\": {}, \"temperature\": 0}}\n",
+                i + 1,
+                (i * 7) % 250,
+                (i * 13) % 250,
+                3 + i % 5
+            )
+        })
+        .collect();
+    std::fs::write(&input, lines).unwrap();
+    let m = model("llama31/meta");
+    let run = |np: usize, tp: &str, name: &str| {
+        let out = dir.path().join(name);
+        let args = [
+            "batch",
+            "--model",
+            &m,
+            "--tp",
+            tp,
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ];
+        let o = if np == 1 {
+            solo(&args)
+        } else {
+            mpirun(np, &args, &[])
+        };
+        assert_eq!(o.code, 0, "np {np} tp {tp}: {}", o.stderr);
+        std::fs::read_to_string(&out).unwrap()
+    };
+    let one = run(1, "1", "one.jsonl");
+    assert_eq!(one.lines().count(), 13);
+    assert_eq!(run(2, "1", "dp2.jsonl"), one, "2 replicas of tp 1");
+    let tp2: Vec<Value> = run(4, "2", "dp2tp2.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (a, b) in one
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .zip(&tp2)
+    {
+        assert_eq!(a["id"], b["id"]);
+        assert_eq!(
+            a["token_ids"], b["token_ids"],
+            "2 replicas of tp 2, record {}",
+            a["id"]
+        );
+    }
+}

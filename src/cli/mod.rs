@@ -10,8 +10,37 @@ pub mod exit {
     pub const OK: i32 = 0;
     /// Failed: bad input, missing file, model error (the message says what to do).
     pub const FAILED: i32 = 1;
-    /// Wrong command line (clap's own code).
+    /// Wrong command line (clap's own code), or arguments that do not fit the job (e.g. a
+    /// resume with different settings).
     pub const USAGE: i32 = 2;
+    /// The model could not be loaded or failed while running.
+    pub const MODEL: i32 = 3;
+    /// Interrupted (SIGTERM/SIGINT): what was done is on disk; rerun the same command to resume.
+    pub const INTERRUPTED: i32 = 4;
+    /// Finished, but some records are error records (only with `--fail-on-error`).
+    pub const RECORD_ERRORS: i32 = 5;
+
+    /// An error that carries the exit code it should end the process with.
+    #[derive(Debug)]
+    pub struct Coded {
+        pub code: i32,
+        pub error: anyhow::Error,
+    }
+
+    impl Coded {
+        /// Wrap an error with an exit code (use with `map_err`).
+        pub fn with(code: i32) -> impl Fn(anyhow::Error) -> anyhow::Error {
+            move |error| anyhow::Error::new(Coded { code, error })
+        }
+    }
+
+    impl std::fmt::Display for Coded {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{:#}", self.error)
+        }
+    }
+
+    impl std::error::Error for Coded {}
 }
 
 #[derive(Parser, Debug)]
@@ -37,6 +66,8 @@ pub enum Command {
     Doctor(modes::doctor::DoctorArgs),
     /// Reshard a checkpoint for a tensor-parallel degree: one safetensors file per rank, or Meta consolidated.NN.pth files.
     Convert(modes::convert::ConvertArgs),
+    /// Generate for every record of a prompt file (JSONL, OpenAI batch JSONL, CSV): resumable.
+    Batch(modes::batch::BatchArgs),
 }
 
 /// Logs go to stderr; RUST_LOG overrides the level (default info on world rank 0, errors only on
@@ -65,21 +96,27 @@ pub fn run(cli: Cli) -> i32 {
         Command::Bench(a) => modes::bench::run(a),
         Command::Doctor(a) => modes::doctor::run(a),
         Command::Convert(a) => modes::convert::run(a),
+        Command::Batch(a) => modes::batch::run(a),
     };
     match result {
         Ok(()) => exit::OK,
         Err(e) => {
             let c = crate::parallel::cluster();
-            if c.world_size > 1 {
+            let code = e
+                .downcast_ref::<exit::Coded>()
+                .map_or(exit::FAILED, |c| c.code);
+            // An interrupted run (every rank got the signal) ends rank by rank with its own code,
+            // so the job script sees "resume", not a crash.
+            if c.world_size > 1 && code != exit::INTERRUPTED {
                 // One rank's fatal error ends the whole job (its peers may wait in a collective).
                 say(&format!(
                     "herd: error: rank {} of {} ({}): {e:#}",
                     c.world_rank, c.world_size, c.hostname
                 ));
-                crate::parallel::abort(exit::FAILED);
+                crate::parallel::abort(code);
             }
             eprintln!("herd: error: {e:#}");
-            exit::FAILED
+            code
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Modes: everything that talks to the outside world (console, files, sockets) and owns every
 //! user-visible format and error message.
 
+pub mod batch;
 pub mod bench;
 pub mod chat;
 pub mod convert;

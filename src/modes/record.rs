@@ -32,3 +32,28 @@ pub fn result_record(id: Option<Value>, out: &RequestOutput) -> Value {
     }
     Value::Object(m)
 }
+
+/// Add `metadata` (copied from the request) to a record.
+pub fn with_metadata(mut record: Value, metadata: Option<Value>) -> Value {
+    if let (Some(meta), Value::Object(m)) = (metadata, &mut record) {
+        m.insert("metadata".into(), meta);
+    }
+    record
+}
+
+/// The record of a request that could not run: same fields as a result (empty), plus `error`.
+pub fn error_record(id: Option<Value>, message: &str) -> Value {
+    let mut m = Map::new();
+    if let Some(id) = id {
+        m.insert("id".into(), id);
+    }
+    m.insert("text".into(), json!(""));
+    m.insert("token_ids".into(), json!([]));
+    m.insert("finish_reason".into(), json!("error"));
+    m.insert(
+        "usage".into(),
+        json!({"prompt_tokens": 0, "completion_tokens": 0}),
+    );
+    m.insert("error".into(), json!(message));
+    Value::Object(m)
+}

@@ -1,0 +1,843 @@
+//! Input formats: herd JSONL, OpenAI batch JSONL and CSV, read as a stream of records.
+//!
+//! Parsing one record never fails the run: whatever is wrong with a line becomes an error item
+//! for that line (which the writer turns into an error record), so every input record produces
+//! exactly one output record.
+
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::engine::SamplingParams;
+use crate::tokenizer::{Message, Role, Tokenizer};
+
+/// Which kind of file the input is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputFormat {
+    /// One herd request object per line.
+    Herd,
+    /// OpenAI Batch API lines (`custom_id`, `method`, `url`, `body`).
+    Openai,
+    /// A table with a prompt column.
+    Csv,
+}
+
+impl InputFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InputFormat::Herd => "herd",
+            InputFormat::Openai => "openai",
+            InputFormat::Csv => "csv",
+        }
+    }
+}
+
+/// Which OpenAI endpoint a request names; decides the shape of its answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenAiEndpoint {
+    Chat,
+    Completions,
+}
+
+/// What an OpenAI request needs beside its prompt to be answered in OpenAI's format.
+#[derive(Clone, Debug)]
+pub struct OpenAiInfo {
+    pub endpoint: OpenAiEndpoint,
+    /// The `model` the request named (echoed back), if any.
+    pub model: Option<String>,
+}
+
+/// A prompt ready for the engine.
+#[derive(Clone, Debug)]
+pub struct Ready {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub openai: Option<OpenAiInfo>,
+}
+
+/// One input record, parsed.
+#[derive(Debug)]
+pub struct Item {
+    /// 0-based record number (blank lines are not records).
+    pub index: u64,
+    /// 1-based line (JSONL) or data row (CSV) number, for messages.
+    pub line: u64,
+    /// The record's id: its own, or the line number.
+    pub id: Value,
+    pub metadata: Option<Value>,
+    pub body: Result<Ready, String>,
+}
+
+/// How records become engine requests.
+#[derive(Clone, Debug)]
+pub struct ParseOptions {
+    pub format: InputFormat,
+    /// Defaults from the command line; a record's own fields override them.
+    pub defaults: SamplingParams,
+    /// Longest sequence the engine accepts (prompt + generation).
+    pub max_len: usize,
+    /// Drop a too-long prompt's oldest tokens instead of failing the record.
+    pub truncate_left: bool,
+    pub prompt_column: Option<String>,
+    pub id_column: Option<String>,
+}
+
+/// Guess the format from the first non-blank line (or the file name for CSV).
+pub fn detect_format(path: &Path) -> std::io::Result<InputFormat> {
+    if path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+    {
+        return Ok(InputFormat::Csv);
+    }
+    let mut r = BufReader::new(std::fs::File::open(path)?);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if r.read_until(b'\n', &mut buf)? == 0 {
+            return Ok(InputFormat::Herd);
+        }
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let v: Option<Value> = serde_json::from_slice(&buf).ok();
+        return Ok(match v {
+            Some(Value::Object(m)) if m.contains_key("custom_id") && m.contains_key("body") => {
+                InputFormat::Openai
+            }
+            // Not JSON and not named .jsonl: most likely a CSV with another extension.
+            None if buf.contains(&b',') && !buf.starts_with(b"{") => InputFormat::Csv,
+            _ => InputFormat::Herd,
+        });
+    }
+}
+
+/// Number of records in the file (a fast pass, for the progress bar and the merge check).
+pub fn count_records(path: &Path, format: InputFormat) -> std::io::Result<u64> {
+    let file = std::fs::File::open(path)?;
+    match format {
+        InputFormat::Csv => {
+            let mut rdr = csv::ReaderBuilder::new()
+                .flexible(true)
+                .from_reader(BufReader::new(file));
+            let mut rec = csv::ByteRecord::new();
+            let mut n = 0;
+            // A malformed row still counts as a record (it becomes an error record).
+            loop {
+                match rdr.read_byte_record(&mut rec) {
+                    Ok(true) => n += 1,
+                    Ok(false) => break,
+                    Err(e) if e.is_io_error() => return Err(std::io::Error::other(e)),
+                    Err(_) => n += 1,
+                }
+            }
+            Ok(n)
+        }
+        _ => {
+            let mut r = BufReader::with_capacity(1 << 20, file);
+            let mut n = 0;
+            let mut blank = true;
+            loop {
+                let chunk = r.fill_buf()?;
+                if chunk.is_empty() {
+                    break;
+                }
+                for &b in chunk {
+                    if b == b'\n' {
+                        if !blank {
+                            n += 1;
+                        }
+                        blank = true;
+                    } else if !b.is_ascii_whitespace() {
+                        blank = false;
+                    }
+                }
+                let len = chunk.len();
+                r.consume(len);
+            }
+            Ok(n + u64::from(!blank))
+        }
+    }
+}
+
+/// Raw records in file order, before any parsing of their content.
+pub enum RawRecord {
+    /// A JSONL line (may be invalid UTF-8 or invalid JSON).
+    Line(Vec<u8>),
+    /// A CSV row: its fields, or why it could not be read.
+    Row(Result<Vec<String>, String>),
+}
+
+/// Streams records (one at a time; nothing is held beyond the current record).
+pub struct RecordReader {
+    inner: ReaderKind,
+    line: u64,
+}
+
+enum ReaderKind {
+    Lines(BufReader<Box<dyn Read + Send>>),
+    Csv {
+        rdr: csv::Reader<BufReader<Box<dyn Read + Send>>>,
+        headers: Vec<String>,
+    },
+}
+
+impl RecordReader {
+    pub fn open(path: &Path, format: InputFormat) -> anyhow::Result<RecordReader> {
+        let file: Box<dyn Read + Send> = Box::new(std::fs::File::open(path)?);
+        let inner = match format {
+            InputFormat::Csv => {
+                let mut rdr = csv::ReaderBuilder::new()
+                    .flexible(true)
+                    .from_reader(BufReader::new(file));
+                let headers = rdr
+                    .headers()
+                    .map_err(|e| anyhow::anyhow!("reading the CSV header: {e}"))?
+                    .iter()
+                    .map(|h| h.trim().to_string())
+                    .collect();
+                ReaderKind::Csv { rdr, headers }
+            }
+            _ => ReaderKind::Lines(BufReader::with_capacity(1 << 16, file)),
+        };
+        Ok(RecordReader { inner, line: 0 })
+    }
+
+    /// CSV column names (empty for JSONL).
+    pub fn headers(&self) -> &[String] {
+        match &self.inner {
+            ReaderKind::Csv { headers, .. } => headers,
+            ReaderKind::Lines(_) => &[],
+        }
+    }
+
+    /// The next record and its 1-based line/row number; `None` at the end.
+    pub fn next_record(&mut self) -> std::io::Result<Option<(u64, RawRecord)>> {
+        match &mut self.inner {
+            ReaderKind::Lines(r) => loop {
+                let mut buf = Vec::new();
+                if r.read_until(b'\n', &mut buf)? == 0 {
+                    return Ok(None);
+                }
+                self.line += 1;
+                if buf.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return Ok(Some((self.line, RawRecord::Line(buf))));
+            },
+            ReaderKind::Csv { rdr, .. } => {
+                let mut rec = csv::ByteRecord::new();
+                self.line += 1;
+                match rdr.read_byte_record(&mut rec) {
+                    Ok(false) => Ok(None),
+                    Ok(true) => {
+                        let fields: Result<Vec<String>, String> = rec
+                            .iter()
+                            .enumerate()
+                            .map(|(i, f)| {
+                                String::from_utf8(f.to_vec())
+                                    .map_err(|_| format!("column {} is not valid UTF-8", i + 1))
+                            })
+                            .collect();
+                        Ok(Some((self.line, RawRecord::Row(fields))))
+                    }
+                    Err(e) if e.is_io_error() => Err(std::io::Error::other(e)),
+                    Err(e) => Ok(Some((self.line, RawRecord::Row(Err(e.to_string()))))),
+                }
+            }
+        }
+    }
+}
+
+/// A record's id and content, before tokenization.
+pub struct Parsed {
+    /// The record's own id, or its line number (both take part in the duplicate check).
+    pub id: Value,
+    pub metadata: Option<Value>,
+    pub content: Result<Content, String>,
+}
+
+/// What to tokenize and how to sample it.
+pub struct Content {
+    pub prompt: PromptSpec,
+    pub params: SamplingParams,
+    pub openai: Option<OpenAiInfo>,
+}
+
+pub enum PromptSpec {
+    Text(String),
+    Messages(Vec<Message>),
+    Ids(Vec<u32>),
+}
+
+/// Parse one raw record (cheap: no tokenization).
+pub fn parse_record(raw: RawRecord, line: u64, opts: &ParseOptions, headers: &[String]) -> Parsed {
+    let default_id = Value::from(line);
+    match raw {
+        RawRecord::Line(bytes) => {
+            let text = match std::str::from_utf8(&bytes) {
+                Ok(t) => t,
+                Err(e) => {
+                    return Parsed {
+                        id: default_id,
+                        metadata: None,
+                        content: Err(format!("line {line}: not valid UTF-8 ({e})")),
+                    }
+                }
+            };
+            let v: Value = match serde_json::from_str(text) {
+                Ok(v) => v,
+                Err(e) => {
+                    return Parsed {
+                        id: default_id,
+                        metadata: None,
+                        content: Err(format!("line {line}: invalid JSON: {e}")),
+                    }
+                }
+            };
+            let Value::Object(obj) = v else {
+                return Parsed {
+                    id: default_id,
+                    metadata: None,
+                    content: Err(format!("line {line}: expected a JSON object")),
+                };
+            };
+            match opts.format {
+                InputFormat::Openai => parse_openai(obj, line, default_id, &opts.defaults),
+                _ => parse_herd(obj, line, default_id, &opts.defaults),
+            }
+        }
+        RawRecord::Row(fields) => parse_csv_row(fields, line, opts, headers),
+    }
+}
+
+fn parse_herd(
+    mut obj: Map<String, Value>,
+    line: u64,
+    default_id: Value,
+    d: &SamplingParams,
+) -> Parsed {
+    let metadata = obj.remove("metadata");
+    let (id, id_err) = match obj.remove("id") {
+        None | Some(Value::Null) => (default_id, None),
+        Some(v @ (Value::String(_) | Value::Number(_))) => (v, None),
+        Some(other) => (
+            default_id,
+            Some(format!(
+                "field `id` must be a string or a number, got {}",
+                type_name(&other)
+            )),
+        ),
+    };
+    let content =
+        (|| {
+            if let Some(e) = id_err {
+                return Err(e);
+            }
+            let present: Vec<&str> = ["prompt", "messages", "prompt_token_ids"]
+                .into_iter()
+                .filter(|k| obj.get(*k).is_some_and(|v| !v.is_null()))
+                .collect();
+            let prompt =
+                match present.as_slice() {
+                    [] => return Err(
+                        "no prompt: give exactly one of `prompt`, `messages` or `prompt_token_ids`"
+                            .to_string(),
+                    ),
+                    ["prompt"] => PromptSpec::Text(string_field(&obj, "prompt")?),
+                    ["messages"] => PromptSpec::Messages(messages_field(&obj["messages"])?),
+                    ["prompt_token_ids"] => {
+                        PromptSpec::Ids(ids_field(&obj["prompt_token_ids"], "prompt_token_ids")?)
+                    }
+                    many => {
+                        return Err(format!(
+                    "give exactly one of `prompt`, `messages` or `prompt_token_ids`, not {}",
+                    many.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(" and ")
+                ))
+                    }
+                };
+            let mut p = d.clone();
+            if let Some(n) = opt_uint(&obj, "max_tokens")? {
+                p.max_tokens = n as usize;
+            }
+            if let Some(x) = opt_f32(&obj, "temperature")? {
+                p.temperature = x;
+            }
+            if let Some(x) = opt_f32(&obj, "top_p")? {
+                p.top_p = x;
+            }
+            if let Some(n) = opt_uint(&obj, "top_k")? {
+                p.top_k = n as usize;
+            }
+            if let Some(n) = opt_uint(&obj, "seed")? {
+                p.seed = Some(n);
+            }
+            if let Some(s) = opt_stop(&obj, "stop")? {
+                p.stop = s;
+            }
+            if let Some(n) = opt_uint(&obj, "logprobs")? {
+                p.logprobs = Some(n as usize);
+            }
+            if let Some(b) = opt_bool(&obj, "prompt_logprobs")? {
+                p.prompt_logprobs = b;
+            }
+            if let Some(b) = opt_bool(&obj, "ignore_eos")? {
+                p.ignore_eos = b;
+            }
+            Ok(Content {
+                prompt,
+                params: p,
+                openai: None,
+            })
+        })()
+        .map_err(|e| format!("line {line}: {e}"));
+    Parsed {
+        id,
+        metadata,
+        content,
+    }
+}
+
+fn parse_openai(
+    obj: Map<String, Value>,
+    line: u64,
+    default_id: Value,
+    d: &SamplingParams,
+) -> Parsed {
+    let (id, id_err) = match obj.get("custom_id") {
+        Some(Value::String(s)) => (Value::String(s.clone()), None),
+        Some(other) => (
+            default_id,
+            Some(format!(
+                "field `custom_id` must be a string, got {}",
+                type_name(other)
+            )),
+        ),
+        None => (default_id, Some("missing field `custom_id`".to_string())),
+    };
+    let content = (|| {
+        if let Some(e) = id_err {
+            return Err(e);
+        }
+        match obj.get("method") {
+            None => {}
+            Some(Value::String(m)) if m.eq_ignore_ascii_case("POST") => {}
+            Some(other) => return Err(format!("`method` must be \"POST\", got {other}")),
+        }
+        let endpoint = match obj.get("url").and_then(Value::as_str) {
+            Some("/v1/chat/completions") => OpenAiEndpoint::Chat,
+            Some("/v1/completions") => OpenAiEndpoint::Completions,
+            Some(u) => {
+                return Err(format!(
+                    "unsupported `url` {u:?}: herd answers /v1/chat/completions and /v1/completions"
+                ))
+            }
+            None => return Err("missing `url` (/v1/chat/completions or /v1/completions)".into()),
+        };
+        let Some(Value::Object(body)) = obj.get("body") else {
+            return Err("missing `body` object".into());
+        };
+        if let Some(n) = opt_uint(body, "n")? {
+            if n != 1 {
+                return Err(format!("`n` = {n}: herd batch answers one choice per request"));
+            }
+        }
+        let prompt = match endpoint {
+            OpenAiEndpoint::Chat => match body.get("messages") {
+                Some(v) => PromptSpec::Messages(messages_field(v)?),
+                None => return Err("chat request without `body.messages`".into()),
+            },
+            OpenAiEndpoint::Completions => match body.get("prompt") {
+                Some(Value::String(s)) => PromptSpec::Text(s.clone()),
+                Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+                    PromptSpec::Text(a[0].as_str().unwrap_or_default().to_string())
+                }
+                Some(v @ Value::Array(a)) if a.iter().all(Value::is_number) && !a.is_empty() => {
+                    PromptSpec::Ids(ids_field(v, "prompt")?)
+                }
+                Some(_) => {
+                    return Err(
+                        "`body.prompt` must be a string or a list of token ids (one prompt per request)"
+                            .into(),
+                    )
+                }
+                None => return Err("completion request without `body.prompt`".into()),
+            },
+        };
+        let mut p = d.clone();
+        let max = match opt_uint(body, "max_completion_tokens")? {
+            Some(n) => Some(n),
+            None => opt_uint(body, "max_tokens")?,
+        };
+        if let Some(n) = max {
+            p.max_tokens = n as usize;
+        }
+        if let Some(x) = opt_f32(body, "temperature")? {
+            p.temperature = x;
+        }
+        if let Some(x) = opt_f32(body, "top_p")? {
+            p.top_p = x;
+        }
+        if let Some(n) = opt_uint(body, "seed")? {
+            p.seed = Some(n);
+        }
+        if let Some(s) = opt_stop(body, "stop")? {
+            p.stop = s;
+        }
+        match endpoint {
+            OpenAiEndpoint::Chat => {
+                if opt_bool(body, "logprobs")? == Some(true) {
+                    p.logprobs = Some(opt_uint(body, "top_logprobs")?.unwrap_or(0) as usize);
+                }
+            }
+            OpenAiEndpoint::Completions => {
+                if let Some(n) = opt_uint(body, "logprobs")? {
+                    p.logprobs = Some(n as usize);
+                }
+            }
+        }
+        let model = body.get("model").and_then(Value::as_str).map(str::to_string);
+        Ok(Content {
+            prompt,
+            params: p,
+            openai: Some(OpenAiInfo { endpoint, model }),
+        })
+    })()
+    .map_err(|e| format!("line {line}: {e}"));
+    Parsed {
+        id,
+        metadata: None,
+        content,
+    }
+}
+
+fn parse_csv_row(
+    fields: Result<Vec<String>, String>,
+    row: u64,
+    opts: &ParseOptions,
+    headers: &[String],
+) -> Parsed {
+    let default_id = Value::from(row);
+    let fields = match fields {
+        Ok(f) => f,
+        Err(e) => {
+            return Parsed {
+                id: default_id,
+                metadata: None,
+                content: Err(format!("row {row}: {e}")),
+            }
+        }
+    };
+    let col = |name: &str| headers.iter().position(|h| h == name);
+    let id = opts
+        .id_column
+        .as_deref()
+        .and_then(col)
+        .and_then(|i| fields.get(i))
+        .filter(|s| !s.is_empty())
+        .map(|s| Value::String(s.clone()))
+        .unwrap_or(default_id);
+    let prompt_name = opts.prompt_column.as_deref().unwrap_or("prompt");
+    let prompt_i = col(prompt_name);
+    let mut meta = Map::new();
+    for (i, h) in headers.iter().enumerate() {
+        if Some(i) != prompt_i && Some(h.as_str()) != opts.id_column.as_deref() {
+            if let Some(f) = fields.get(i) {
+                meta.insert(h.clone(), Value::String(f.clone()));
+            }
+        }
+    }
+    let content = match prompt_i.and_then(|i| fields.get(i)) {
+        Some(p) => Ok(Content {
+            prompt: PromptSpec::Text(p.clone()),
+            params: opts.defaults.clone(),
+            openai: None,
+        }),
+        None => Err(format!(
+            "row {row}: has {} fields, no `{prompt_name}` column value",
+            fields.len()
+        )),
+    };
+    Parsed {
+        id,
+        metadata: (!meta.is_empty()).then_some(Value::Object(meta)),
+        content,
+    }
+}
+
+/// Tokenize a parsed record's prompt and apply the context-length rule.
+pub fn prepare(content: Content, tok: &Tokenizer, opts: &ParseOptions) -> Result<Ready, String> {
+    let mut prompt = match content.prompt {
+        PromptSpec::Text(t) => tok.encode(&t, true, false),
+        PromptSpec::Messages(m) => tok.encode_dialog(&m),
+        PromptSpec::Ids(ids) => ids,
+    };
+    let max_len = opts.max_len;
+    if prompt.len() >= max_len {
+        if !opts.truncate_left {
+            return Err(format!(
+                "prompt has {} tokens but the context holds {max_len} (prompt + generation); \
+                 shorten it or pass --truncate-prompt left",
+                prompt.len()
+            ));
+        }
+        // Leave room for the generation, but keep at least half the context for the prompt.
+        let keep = max_len
+            .saturating_sub(content.params.max_tokens)
+            .max(max_len / 2)
+            .clamp(1, max_len - 1);
+        let bos = tok.bos_id();
+        if prompt.first() == Some(&bos) && keep > 1 {
+            let tail = prompt.split_off(prompt.len() - (keep - 1));
+            prompt = std::iter::once(bos).chain(tail).collect();
+        } else {
+            prompt = prompt.split_off(prompt.len() - keep);
+        }
+    }
+    Ok(Ready {
+        prompt,
+        params: content.params,
+        openai: content.openai,
+    })
+}
+
+/// Ids seen so far, as 64-bit hashes: about 16 bytes per record, never the records themselves.
+#[derive(Default)]
+pub struct IdSet(HashSet<u64>);
+
+impl IdSet {
+    /// Record `id`; false if it was already seen.
+    pub fn insert(&mut self, id: &Value) -> bool {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        // The type matters: 7 and "7" are different ids.
+        match id {
+            Value::String(s) => (0u8, s.as_str()).hash(&mut h),
+            other => (1u8, other.to_string()).hash(&mut h),
+        }
+        self.0.insert(h.finish())
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn string_field(obj: &Map<String, Value>, key: &str) -> Result<String, String> {
+    match obj.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(v) => Err(format!(
+            "field `{key}` must be a string, got {}",
+            type_name(v)
+        )),
+        None => Err(format!("missing field `{key}`")),
+    }
+}
+
+fn messages_field(v: &Value) -> Result<Vec<Message>, String> {
+    let Value::Array(items) = v else {
+        return Err(format!(
+            "`messages` must be a list of {{\"role\", \"content\"}} objects, got {}",
+            type_name(v)
+        ));
+    };
+    if items.is_empty() {
+        return Err("`messages` is empty".into());
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.get("role") {
+                Some(Value::String(r)) => {
+                    Role::parse(r).map_err(|e| format!("messages[{i}]: {e}"))?
+                }
+                Some(v) => {
+                    return Err(format!(
+                        "messages[{i}].role must be a string, got {}",
+                        type_name(v)
+                    ))
+                }
+                None => return Err(format!("messages[{i}] has no `role`")),
+            };
+            let content = match m.get("content") {
+                Some(Value::String(c)) => c.clone(),
+                // OpenAI content parts: only text parts are supported.
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .map(|p| match (p.get("type"), p.get("text")) {
+                        (Some(t), Some(Value::String(s))) if t == "text" => Ok(s.as_str()),
+                        _ => Err(format!(
+                            "messages[{i}].content: only text parts are supported"
+                        )),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .concat(),
+                Some(v) => {
+                    return Err(format!(
+                        "messages[{i}].content must be a string, got {}",
+                        type_name(v)
+                    ))
+                }
+                None => return Err(format!("messages[{i}] has no `content`")),
+            };
+            Ok(Message { role, content })
+        })
+        .collect()
+}
+
+fn ids_field(v: &Value, key: &str) -> Result<Vec<u32>, String> {
+    let Value::Array(items) = v else {
+        return Err(format!(
+            "`{key}` must be a list of token ids, got {}",
+            type_name(v)
+        ));
+    };
+    items
+        .iter()
+        .map(|x| {
+            x.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| format!("`{key}` must hold non-negative integer token ids, got {x}"))
+        })
+        .collect()
+}
+
+fn opt_uint(obj: &Map<String, Value>, key: &str) -> Result<Option<u64>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| format!("field `{key}` must be a non-negative integer, got {v}")),
+    }
+}
+
+fn opt_f32(obj: &Map<String, Value>, key: &str) -> Result<Option<f32>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(|x| Some(x as f32))
+            .ok_or_else(|| format!("field `{key}` must be a number, got {v}")),
+    }
+}
+
+fn opt_bool(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(v) => Err(format!("field `{key}` must be true or false, got {v}")),
+    }
+}
+
+fn opt_stop(obj: &Map<String, Value>, key: &str) -> Result<Option<Vec<String>>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(vec![s.clone()])),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("field `{key}` must be a string or a list of strings"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        Some(v) => Err(format!(
+            "field `{key}` must be a string or a list of strings, got {}",
+            type_name(v)
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(format: InputFormat) -> ParseOptions {
+        ParseOptions {
+            format,
+            defaults: SamplingParams::default(),
+            max_len: 100,
+            truncate_left: false,
+            prompt_column: None,
+            id_column: None,
+        }
+    }
+
+    fn parse(line: &str, format: InputFormat) -> Parsed {
+        parse_record(
+            RawRecord::Line(line.as_bytes().to_vec()),
+            3,
+            &opts(format),
+            &[],
+        )
+    }
+
+    #[test]
+    fn herd_fields_override_defaults() {
+        let p = parse(
+            r#"{"id":"a","prompt_token_ids":[1,2],"max_tokens":5,"temperature":0,"stop":"x","logprobs":2,"metadata":{"k":1}}"#,
+            InputFormat::Herd,
+        );
+        assert_eq!(p.id, "a");
+        assert_eq!(p.metadata.unwrap()["k"], 1);
+        let c = p.content.unwrap();
+        assert_eq!(c.params.max_tokens, 5);
+        assert_eq!(c.params.temperature, 0.0);
+        assert_eq!(c.params.stop, vec!["x".to_string()]);
+        assert_eq!(c.params.logprobs, Some(2));
+        assert!(matches!(c.prompt, PromptSpec::Ids(ref v) if v == &[1, 2]));
+    }
+
+    #[test]
+    fn herd_errors_are_precise() {
+        let err = |l: &str| parse(l, InputFormat::Herd).content.err().unwrap();
+        assert!(err("{").contains("line 3: invalid JSON"));
+        assert!(err(r#"{"id":1}"#).contains("no prompt"));
+        assert!(err(r#"{"prompt":"a","messages":[]}"#).contains("`prompt` and `messages`"));
+        assert!(err(r#"{"prompt":"a","max_tokens":"5"}"#).contains("`max_tokens` must be"));
+        assert!(err(r#"{"messages":[{"role":"wizard","content":"x"}]}"#).contains("wizard"));
+        assert!(err(r#"{"prompt_token_ids":[1,-2]}"#).contains("token ids"));
+        assert!(err(r#"{"id":[1],"prompt":"a"}"#).contains("`id` must be"));
+        // The default id is the line number.
+        assert_eq!(parse(r#"{"prompt":"a"}"#, InputFormat::Herd).id, 3);
+    }
+
+    #[test]
+    fn openai_chat_and_completion() {
+        let p = parse(
+            r#"{"custom_id":"r1","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":7,"logprobs":true,"top_logprobs":2}}"#,
+            InputFormat::Openai,
+        );
+        assert_eq!(p.id, "r1");
+        let c = p.content.unwrap();
+        assert_eq!((c.params.max_tokens, c.params.logprobs), (7, Some(2)));
+        assert_eq!(c.openai.unwrap().endpoint, OpenAiEndpoint::Chat);
+        let p = parse(
+            r#"{"custom_id":"r2","method":"POST","url":"/v1/embeddings","body":{}}"#,
+            InputFormat::Openai,
+        );
+        assert!(p.content.err().unwrap().contains("unsupported `url`"));
+    }
+
+    #[test]
+    fn duplicate_ids_distinguish_types() {
+        let mut s = IdSet::default();
+        assert!(s.insert(&Value::from(7)));
+        assert!(s.insert(&Value::from("7")));
+        assert!(!s.insert(&Value::from(7)));
+    }
+}

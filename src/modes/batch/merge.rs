@@ -1,0 +1,211 @@
+//! Merge the replicas' part files into the output, in input order.
+//!
+//! Record `i` lives in part `i % dp`. Parts are in completion order, which is close to input
+//! order; records read ahead of their turn are remembered by file offset only (16 bytes each),
+//! not by content, so memory stays small however long the file.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use super::state::{parse_part_line, Paths};
+
+/// How the merged output is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// One JSON record per line.
+    Jsonl,
+    /// A table: id, text, finish_reason, prompt_tokens, completion_tokens, error, metadata.
+    Csv,
+}
+
+impl OutputFormat {
+    /// From the output file name: `.csv` writes CSV, anything else JSONL.
+    pub fn from_path(p: &Path) -> OutputFormat {
+        match p.extension().and_then(|e| e.to_str()) {
+            Some(e) if e.eq_ignore_ascii_case("csv") => OutputFormat::Csv,
+            _ => OutputFormat::Jsonl,
+        }
+    }
+}
+
+struct Part {
+    lines: BufReader<File>,
+    /// A second handle to re-read records that came early.
+    seek: BufReader<File>,
+    pos: u64,
+    eof: bool,
+}
+
+/// Sink of merged records.
+enum Sink {
+    Jsonl(BufWriter<File>),
+    Csv(Box<csv::Writer<BufWriter<File>>>),
+}
+
+impl Sink {
+    fn write(&mut self, record: &str) -> Result<()> {
+        match self {
+            Sink::Jsonl(w) => {
+                w.write_all(record.as_bytes())?;
+                w.write_all(b"\n")?;
+            }
+            Sink::Csv(w) => {
+                let v: Value = serde_json::from_str(record).context("a part record is not JSON")?;
+                let s = |x: &Value| match x {
+                    Value::Null => String::new(),
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                w.write_record([
+                    s(&v["id"]),
+                    s(&v["text"]),
+                    s(&v["finish_reason"]),
+                    s(&v["usage"]["prompt_tokens"]),
+                    s(&v["usage"]["completion_tokens"]),
+                    s(&v["error"]),
+                    s(&v["metadata"]),
+                ])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Merge `dp` parts holding `total` records into the output (via a temp file and a rename).
+pub fn merge(paths: &Paths, dp: usize, total: u64, format: OutputFormat) -> Result<()> {
+    let mut parts = Vec::with_capacity(dp);
+    for r in 0..dp {
+        let p = paths.part(r);
+        let open = || File::open(&p).with_context(|| format!("opening {}", p.display()));
+        parts.push(Part {
+            lines: BufReader::with_capacity(1 << 16, open()?),
+            seek: BufReader::new(open()?),
+            pos: 0,
+            eof: false,
+        });
+    }
+    let tmp = paths.merge_tmp();
+    let file = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    let mut sink = match format {
+        OutputFormat::Jsonl => Sink::Jsonl(BufWriter::with_capacity(1 << 16, file)),
+        OutputFormat::Csv => {
+            let mut w = csv::Writer::from_writer(BufWriter::with_capacity(1 << 16, file));
+            w.write_record([
+                "id",
+                "text",
+                "finish_reason",
+                "prompt_tokens",
+                "completion_tokens",
+                "error",
+                "metadata",
+            ])?;
+            Sink::Csv(Box::new(w))
+        }
+    };
+    // Records seen before their turn: index -> offset of their line in their part.
+    let mut early: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut line = String::new();
+    let mut next = 0u64;
+    while next < total {
+        let r = (next % dp as u64) as usize;
+        let part = &mut parts[r];
+        if let Some(off) = early.remove(&next) {
+            part.seek.seek(SeekFrom::Start(off))?;
+            line.clear();
+            part.seek.read_line(&mut line)?;
+        } else {
+            loop {
+                if part.eof {
+                    bail!(
+                        "record {next} is missing from {} (the part is incomplete; rerun to finish it)",
+                        paths.part(r).display()
+                    );
+                }
+                line.clear();
+                let off = part.pos;
+                let n = part.lines.read_line(&mut line)?;
+                part.pos += n as u64;
+                if n == 0 {
+                    part.eof = true;
+                    continue;
+                }
+                let Some((i, _, _)) = parse_part_line(line.trim_end_matches('\n')) else {
+                    bail!(
+                        "{} has a damaged line at byte {off}",
+                        paths.part(r).display()
+                    );
+                };
+                match i.cmp(&next) {
+                    std::cmp::Ordering::Equal => break,
+                    std::cmp::Ordering::Greater => {
+                        early.insert(i, off);
+                    }
+                    // A record written twice (cannot happen: resume skips done records).
+                    std::cmp::Ordering::Less => {}
+                }
+            }
+        }
+        let Some((_, _, record)) = parse_part_line(line.trim_end_matches('\n')) else {
+            bail!("{} has a damaged line", paths.part(r).display());
+        };
+        sink.write(record)?;
+        next += 1;
+    }
+    let file = match sink {
+        Sink::Jsonl(w) => w.into_inner().map_err(|e| e.into_error())?,
+        Sink::Csv(w) => w
+            .into_inner()
+            .map_err(|e| anyhow::anyhow!("writing the output: {e}"))?
+            .into_inner()
+            .map_err(|e| e.into_error())?,
+    };
+    file.sync_all()?;
+    std::fs::rename(&tmp, &paths.output)
+        .with_context(|| format!("writing {}", paths.output.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::state::part_line;
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn merges_out_of_order_parts_in_input_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths {
+            output: dir.path().join("o.jsonl"),
+        };
+        // Part 0 holds 0, 2, 4 (written 4, 0, 2); part 1 holds 1, 3.
+        let p0: String = [4, 0, 2]
+            .iter()
+            .map(|&i| part_line(i, false, &json!({"id": i})))
+            .collect();
+        let p1: String = [3, 1]
+            .iter()
+            .map(|&i| part_line(i, false, &json!({"id": i})))
+            .collect();
+        std::fs::write(paths.part(0), p0).unwrap();
+        std::fs::write(paths.part(1), p1).unwrap();
+        merge(&paths, 2, 5, OutputFormat::Jsonl).unwrap();
+        let out = std::fs::read_to_string(&paths.output).unwrap();
+        let ids: Vec<u64> = out
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["id"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(ids, vec![0, 1, 2, 3, 4]);
+        // A missing record is an error, not a silently short output.
+        let err = merge(&paths, 2, 6, OutputFormat::Jsonl).unwrap_err();
+        assert!(err.to_string().contains("record 5 is missing"), "{err}");
+    }
+}

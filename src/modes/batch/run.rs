@@ -1,0 +1,783 @@
+//! The batch job: check or start the resume state, stream records through the engine with a
+//! bounded read-ahead, append results to this replica's part, stop cleanly on SIGTERM/SIGINT,
+//! then (world leader) merge the parts and report.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+use super::input::{self, InputFormat, Item, ParseOptions, RecordReader};
+use super::merge::{merge, OutputFormat};
+use super::progress::{Counts, Progress};
+use super::state::{self, PartWriter, Paths};
+use super::{openai, world, BatchArgs, Truncate};
+use crate::cli::exit::{self, Coded};
+use crate::engine::{Engine, Event, RequestOutput};
+use crate::modes::record::{error_record, result_record, with_metadata};
+use crate::modes::setup::start;
+use crate::parallel::World;
+use crate::tokenizer::Tokenizer;
+
+fn usage(e: anyhow::Error) -> anyhow::Error {
+    Coded::with(exit::USAGE)(e)
+}
+
+/// `herd batch` in the world this process belongs to.
+pub fn run(args: BatchArgs) -> Result<()> {
+    let world = world::current(args.model.tp).map_err(|e| usage(anyhow!(e)))?;
+    run_in(&args, world.as_ref())
+}
+
+/// The one place batch mode builds its engine: on a replica leader, the engine over this
+/// replica's ranks (collective: the replica's other ranks are in [`serve_replica`] meanwhile).
+fn engine_for(args: &BatchArgs, world: &dyn World) -> Result<Engine> {
+    start(&args.model, world)
+        .map_err(Coded::with(exit::MODEL))?
+        .ok_or_else(|| anyhow!("internal: a replica leader got no engine"))
+}
+
+/// A tensor-parallel peer's part: load this rank's shard and run the forward of every step its
+/// replica leader sends, until the leader's engine is dropped.
+fn serve_replica(args: &BatchArgs, world: &dyn World) -> Result<()> {
+    if start(&args.model, world)
+        .map_err(Coded::with(exit::MODEL))?
+        .is_some()
+    {
+        return Err(anyhow!("internal: a tensor-parallel peer got an engine"));
+    }
+    Ok(())
+}
+
+/// Everything that decides the records' content: a resume must match it.
+fn identity(args: &BatchArgs, format: InputFormat, dp: usize) -> Result<Value> {
+    let p = defaults(args);
+    Ok(json!({
+        "input": state::input_identity(&args.input).map_err(usage)?,
+        "input_format": format.as_str(),
+        "model": args.model.model,
+        "tokenizer": args.model.tokenizer,
+        "max_seq_len": args.model.max_seq_len,
+        "max_tokens": p.max_tokens,
+        "temperature": p.temperature,
+        "top_p": p.top_p,
+        "top_k": p.top_k,
+        "seed": p.seed,
+        "stop": p.stop,
+        "ignore_eos": p.ignore_eos,
+        "logprobs": p.logprobs,
+        "prompt_logprobs": p.prompt_logprobs,
+        "truncate_prompt": matches!(args.truncate_prompt, Truncate::Left),
+        "prompt_column": args.prompt_column,
+        "id_column": args.id_column,
+        "replicas": dp,
+    }))
+}
+
+fn defaults(args: &BatchArgs) -> crate::engine::SamplingParams {
+    // Meta's example defaults for completion, as `herd generate`.
+    let mut p = args.sampling.params(0.6, 0.9, 0);
+    p.logprobs = args.logprobs;
+    p.prompt_logprobs = args.prompt_logprobs;
+    p
+}
+
+/// Records of `total` that replica `r` of `dp` owns.
+fn owned(total: u64, dp: usize, r: usize) -> u64 {
+    let dp = dp as u64;
+    (total + dp - 1 - r as u64) / dp
+}
+
+/// What one replica leaves in its part state when it stops.
+fn replica_state(
+    identity: &Value,
+    total: u64,
+    counts: &Counts,
+    wall: f64,
+    complete: bool,
+) -> Value {
+    json!({
+        "identity": identity,
+        "complete": complete,
+        "total": total,
+        "records": counts.records,
+        "errors": counts.errors,
+        "resumed": counts.resumed,
+        "prompt_tokens": counts.prompt_tokens,
+        "generated_tokens": counts.generated_tokens,
+        "wall_s": wall,
+    })
+}
+
+pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
+    let topo = world.topology().clone();
+    let dp = topo.n_replicas;
+    let r = topo.replica;
+    let leader = topo.is_world_leader();
+    if args.read_ahead == 0 {
+        return Err(usage(anyhow!("--read-ahead must be at least 1")));
+    }
+    if !(args.grace_period >= 0.0 && args.grace_period.is_finite()) {
+        return Err(usage(anyhow!(
+            "--grace-period must be a number of seconds >= 0"
+        )));
+    }
+    let format = match args.input_format {
+        Some(f) => f,
+        None => input::detect_format(&args.input)
+            .with_context(|| format!("reading {}", args.input.display()))
+            .map_err(usage)?,
+    };
+    if format == InputFormat::Csv && args.prompt_column.is_none() {
+        tracing::info!("CSV input: prompts from the `prompt` column (see --prompt-column)");
+    }
+    let out_format = OutputFormat::from_path(&args.output);
+    let paths = Paths {
+        output: args.output.clone(),
+    };
+    if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let ident = identity(args, format, dp)?;
+
+    // A finished output: nothing to do, unless it was made differently.
+    if let Some(st) = state::read_state(&paths.final_state())? {
+        let diff = state::identity_diff(&st, &ident);
+        if args.overwrite {
+            if leader {
+                let _ = std::fs::remove_file(&paths.output);
+                let _ = std::fs::remove_file(paths.final_state());
+            }
+        } else if !diff.is_empty() {
+            return Err(usage(anyhow!(
+                "{} was made with other settings ({}); pass --overwrite to start over, or choose another --output",
+                args.output.display(),
+                diff.join("; ")
+            )));
+        } else if paths.output.exists() {
+            if leader {
+                eprintln!(
+                    "batch: {} is already complete ({} records); nothing to do",
+                    args.output.display(),
+                    st["records"]
+                );
+            }
+            return Ok(());
+        }
+    }
+    let part_state = state::read_state(&paths.part_state(r))?;
+    if args.overwrite {
+        let _ = std::fs::remove_file(paths.part(r));
+        let _ = std::fs::remove_file(paths.part_state(r));
+        if leader {
+            let _ = std::fs::remove_file(&paths.output);
+        }
+    } else if let Some(st) = &part_state {
+        let diff = state::identity_diff(st, &ident);
+        if !diff.is_empty() {
+            return Err(usage(anyhow!(
+                "cannot resume {}: it was started with other settings ({}); pass --overwrite to start over",
+                args.output.display(),
+                diff.join("; ")
+            )));
+        }
+    } else if paths.output.exists() {
+        return Err(usage(anyhow!(
+            "{} exists and was not written by this batch job; pass --overwrite to replace it, or choose another --output",
+            args.output.display()
+        )));
+    }
+
+    let mut counts = Counts::default();
+    let mut interrupted = false;
+    let mut total = 0;
+    let t0 = Instant::now();
+    // A replica that fails still meets the others at the barrier (they would wait forever), then
+    // reports its error.
+    let mut failure = None;
+    if topo.is_replica_leader() {
+        // Before the model loads, so that a signal during the load also ends in a clean stop.
+        let stop = install_signals()?;
+        let mut work = || -> Result<Outcome> {
+            let scan = state::scan_part(&paths.part(r), dp)?;
+            if scan.dropped_bytes > 0 {
+                tracing::warn!(
+                    bytes = scan.dropped_bytes,
+                    "dropped a torn last line of {} (an earlier run was killed while writing); it will be redone",
+                    paths.part(r).display()
+                );
+            }
+            counts.records = scan.records;
+            counts.errors = scan.errors;
+            counts.resumed = scan.records;
+            if scan.records > 0 && leader {
+                eprintln!("batch: resuming: {} records already done", scan.records);
+            }
+            state::write_state(
+                &paths.part_state(r),
+                &replica_state(&ident, 0, &counts, 0.0, false),
+            )?;
+            let mut engine = engine_for(args, world)?;
+            let count = input::count_records(&args.input, format)?;
+            let mut progress = Progress::new(
+                owned(count, dp, r),
+                counts.records,
+                leader,
+                args.log_interval,
+            );
+            let outcome = generate(
+                args,
+                &mut engine,
+                format,
+                scan.done,
+                dp,
+                r,
+                &paths,
+                &mut counts,
+                &mut progress,
+                &stop,
+            );
+            progress.finish();
+            let outcome = outcome?;
+            let complete = !outcome.interrupted && counts.records == owned(outcome.total, dp, r);
+            state::write_state(
+                &paths.part_state(r),
+                &replica_state(
+                    &ident,
+                    outcome.total,
+                    &counts,
+                    t0.elapsed().as_secs_f64(),
+                    complete,
+                ),
+            )?;
+            Ok(outcome)
+        };
+        match work() {
+            Ok(o) => {
+                total = o.total;
+                interrupted = o.interrupted;
+            }
+            Err(e) => failure = Some(e),
+        }
+    } else if let Err(e) = serve_replica(args, world) {
+        failure = Some(e);
+    }
+    world
+        .barrier()
+        .map_err(|e| anyhow!("waiting for the other replicas: {e}"))?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if !leader {
+        return finish_code(args, interrupted, counts.errors);
+    }
+
+    // World leader: merge when every replica finished.
+    let mut states = Vec::with_capacity(dp);
+    for k in 0..dp {
+        let st = state::read_state(&paths.part_state(k))?.ok_or_else(|| {
+            anyhow!(
+                "replica {k} left no state ({})",
+                paths.part_state(k).display()
+            )
+        })?;
+        states.push(st);
+    }
+    let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let all_done = states.iter().all(|s| s["complete"] == true);
+    let records: u64 = states.iter().map(|s| u(s, "records")).sum();
+    let errors: u64 = states.iter().map(|s| u(s, "errors")).sum();
+    if all_done {
+        let total = states.iter().map(|s| u(s, "total")).max().unwrap_or(total);
+        merge(&paths, dp, total, out_format)?;
+        state::write_state(
+            &paths.final_state(),
+            &json!({"identity": ident, "complete": true, "records": total, "errors": errors}),
+        )?;
+        for k in 0..dp {
+            let _ = std::fs::remove_file(paths.part(k));
+            let _ = std::fs::remove_file(paths.part_state(k));
+        }
+    }
+    report(args, &states, all_done, records, errors)?;
+    if !all_done {
+        return Err(Coded::with(exit::INTERRUPTED)(anyhow!(
+            "interrupted: {records} records are on disk; rerun the same command to resume"
+        )));
+    }
+    finish_code(args, false, errors)
+}
+
+fn finish_code(args: &BatchArgs, interrupted: bool, errors: u64) -> Result<()> {
+    if interrupted {
+        return Err(Coded::with(exit::INTERRUPTED)(anyhow!(
+            "interrupted: what was done is on disk; rerun the same command to resume"
+        )));
+    }
+    if args.fail_on_error && errors > 0 {
+        return Err(Coded::with(exit::RECORD_ERRORS)(anyhow!(
+            "{errors} records are error records (--fail-on-error)"
+        )));
+    }
+    Ok(())
+}
+
+/// SIGTERM/SIGINT set the flag; a second one exits at once with the interrupted code.
+fn install_signals() -> Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [SIGTERM, SIGINT] {
+        // Registered first, so it sees the flag as it was before this signal.
+        signal_hook::flag::register_conditional_shutdown(
+            sig,
+            exit::INTERRUPTED,
+            Arc::clone(&stop),
+        )?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+    Ok(stop)
+}
+
+struct Outcome {
+    total: u64,
+    interrupted: bool,
+}
+
+/// What the writer needs to answer a running request.
+struct Pending {
+    index: u64,
+    id: Value,
+    metadata: Option<Value>,
+    openai: Option<input::OpenAiInfo>,
+}
+
+/// Turns results into output records and appends them.
+struct Writer<'a> {
+    part: PartWriter,
+    model: &'a str,
+    created: u64,
+    last_sync: Instant,
+}
+
+impl Writer<'_> {
+    fn error(
+        &mut self,
+        item_index: u64,
+        id: Value,
+        metadata: Option<Value>,
+        openai: bool,
+        msg: &str,
+        c: &mut Counts,
+    ) -> Result<()> {
+        let rec = if openai {
+            openai::failure(item_index, &id, msg)
+        } else {
+            with_metadata(error_record(Some(id), msg), metadata)
+        };
+        self.part.append(item_index, true, &rec)?;
+        c.records += 1;
+        c.errors += 1;
+        Ok(())
+    }
+
+    fn result(
+        &mut self,
+        p: Pending,
+        out: &RequestOutput,
+        tok: &Tokenizer,
+        c: &mut Counts,
+    ) -> Result<()> {
+        let rec = match &p.openai {
+            Some(info) => openai::success(p.index, &p.id, info, self.model, self.created, tok, out),
+            None => with_metadata(result_record(Some(p.id), out), p.metadata),
+        };
+        self.part.append(p.index, false, &rec)?;
+        c.records += 1;
+        c.prompt_tokens += out.prompt_tokens as u64;
+        c.generated_tokens += out.token_ids.len() as u64;
+        // fsync about once a second: a machine crash loses at most that much work.
+        if self.last_sync.elapsed() >= Duration::from_secs(1) {
+            self.part.sync()?;
+            self.last_sync = Instant::now();
+        }
+        Ok(())
+    }
+}
+
+/// Parse and tokenize records on a thread, ahead of the engine, at most `read_ahead` at a time.
+#[allow(clippy::too_many_arguments)]
+fn spawn_reader(
+    args: &BatchArgs,
+    format: InputFormat,
+    tok: Arc<Tokenizer>,
+    max_len: usize,
+    done: state::DoneSet,
+    dp: usize,
+    r: usize,
+    stop: Arc<AtomicBool>,
+) -> Result<(Receiver<Item>, std::thread::JoinHandle<Result<u64>>)> {
+    let opts = ParseOptions {
+        format,
+        defaults: defaults(args),
+        max_len,
+        truncate_left: matches!(args.truncate_prompt, Truncate::Left),
+        prompt_column: args.prompt_column.clone(),
+        id_column: args.id_column.clone(),
+    };
+    let mut reader = RecordReader::open(&args.input, format)
+        .with_context(|| format!("reading {}", args.input.display()))
+        .map_err(usage)?;
+    if format == InputFormat::Csv {
+        let want = opts.prompt_column.as_deref().unwrap_or("prompt");
+        let h = reader.headers();
+        if !h.iter().any(|c| c == want) {
+            return Err(usage(anyhow!(
+                "{} has no column `{want}` (columns: {}); pass --prompt-column",
+                args.input.display(),
+                h.join(", ")
+            )));
+        }
+        if let Some(idc) = &opts.id_column {
+            if !h.iter().any(|c| c == idc) {
+                return Err(usage(anyhow!(
+                    "{} has no column `{idc}`",
+                    args.input.display()
+                )));
+            }
+        }
+    }
+    let (tx, rx) = sync_channel::<Item>(args.read_ahead);
+    let handle = std::thread::Builder::new()
+        .name("batch-reader".into())
+        .spawn(move || -> Result<u64> {
+            let headers = reader.headers().to_vec();
+            let mut ids = input::IdSet::default();
+            let mut index = 0u64;
+            while let Some((line, raw)) = reader.next_record()? {
+                // On a signal stop at once: the rest of the file may hold none of our records,
+                // and reading it all would outlast the grace period.
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let i = index;
+                index += 1;
+                let parsed = input::parse_record(raw, line, &opts, &headers);
+                // Every replica sees every id, so all agree which occurrence is the duplicate.
+                let fresh = ids.insert(&parsed.id);
+                if i % dp as u64 != r as u64 || done.contains(i) {
+                    continue;
+                }
+                let body = match parsed.content {
+                    Err(e) => Err(e),
+                    Ok(_) if !fresh => Err(format!("line {line}: duplicate id {}", parsed.id)),
+                    Ok(c) => {
+                        input::prepare(c, &tok, &opts).map_err(|e| format!("line {line}: {e}"))
+                    }
+                };
+                let item = Item {
+                    index: i,
+                    line,
+                    id: parsed.id,
+                    metadata: parsed.metadata,
+                    body,
+                };
+                if tx.send(item).is_err() {
+                    break; // the run stopped
+                }
+            }
+            Ok(index)
+        })?;
+    Ok((rx, handle))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn generate(
+    args: &BatchArgs,
+    engine: &mut Engine,
+    format: InputFormat,
+    done: state::DoneSet,
+    dp: usize,
+    r: usize,
+    paths: &Paths,
+    counts: &mut Counts,
+    progress: &mut Progress,
+    stop: &Arc<AtomicBool>,
+) -> Result<Outcome> {
+    let tok = engine.tokenizer().clone();
+    let (rx, reader) = spawn_reader(
+        args,
+        format,
+        tok.clone(),
+        engine.max_len(),
+        done,
+        dp,
+        r,
+        Arc::clone(stop),
+    )?;
+    let mut writer = Writer {
+        part: PartWriter::open(&paths.part(r))?,
+        model: &args.model.model,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        last_sync: Instant::now(),
+    };
+    let is_openai = format == InputFormat::Openai;
+    // Enough queued to keep every batch slot busy; the reader's channel holds the rest.
+    let max_inflight = 2 * args.model.max_batch_size.max(1);
+    let mut inflight: HashMap<u64, Pending> = HashMap::new();
+    let mut input_open = true;
+    let mut deadline: Option<Instant> = None;
+    loop {
+        if deadline.is_none() && stop.load(Ordering::Relaxed) {
+            deadline = Some(Instant::now() + Duration::from_secs_f64(args.grace_period));
+            eprintln!(
+                "batch: stopping: finishing {} in-flight records for up to {}s (a second signal stops at once)",
+                inflight.len(),
+                args.grace_period
+            );
+        }
+        if deadline.is_none() {
+            while input_open && inflight.len() < max_inflight {
+                let item = if inflight.is_empty() {
+                    match rx.recv() {
+                        Ok(it) => it,
+                        Err(_) => {
+                            input_open = false;
+                            break;
+                        }
+                    }
+                } else {
+                    match rx.try_recv() {
+                        Ok(it) => it,
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            input_open = false;
+                            break;
+                        }
+                    }
+                };
+                let ready = match item.body {
+                    Ok(ready) => ready,
+                    Err(e) => {
+                        writer.error(item.index, item.id, item.metadata, is_openai, &e, counts)?;
+                        continue;
+                    }
+                };
+                let openai = ready.openai;
+                match engine.add_request(ready.prompt, ready.params) {
+                    Ok(rid) => {
+                        inflight.insert(
+                            rid,
+                            Pending {
+                                index: item.index,
+                                id: item.id,
+                                metadata: item.metadata,
+                                openai,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        let msg = format!("line {}: {e}", item.line);
+                        writer.error(
+                            item.index,
+                            item.id,
+                            item.metadata,
+                            is_openai,
+                            &msg,
+                            counts,
+                        )?;
+                    }
+                }
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+        }
+        progress.update(counts);
+        if inflight.is_empty() {
+            if !input_open || deadline.is_some() {
+                break;
+            }
+            continue;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            // Abandoned records are not written: the rerun does them.
+            let ids: Vec<u64> = inflight.keys().copied().collect();
+            for id in ids {
+                engine.abort(id);
+            }
+            inflight.clear();
+            break;
+        }
+        let events = engine
+            .step()
+            .map_err(|e| Coded::with(exit::MODEL)(anyhow!(e).context("the model failed")))?;
+        for ev in events {
+            if let Event::Finished(out) = ev {
+                if let Some(p) = inflight.remove(&out.id) {
+                    writer.result(p, &out, &tok, counts)?;
+                }
+            }
+        }
+    }
+    writer.part.sync()?;
+    progress.update(counts);
+    // The reader also stops on the signal, so a signal means the input may not have been read
+    // to its end: never count such a run as complete.
+    let interrupted = deadline.is_some() || stop.load(Ordering::Relaxed);
+    // Dropping the receiver ends the reader if it is blocked on a full channel.
+    drop(rx);
+    let total = match reader.join() {
+        Ok(res) => res.with_context(|| format!("reading {}", args.input.display()))?,
+        Err(_) => bail!("the input reader thread panicked"),
+    };
+    Ok(Outcome { total, interrupted })
+}
+
+/// The summary on stderr (and a CSV row with --stats-csv).
+fn report(
+    args: &BatchArgs,
+    states: &[Value],
+    complete: bool,
+    records: u64,
+    errors: u64,
+) -> Result<()> {
+    let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+    let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    let pin: u64 = states.iter().map(|s| u(s, "prompt_tokens")).sum();
+    let gen: u64 = states.iter().map(|s| u(s, "generated_tokens")).sum();
+    let wall = states.iter().map(|s| f(s, "wall_s")).fold(0.0, f64::max);
+    eprintln!(
+        "batch {}: {records} records ({errors} errors) -> {}; this run: prompt {pin} tokens, generated {gen} tokens in {wall:.1} s ({:.1} generated tokens/s), peak memory {} MB",
+        if complete { "done" } else { "interrupted" },
+        args.output.display(),
+        gen as f64 / wall.max(1e-9),
+        peak_rss_kb().map_or("?".into(), |kb| format!("{:.1}", kb as f64 / 1024.0)),
+    );
+    if states.len() > 1 {
+        for (k, s) in states.iter().enumerate() {
+            eprintln!(
+                "  replica {k}: {} records ({} resumed, {} errors), prompt {} tokens, generated {} tokens in {:.1} s ({:.1} tokens/s)",
+                u(s, "records"),
+                u(s, "resumed"),
+                u(s, "errors"),
+                u(s, "prompt_tokens"),
+                u(s, "generated_tokens"),
+                f(s, "wall_s"),
+                u(s, "generated_tokens") as f64 / f(s, "wall_s").max(1e-9)
+            );
+        }
+    }
+    let Some(path) = &args.stats_csv else {
+        return Ok(());
+    };
+    let new = !path.exists();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut w = csv::Writer::from_writer(file);
+    if new {
+        w.write_record([
+            "date",
+            "commit",
+            "machine",
+            "model",
+            "input",
+            "replica",
+            "max_batch_size",
+            "complete",
+            "records",
+            "errors",
+            "prompt_tokens",
+            "generated_tokens",
+            "wall_s",
+            "prompt_tokens_per_s",
+            "generated_tokens_per_s",
+        ])?;
+    }
+    let machine = machine_name();
+    let mut rows: Vec<(String, u64, u64, u64, u64, f64)> =
+        vec![("all".into(), records, errors, pin, gen, wall)];
+    if states.len() > 1 {
+        for (k, s) in states.iter().enumerate() {
+            rows.push((
+                k.to_string(),
+                u(s, "records"),
+                u(s, "errors"),
+                u(s, "prompt_tokens"),
+                u(s, "generated_tokens"),
+                f(s, "wall_s"),
+            ));
+        }
+    }
+    for (replica, rec, err, pin, gen, wall) in rows {
+        w.write_record([
+            today(),
+            env!("HERD_GIT_COMMIT").to_string(),
+            machine.clone(),
+            args.model.model.clone(),
+            args.input.display().to_string(),
+            replica,
+            args.model.max_batch_size.to_string(),
+            complete.to_string(),
+            rec.to_string(),
+            err.to_string(),
+            pin.to_string(),
+            gen.to_string(),
+            format!("{wall:.3}"),
+            format!("{:.1}", pin as f64 / wall.max(1e-9)),
+            format!("{:.1}", gen as f64 / wall.max(1e-9)),
+        ])?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// This process's peak resident memory (Linux VmHWM), in KiB.
+fn peak_rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn machine_name() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    format!("{cpu} x{} threads", rayon::current_num_threads())
+}
+
+/// Today's date (UTC), YYYY-MM-DD (civil-from-days, no date crate).
+fn today() -> String {
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86400)
+        .unwrap_or(0) as i64;
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}

@@ -1,0 +1,291 @@
+//! Output part files and the resume state beside them.
+//!
+//! Replica `r` appends finished records to `OUT.part-r`, one line each, written with a single
+//! `write` so a crash can only tear the last line; on resume a torn or unreadable tail is cut off
+//! and the records before it count as done. `OUT.part-r.state` remembers what produced the part
+//! (input identity, model, parameters) so a resume with different settings is refused, and
+//! whether the replica finished. After the merge `OUT.state` marks the whole output complete.
+//!
+//! Part lines: `{"i":INDEX,"e":0|1,"r":RECORD}` (record number, error flag, the output record).
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+/// Paths of everything batch mode writes for one output.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pub output: PathBuf,
+}
+
+impl Paths {
+    fn with_suffix(&self, suffix: &str) -> PathBuf {
+        let mut s = self.output.clone().into_os_string();
+        s.push(suffix);
+        PathBuf::from(s)
+    }
+    pub fn part(&self, r: usize) -> PathBuf {
+        self.with_suffix(&format!(".part-{r}"))
+    }
+    pub fn part_state(&self, r: usize) -> PathBuf {
+        self.with_suffix(&format!(".part-{r}.state"))
+    }
+    /// Written after the merge: the output is complete.
+    pub fn final_state(&self) -> PathBuf {
+        self.with_suffix(".state")
+    }
+    pub fn merge_tmp(&self) -> PathBuf {
+        self.with_suffix(".merging")
+    }
+}
+
+/// Size plus a hash of the first and last MiB: cheap, and catches edits and swapped files.
+pub fn input_identity(path: &Path) -> Result<Value> {
+    use std::hash::Hasher;
+    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = f.metadata()?.len();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let n = read_full(&mut f, &mut buf)?;
+    h.write(&buf[..n]);
+    if len > (1 << 21) {
+        f.seek(SeekFrom::Start(len - (1 << 20)))?;
+        let n = read_full(&mut f, &mut buf)?;
+        h.write(&buf[..n]);
+    }
+    Ok(json!({"bytes": len, "sample_hash": format!("{:016x}", h.finish())}))
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let k = f.read(&mut buf[n..])?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    Ok(n)
+}
+
+/// Read a JSON state file, `None` if absent.
+pub fn read_state(path: &Path) -> Result<Option<Value>> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(Some(serde_json::from_str(&s).with_context(|| {
+            format!(
+                "{} is not a herd state file; remove it or pass --overwrite",
+                path.display()
+            )
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Write a state file atomically (temp file + rename), so it is never half written.
+pub fn write_state(path: &Path, v: &Value) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(serde_json::to_string_pretty(v)?.as_bytes())?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// The keys of `identity` whose values differ in `state` (for a precise mismatch message).
+pub fn identity_diff(state: &Value, identity: &Value) -> Vec<String> {
+    let old = &state["identity"];
+    match identity.as_object() {
+        Some(m) => m
+            .iter()
+            .filter(|(k, v)| old.get(k.as_str()) != Some(*v))
+            .map(|(k, v)| {
+                format!(
+                    "{k}: was {}, now {v}",
+                    old.get(k.as_str()).cloned().unwrap_or(Value::Null)
+                )
+            })
+            .collect(),
+        None => vec!["identity".into()],
+    }
+}
+
+/// Which record numbers are done: one bit per record of this replica (1.25 MB per 10 M records).
+pub struct DoneSet {
+    bits: Vec<u64>,
+    dp: u64,
+}
+
+impl DoneSet {
+    pub fn new(dp: usize) -> Self {
+        DoneSet {
+            bits: Vec::new(),
+            dp: dp.max(1) as u64,
+        }
+    }
+    pub fn insert(&mut self, index: u64) {
+        let k = (index / self.dp) as usize;
+        if self.bits.len() <= k / 64 {
+            self.bits.resize(k / 64 + 1, 0);
+        }
+        self.bits[k / 64] |= 1 << (k % 64);
+    }
+    pub fn contains(&self, index: u64) -> bool {
+        let k = (index / self.dp) as usize;
+        self.bits
+            .get(k / 64)
+            .is_some_and(|w| w & (1 << (k % 64)) != 0)
+    }
+}
+
+/// Parse a part line's record number, error flag and the record's JSON text.
+pub fn parse_part_line(line: &str) -> Option<(u64, bool, &str)> {
+    let rest = line.strip_prefix("{\"i\":")?;
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let index: u64 = rest[..digits].parse().ok()?;
+    let rest = rest[digits..].strip_prefix(",\"e\":")?;
+    let err = match rest.as_bytes().first()? {
+        b'0' => false,
+        b'1' => true,
+        _ => return None,
+    };
+    let record = rest[1..].strip_prefix(",\"r\":")?.strip_suffix('}')?;
+    Some((index, err, record))
+}
+
+/// Format a part line (with its newline).
+pub fn part_line(index: u64, error: bool, record: &Value) -> String {
+    format!(
+        "{{\"i\":{index},\"e\":{},\"r\":{record}}}\n",
+        u8::from(error)
+    )
+}
+
+/// What an existing part holds.
+pub struct Scan {
+    pub done: DoneSet,
+    pub records: u64,
+    pub errors: u64,
+    /// Bytes of a torn or unreadable tail that were cut off.
+    pub dropped_bytes: u64,
+}
+
+/// Read an existing part, cut a torn tail and note which records are done.
+pub fn scan_part(path: &Path, dp: usize) -> Result<Scan> {
+    let mut scan = Scan {
+        done: DoneSet::new(dp),
+        records: 0,
+        errors: 0,
+        dropped_bytes: 0,
+    };
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(scan),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let total = file.metadata()?.len();
+    let mut r = BufReader::new(file);
+    let mut good = 0u64;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let n = r.read_until(b'\n', &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        // A line without its newline, or one that does not parse, is a torn write: stop here.
+        let parsed = buf
+            .strip_suffix(b"\n")
+            .and_then(|l| std::str::from_utf8(l).ok())
+            .and_then(parse_part_line)
+            .filter(|(_, _, rec)| serde_json::from_str::<serde::de::IgnoredAny>(rec).is_ok());
+        let Some((index, err, _)) = parsed else {
+            break;
+        };
+        if !scan.done.contains(index) {
+            scan.done.insert(index);
+            scan.records += 1;
+            scan.errors += u64::from(err);
+        }
+        good += n as u64;
+    }
+    if good < total {
+        scan.dropped_bytes = total - good;
+        let f = OpenOptions::new().write(true).open(path)?;
+        f.set_len(good)?;
+        f.sync_all()?;
+    }
+    Ok(scan)
+}
+
+/// Appends records to a part: one `write` per record (never a torn line but at a crash).
+pub struct PartWriter {
+    file: File,
+    unsynced: usize,
+}
+
+impl PartWriter {
+    pub fn open(path: &Path) -> Result<PartWriter> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(PartWriter { file, unsynced: 0 })
+    }
+
+    pub fn append(&mut self, index: u64, error: bool, record: &Value) -> Result<()> {
+        self.file
+            .write_all(part_line(index, error, record).as_bytes())
+            .context("writing an output part")?;
+        self.unsynced += 1;
+        Ok(())
+    }
+
+    /// Make what was written survive a machine crash (a killed process loses nothing anyway).
+    pub fn sync(&mut self) -> Result<()> {
+        if self.unsynced > 0 {
+            self.file.sync_data()?;
+            self.unsynced = 0;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_lines_round_trip() {
+        let rec = json!({"id": "a}", "text": "x"});
+        let line = part_line(42, true, &rec);
+        let (i, e, r) = parse_part_line(line.trim_end()).unwrap();
+        assert_eq!((i, e), (42, true));
+        assert_eq!(serde_json::from_str::<Value>(r).unwrap(), rec);
+        assert!(parse_part_line("{\"i\":4,\"e\":0,\"r\":{\"id\"").is_none());
+    }
+
+    #[test]
+    fn scan_cuts_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("o.part-0");
+        let mut text = part_line(0, false, &json!({"id": 1}));
+        text += &part_line(2, true, &json!({"id": 3}));
+        let good = text.len() as u64;
+        text += "{\"i\":4,\"e\":0,\"r\":{\"id\":";
+        std::fs::write(&p, &text).unwrap();
+        let s = scan_part(&p, 2).unwrap();
+        assert_eq!((s.records, s.errors), (2, 1));
+        assert!(s.done.contains(0) && s.done.contains(2) && !s.done.contains(4));
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), good);
+    }
+}
