@@ -176,9 +176,13 @@ impl Client {
                 status,
                 body: clip(&resp.into_string().unwrap_or_default()),
             }),
+            // Transport's Display repeats the URL; kind and message are enough.
             Err(ureq::Error::Transport(t)) => Err(ApiError::Unreachable {
                 url,
-                msg: t.to_string(),
+                msg: match t.message() {
+                    Some(m) => format!("{}: {m}", t.kind()),
+                    None => t.kind().to_string(),
+                },
             }),
         }
     }

@@ -54,7 +54,7 @@ pub fn serve(
     term: Arc<AtomicBool>,
 ) -> Result<Summary> {
     let link = Arc::new(Link::new(client.url()));
-    link.up();
+    link.up(Instant::now());
     let outstanding = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();

@@ -12,31 +12,37 @@ use super::protocol::{ApiError, Client, JobReply, JobResult, LoginReply, Progres
 /// Whether the server answers, logged once per change (not once per failed request).
 pub struct Link {
     url: String,
-    online: Mutex<Option<bool>>,
+    /// `Some(true)` online, `Some(false)` offline since the instant.
+    online: Mutex<(Option<bool>, Instant)>,
 }
 
 impl Link {
     pub fn new(url: &str) -> Link {
         Link {
             url: url.to_string(),
-            online: Mutex::new(None),
+            online: Mutex::new((None, Instant::now())),
         }
     }
 
-    pub fn up(&self) {
+    /// A request sent at `sent` was answered. One sent before the server went away says
+    /// nothing about now (it was accepted before the outage), so it does not flip the state.
+    pub fn up(&self, sent: Instant) {
         let mut s = lock(&self.online);
-        if *s == Some(false) {
+        if s.0 == Some(false) {
+            if sent < s.1 {
+                return;
+            }
             tracing::info!(url = %self.url, "API server reachable again");
         }
-        *s = Some(true);
+        *s = (Some(true), Instant::now());
     }
 
     pub fn down(&self, e: &ApiError) {
         let mut s = lock(&self.online);
-        if *s != Some(false) {
+        if s.0 != Some(false) {
             tracing::warn!("{e}; retrying with backoff (generation goes on)");
+            *s = (Some(false), Instant::now());
         }
-        *s = Some(false);
     }
 }
 
@@ -106,12 +112,13 @@ impl Poller {
         let mut backoff = Backoff::default();
         let mut last_note = String::new();
         while !self.stop.load(Ordering::SeqCst) {
+            let sent = Instant::now();
             if !logged_in {
                 match self.client.login() {
                     Ok(LoginReply::Accepted {
                         request_timeout, ..
                     }) => {
-                        self.link.up();
+                        self.link.up(sent);
                         tracing::info!(worker = %self.client.identity().auth, "logged in again");
                         self.request_timeout = request_timeout;
                         logged_in = true;
@@ -145,7 +152,7 @@ impl Poller {
             };
             match self.client.job_request(free, wait) {
                 Ok(JobReply::Jobs(jobs)) => {
-                    self.link.up();
+                    self.link.up(sent);
                     backoff.reset();
                     self.outstanding.fetch_add(jobs.len(), Ordering::SeqCst);
                     if self.tx.send(Inbox::Jobs(jobs)).is_err() {
@@ -153,11 +160,11 @@ impl Poller {
                     }
                 }
                 Ok(JobReply::NoJob) => {
-                    self.link.up();
+                    self.link.up(sent);
                     backoff.reset();
                 }
                 Ok(JobReply::Warning(msg)) => {
-                    self.link.up();
+                    self.link.up(sent);
                     if msg != last_note {
                         tracing::warn!("API server: {msg}");
                         last_note = msg;
@@ -167,7 +174,7 @@ impl Poller {
                 Ok(JobReply::Error(msg)) => {
                     // The server no longer knows us (restarted) or no longer accepts us: a new
                     // login tells which.
-                    self.link.up();
+                    self.link.up(sent);
                     tracing::warn!("API server: {msg}; logging in again");
                     logged_in = false;
                     nap(backoff.next(), &self.stop);
@@ -295,7 +302,9 @@ pub fn run_outbox(outbox: Arc<Outbox>, client: Arc<Client>, link: Arc<Link>) {
         };
         match work {
             Work::Result(r) => {
+                let mut sent;
                 let delivered = loop {
+                    sent = Instant::now();
                     match client.result(&r) {
                         Ok(ResultReply::Ok) => break true,
                         Ok(ResultReply::Warning(msg)) => {
@@ -320,7 +329,7 @@ pub fn run_outbox(outbox: Arc<Outbox>, client: Arc<Client>, link: Arc<Link>) {
                     }
                 };
                 if delivered {
-                    link.up();
+                    link.up(sent);
                     backoff.reset();
                 }
                 muted.remove(&r.job_id);
@@ -331,12 +340,12 @@ pub fn run_outbox(outbox: Arc<Outbox>, client: Arc<Client>, link: Arc<Link>) {
                 outbox.cv.notify_all();
             }
             Work::Progress(items) if items.is_empty() => {}
-            Work::Progress(items) => match client.progress(&items) {
-                Ok(()) => {
-                    link.up();
+            Work::Progress(items) => match (Instant::now(), client.progress(&items)) {
+                (sent, Ok(())) => {
+                    link.up(sent);
                     backoff.reset();
                 }
-                Err(ApiError::Status { .. }) if items.len() > 1 => {
+                (_, Err(ApiError::Status { .. })) if items.len() > 1 => {
                     // Find the job(s) the server does not know, one request each.
                     for p in items {
                         if let Err(ApiError::Status { .. }) =
@@ -347,11 +356,11 @@ pub fn run_outbox(outbox: Arc<Outbox>, client: Arc<Client>, link: Arc<Link>) {
                         }
                     }
                 }
-                Err(ApiError::Status { .. }) => {
+                (_, Err(ApiError::Status { .. })) => {
                     tracing::warn!(job = %items[0].job_id, "the API server refuses progress for this job; sending only its result");
                     muted.insert(items[0].job_id.clone());
                 }
-                Err(e) => {
+                (_, Err(e)) => {
                     // Dropped, not queued: the next progress carries the newer text anyway.
                     if e.is_unreachable() {
                         link.down(&e);
