@@ -85,7 +85,7 @@ fn with_retry<T>(
                     logged = true;
                 }
                 let left = end.saturating_duration_since(Instant::now());
-                std::thread::sleep(backoff.next().min(left));
+                std::thread::sleep(backoff.delay().min(left));
             }
             Err(e) if e.is_unreachable() => bail!(
                 "the AIME API server at {url} is unreachable (gave up after {:.0} s; check --api-server / HERD_API_SERVER): {e}",

@@ -51,7 +51,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Exponential backoff from 250 ms to 5 s.
+/// Exponential backoff from 250 ms to 5 s; `delay` gives the next wait.
 pub struct Backoff(Duration);
 
 impl Default for Backoff {
@@ -61,7 +61,7 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    pub fn next(&mut self) -> Duration {
+    pub fn delay(&mut self) -> Duration {
         self.0 = (self.0 * 2).clamp(Duration::from_millis(250), Duration::from_secs(5));
         self.0
     }
@@ -133,7 +133,7 @@ impl Poller {
                     }
                     Err(e) => {
                         self.note_failure(&e);
-                        nap(backoff.next(), &self.stop);
+                        nap(backoff.delay(), &self.stop);
                     }
                 }
                 continue;
@@ -169,7 +169,7 @@ impl Poller {
                         tracing::warn!("API server: {msg}");
                         last_note = msg;
                     }
-                    nap(backoff.next(), &self.stop);
+                    nap(backoff.delay(), &self.stop);
                 }
                 Ok(JobReply::Error(msg)) => {
                     // The server no longer knows us (restarted) or no longer accepts us: a new
@@ -177,7 +177,7 @@ impl Poller {
                     self.link.up(sent);
                     tracing::warn!("API server: {msg}; logging in again");
                     logged_in = false;
-                    nap(backoff.next(), &self.stop);
+                    nap(backoff.delay(), &self.stop);
                 }
                 Err(e) => {
                     if e.is_unreachable() {
@@ -185,7 +185,7 @@ impl Poller {
                         logged_in = false;
                     }
                     self.note_failure(&e);
-                    nap(backoff.next(), &self.stop);
+                    nap(backoff.delay(), &self.stop);
                 }
             }
         }
@@ -318,7 +318,7 @@ pub fn run_outbox(outbox: Arc<Outbox>, client: Arc<Client>, link: Arc<Link>) {
                                 tracing::error!(job = %r.job_id, "result not delivered before shutdown: {e}");
                                 break false;
                             }
-                            nap(backoff.next(), &never);
+                            nap(backoff.delay(), &never);
                         }
                         // Any HTTP answer means the server saw the result: sending it again could
                         // make it a second result for the job.
@@ -367,7 +367,7 @@ pub fn run_outbox(outbox: Arc<Outbox>, client: Arc<Client>, link: Arc<Link>) {
                     } else {
                         tracing::warn!("progress: {e}");
                     }
-                    nap(backoff.next(), &never);
+                    nap(backoff.delay(), &never);
                 }
             },
         }
