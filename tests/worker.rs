@@ -707,3 +707,86 @@ fn sigterm_aborts_what_the_grace_period_cannot_finish_and_still_answers() {
     assert!(tokens(&r) > 0 && tokens(&r) < 5000);
     check_progress(&server, "huge");
 }
+
+/// Throughput of 32 concurrent chat jobs, continuous batching (--max-batch-size 32) versus one
+/// at a time. By hand, against a release binary:
+/// `cargo build --release && HERD_BIN=target/release/herd cargo test --test worker -- --ignored --nocapture`
+/// (appends to results/worker-cpu.csv).
+#[test]
+#[ignore]
+fn measure_32_chat_jobs_batched_versus_one_at_a_time() {
+    let bin = std::env::var("HERD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_herd").into());
+    let profile = if bin.contains("release") {
+        "release"
+    } else {
+        "dev"
+    };
+    let machine = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let (n_jobs, max_gen) = (32, 64u64);
+    let mut rows = Vec::new();
+    for batch in [32usize, 1] {
+        let server = Server::start();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(&bin)
+            .args(["worker", "--model", "random:tiny", "--progress-rate", "5"])
+            .args(["--max-batch-size", &batch.to_string()])
+            .env("HERD_API_SERVER", server.url())
+            .env("HERD_API_AUTH_KEY", KEY)
+            .env("RAYON_NUM_THREADS", "2")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .expect("herd runs");
+        let mut w = Worker { child, log };
+        server.wait(60.0, "login", |s| s.logins >= 1);
+        let t0 = Instant::now();
+        for i in 0..n_jobs {
+            server.push(json!({
+                "job_id": format!("m{i}"),
+                "chat_context": [{"role": "system", "content": "You are Dave, a helpful assistant."}],
+                "prompt_input": format!("Question number {i}: what is the capital of France?"),
+                "top_k": 40, "top_p": 0.9, "temperature": 0.8,
+                "max_gen_tokens": max_gen,
+            }));
+        }
+        server.wait(300.0, "all results", |s| s.results.len() == n_jobs);
+        let secs = t0.elapsed().as_secs_f64();
+        let toks: u64 = server.with(|s| s.results.iter().map(tokens).sum());
+        w.sigterm();
+        assert_eq!(w.wait(30), 0);
+        let row = format!(
+            "{machine},2,random:tiny,{profile},{n_jobs},{max_gen},{batch},{secs:.2},{:.2},{:.1}",
+            n_jobs as f64 / secs,
+            toks as f64 / secs
+        );
+        println!("{row}");
+        rows.push(row);
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results/worker-cpu.csv");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let new = !path.exists();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    if new {
+        writeln!(
+            f,
+            "machine,threads,model,profile,jobs,max_gen_tokens,max_batch_size,seconds,jobs_per_s,tokens_per_s"
+        )
+        .unwrap();
+    }
+    for r in rows {
+        writeln!(f, "{r}").unwrap();
+    }
+}
