@@ -60,6 +60,8 @@ pub enum Command {
     Generate(modes::generate::GenerateArgs),
     /// Interactive console chat.
     Chat(modes::chat::ChatArgs),
+    /// Serve jobs of an AIME API Server (continuous batching; every replica leader is a worker).
+    Worker(modes::worker::WorkerArgs),
     /// Measure decode throughput against the memory-bandwidth limit; write CSV.
     Bench(modes::bench::BenchArgs),
     /// Report what this rank sees: topology, host, MPI, GPUs and CUDA libraries (--selftest: kernels vs the CPU reference).
@@ -93,6 +95,7 @@ pub fn run(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Generate(a) => modes::generate::run(a),
         Command::Chat(a) => modes::chat::run(a),
+        Command::Worker(a) => modes::worker::run(a),
         Command::Bench(a) => modes::bench::run(a),
         Command::Doctor(a) => modes::doctor::run(a),
         Command::Convert(a) => modes::convert::run(a),

@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod generate;
 pub mod record;
 pub mod setup;
+pub mod worker;
 
 use crate::engine::SamplingParams;
 
