@@ -373,6 +373,27 @@ impl Engine {
             }
             return Ok(events);
         }
+        // Host sampling of every row at once, on all cores: each pick is a pure function of its
+        // row, parameters, seed and token index, so sharing out the work changes no result.
+        let mut picks: Vec<Option<(u32, Option<TokenLogprob>)>> = {
+            use rayon::prelude::*;
+            let seqs = &self.seqs;
+            uses.par_iter()
+                .enumerate()
+                .map(|(r, u)| match u {
+                    RowUse::Sample { seq } => seqs.get(seq).map(|s| {
+                        let row = &logits[r * vocab..(r + 1) * vocab];
+                        let tok = sampler::sample(row, &s.params, s.seed, s.generated.len() as u64);
+                        let lp = s
+                            .params
+                            .logprobs
+                            .map(|n| sampler::token_logprob(row, tok, n));
+                        (tok, lp)
+                    }),
+                    RowUse::PromptLogprob { .. } => None,
+                })
+                .collect()
+        };
         for (r, u) in uses.into_iter().enumerate() {
             let row = &logits[r * vocab..(r + 1) * vocab];
             match u {
@@ -385,24 +406,15 @@ impl Engine {
                     }
                 }
                 RowUse::Sample { seq } => {
-                    if let Some(ev) = self.accept_token(seq, row) {
-                        events.extend(ev);
+                    if let Some((tok, lp)) = picks[r].take() {
+                        if let Some(ev) = self.accept(seq, tok, lp) {
+                            events.extend(ev);
+                        }
                     }
                 }
             }
         }
         Ok(events)
-    }
-
-    /// Sample a sequence's next token from its logits row and apply the stop rules.
-    fn accept_token(&mut self, id: u64, row: &[f32]) -> Option<Vec<Event>> {
-        let seq = self.seqs.get_mut(&id)?;
-        let tok = sampler::sample(row, &seq.params, seq.seed, seq.generated.len() as u64);
-        let lp = seq
-            .params
-            .logprobs
-            .map(|n| sampler::token_logprob(row, tok, n));
-        self.accept(id, tok, lp)
     }
 
     /// A token sampled on the device: same bookkeeping as a host-sampled one.

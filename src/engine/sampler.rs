@@ -32,6 +32,15 @@ pub fn random_seed(salt: u64) -> u64 {
     mix64(t ^ mix64(salt ^ std::process::id() as u64))
 }
 
+/// An order-preserving map of a logit to u32, reversed so that ascending keys mean descending
+/// logits. -0.0 counts as +0.0, as a float comparison has it.
+fn descending_key(v: f32) -> u32 {
+    let v = if v == 0.0 { 0.0 } else { v };
+    let b = v.to_bits();
+    let ascending = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
+    !ascending
+}
+
 /// Index of the largest logit; ties go to the lowest id.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -79,31 +88,35 @@ pub fn sample(logits: &[f32], p: &SamplingParams, seed: u64, n: u64) -> u32 {
     let inv_t = 1.0 / p.temperature as f64;
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
     let weight = |i: u32| ((logits[i as usize] as f64 - max) * inv_t).exp();
-    // Candidates in a total order: most likely first, ties to the lower id.
-    let cmp = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .partial_cmp(&logits[*a as usize])
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.cmp(b))
-    };
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    if p.top_k > 0 && p.top_k < idx.len() {
-        idx.select_nth_unstable_by(p.top_k - 1, cmp);
-        idx.truncate(p.top_k);
+    // Candidates in a total order: most likely first, ties to the lower id. As u64 keys
+    // (descending logit in the high half, id in the low half) they sort several times faster
+    // than through a float comparator.
+    let mut keys: Vec<u64> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| ((descending_key(v) as u64) << 32) | i as u64)
+        .collect();
+    if p.top_k > 0 && p.top_k < keys.len() {
+        keys.select_nth_unstable(p.top_k - 1);
+        keys.truncate(p.top_k);
     }
+    let mut idx: Vec<u32> = Vec::new();
     // Mass of every candidate, and how much of it the sorted prefix must hold before the answer
     // is known: top_p of it (nucleus), else all of it.
-    let total: f64 = idx.iter().map(|&i| weight(i)).sum();
+    let total: f64 = keys.iter().map(|&k| weight(k as u32)).sum();
     let u = uniform(seed, n);
     let nucleus = p.top_p < 1.0;
     // Sorting all 128k candidates costs ~10 ms per token: sort growing prefixes instead (the
     // answer nearly always lies in the first few hundred). The result equals a full sort's.
-    let mut k = 256.min(idx.len());
+    let len = keys.len();
+    let mut k = 256.min(len);
     loop {
-        if k < idx.len() {
-            idx.select_nth_unstable_by(k - 1, cmp);
+        if k < len {
+            keys.select_nth_unstable(k - 1);
         }
-        idx[..k].sort_by(cmp);
+        keys[..k].sort_unstable();
+        idx.clear();
+        idx.extend(keys[..k].iter().map(|&key| key as u32));
         let probs: Vec<f64> = idx[..k].iter().map(|&i| weight(i)).collect();
         let mut cum = 0.0;
         let mut kept = None;
@@ -116,7 +129,7 @@ pub fn sample(logits: &[f32], p: &SamplingParams, seed: u64, n: u64) -> u32 {
                     break;
                 }
             }
-        } else if k == idx.len() {
+        } else if k == len {
             kept = Some((k, total));
         } else {
             // Without a nucleus the walk can stop as soon as the prefix passes the target.
@@ -139,7 +152,7 @@ pub fn sample(logits: &[f32], p: &SamplingParams, seed: u64, n: u64) -> u32 {
             }
             return idx[keep - 1];
         }
-        if k == idx.len() {
+        if k == len {
             // Rounding left the nucleus a hair short of top_p: keep everything.
             let target = u * cum;
             let mut c = 0.0;
@@ -151,7 +164,7 @@ pub fn sample(logits: &[f32], p: &SamplingParams, seed: u64, n: u64) -> u32 {
             }
             return idx[k - 1];
         }
-        k = (k * 8).min(idx.len());
+        k = (k * 8).min(len);
     }
 }
 
@@ -288,6 +301,16 @@ mod tests {
                 "t {t} top_p {top_p} top_k {top_k}: {differ} of 300 draws differ"
             );
         }
+    }
+
+    #[test]
+    fn descending_keys_order_like_floats() {
+        let v = [3.5f32, -1.0, 0.0, -0.0, 1.0, f32::NEG_INFINITY, -3.5, 1e-30];
+        let mut by_key: Vec<usize> = (0..v.len()).collect();
+        by_key.sort_by_key(|&i| ((descending_key(v[i]) as u64) << 32) | i as u64);
+        let mut by_float: Vec<usize> = (0..v.len()).collect();
+        by_float.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap().then(a.cmp(&b)));
+        assert_eq!(by_key, by_float);
     }
 
     #[test]
