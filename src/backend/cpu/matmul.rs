@@ -55,57 +55,62 @@ pub fn matmul(x: &[f32], m_rows: usize, w: &CpuMatrix) -> Vec<f32> {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m_rows * k, "matmul: x has wrong size");
     let dot = dot_kernel();
-    // Transposed result [n, m]: each task owns ROW_BLOCK contiguous rows of it.
-    let mut out_t = vec![0f32; n * m_rows];
-    if let (MatrixData::Bf16(bytes), Some(dot_bf16)) = (&w.data, dot_bf16_kernel()) {
-        if m_rows <= DIRECT_BF16_MAX_ROWS {
-            let wb = bytes.as_slice();
-            out_t
-                .par_chunks_mut(ROW_BLOCK * m_rows)
-                .enumerate()
-                .for_each(|(blk, chunk)| {
-                    let n0 = blk * ROW_BLOCK;
-                    for (j, col) in chunk.chunks_exact_mut(m_rows).enumerate() {
-                        let row = &wb[2 * (n0 + j) * k..2 * (n0 + j + 1) * k];
-                        for (m, o) in col.iter_mut().enumerate() {
-                            *o = dot_bf16(&x[m * k..(m + 1) * k], row);
-                        }
-                    }
-                });
-            return transpose(&out_t, n, m_rows);
+    let direct_bf16 = match (&w.data, dot_bf16_kernel()) {
+        (MatrixData::Bf16(bytes), Some(f)) if m_rows <= DIRECT_BF16_MAX_ROWS => {
+            Some((bytes.as_slice(), f))
         }
-    }
-    out_t
-        .par_chunks_mut(ROW_BLOCK * m_rows)
-        .enumerate()
-        .for_each_init(
-            || vec![0f32; ROW_BLOCK * k],
-            |wbuf, (blk, chunk)| {
-                let n0 = blk * ROW_BLOCK;
-                let nb = chunk.len() / m_rows.max(1);
+        _ => None,
+    };
+    let mut out = vec![0f32; m_rows * n];
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    // Each task owns ROW_BLOCK output columns (weight rows) and writes them in every x row.
+    (0..n.div_ceil(ROW_BLOCK)).into_par_iter().for_each_init(
+        || vec![0f32; ROW_BLOCK * k],
+        |wbuf, blk| {
+            let n0 = blk * ROW_BLOCK;
+            let nb = ROW_BLOCK.min(n - n0);
+            let put = |m: usize, j: usize, v: f32| {
+                // SAFETY: (m, n0 + j) is inside the m_rows x n output, and column n0 + j belongs
+                // to this task alone, so no two threads write the same element.
+                unsafe { *out_ptr.at(m * n + n0 + j) = v }
+            };
+            if let Some((wb, dot_bf16)) = direct_bf16 {
                 for j in 0..nb {
-                    w.widen_row(n0 + j, &mut wbuf[j * k..(j + 1) * k]);
-                }
-                for m in 0..m_rows {
-                    let xr = &x[m * k..(m + 1) * k];
-                    for j in 0..nb {
-                        chunk[j * m_rows + m] = dot(xr, &wbuf[j * k..(j + 1) * k]);
+                    let row = &wb[2 * (n0 + j) * k..2 * (n0 + j + 1) * k];
+                    for m in 0..m_rows {
+                        put(m, j, dot_bf16(&x[m * k..(m + 1) * k], row));
                     }
                 }
-            },
-        );
-    transpose(&out_t, n, m_rows)
+                return;
+            }
+            for j in 0..nb {
+                w.widen_row(n0 + j, &mut wbuf[j * k..(j + 1) * k]);
+            }
+            for m in 0..m_rows {
+                let xr = &x[m * k..(m + 1) * k];
+                for j in 0..nb {
+                    put(m, j, dot(xr, &wbuf[j * k..(j + 1) * k]));
+                }
+            }
+        },
+    );
+    out
 }
 
-/// `[n, m]` → `[m, n]`.
-fn transpose(t: &[f32], n: usize, m: usize) -> Vec<f32> {
-    let mut out = vec![0f32; m * n];
-    for (j, col) in t.chunks_exact(m.max(1)).enumerate().take(n) {
-        for (i, v) in col.iter().enumerate() {
-            out[i * n + j] = *v;
-        }
+/// The output buffer shared by the matmul tasks, which write disjoint columns of it.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+// SAFETY: tasks write disjoint elements (see `matmul`), and the buffer outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `i` must be inside the buffer.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
     }
-    out
 }
 
 type DotFn = fn(&[f32], &[f32]) -> f32;
