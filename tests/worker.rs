@@ -721,15 +721,7 @@ fn measure_32_chat_jobs_batched_versus_one_at_a_time() {
     } else {
         "dev"
     };
-    let machine = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
+    let machine = herd::modes::host::cpu_name();
     let (n_jobs, max_gen) = (32, 64u64);
     let mut rows = Vec::new();
     for batch in [32usize, 1] {

@@ -70,18 +70,6 @@ pub fn measure_matmul_peak() -> f64 {
     best
 }
 
-fn cpu_name() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown cpu".into())
-}
-
 pub fn run(mut args: BenchArgs) -> Result<()> {
     let on_gpu = match args.model.device.as_str() {
         "cpu" => false,
@@ -115,7 +103,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         (bw, tflops * 1e3, format!("{} x1", b.info.name))
     } else {
         let bw = measure_read_bandwidth();
-        let machine = format!("{} x{} threads", cpu_name(), rayon::current_num_threads());
+        let machine = super::host::machine_name();
         let peak = measure_matmul_peak();
         eprintln!(
             "host read bandwidth {bw:.1} GB/s, matmul kernel peak {peak:.1} GFLOP/s on {machine}"
@@ -184,7 +172,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         );
         rows.push(format!(
             "{},{},{},{},{},{},{},{:.3},{:.2},{:.0},{:.2},{:.2},{:.3},{:.1},{:.2},{:.2},{:.1}",
-            chrono_date(),
+            super::host::today_utc(),
             env!("HERD_GIT_COMMIT"),
             machine.replace(',', " "),
             engine.model().backend_name().replace(',', " "),
@@ -238,7 +226,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         let bytes = weight_bytes * steps as f64;
         rows.push(format!(
             "{},{},{},{},{},{},{},{:.3},{:.2},{:.0},{:.2},{:.2},{:.3},{:.1},{:.2},{:.2},{:.1}",
-            chrono_date(),
+            super::host::today_utc(),
             env!("HERD_GIT_COMMIT"),
             machine.replace(',', " "),
             format!("{} prefill", engine.model().backend_name()).replace(',', " "),
@@ -276,23 +264,4 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     Ok(())
-}
-
-/// Today's date (UTC) as YYYY-MM-DD, without a date crate.
-fn chrono_date() -> String {
-    let days = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() / 86400)
-        .unwrap_or(0) as i64;
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!("{y:04}-{m:02}-{d:02}")
 }

@@ -7,6 +7,7 @@ pub mod chat;
 pub mod convert;
 pub mod doctor;
 pub mod generate;
+pub mod host;
 pub mod record;
 pub mod setup;
 pub mod worker;

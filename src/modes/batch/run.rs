@@ -658,7 +658,7 @@ fn report(
         if complete { "done" } else { "interrupted" },
         args.output.display(),
         gen as f64 / wall.max(1e-9),
-        peak_rss_kb().map_or("?".into(), |kb| format!("{:.1}", kb as f64 / 1024.0)),
+        crate::modes::setup::peak_rss().map(|b| b / 1024).map_or("?".into(), |kb| format!("{:.1}", kb as f64 / 1024.0)),
     );
     if states.len() > 1 {
         for (k, s) in states.iter().enumerate() {
@@ -706,7 +706,7 @@ fn report(
             "generated_tokens_per_s",
         ])?;
     }
-    let machine = machine_name();
+    let machine = crate::modes::host::machine_name();
     let mut rows: Vec<(String, u64, u64, u64, u64, f64)> =
         vec![("all".into(), records, errors, pin, gen, wall)];
     if states.len() > 1 {
@@ -723,7 +723,7 @@ fn report(
     }
     for (replica, rec, err, pin, gen, wall) in rows {
         w.write_record([
-            today(),
+            crate::modes::host::today_utc(),
             env!("HERD_GIT_COMMIT").to_string(),
             machine.clone(),
             args.model.model.clone(),
@@ -742,42 +742,4 @@ fn report(
     }
     w.flush()?;
     Ok(())
-}
-
-/// This process's peak resident memory (Linux VmHWM), in KiB.
-fn peak_rss_kb() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn machine_name() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown cpu".into());
-    format!("{cpu} x{} threads", rayon::current_num_threads())
-}
-
-/// Today's date (UTC), YYYY-MM-DD (civil-from-days, no date crate).
-fn today() -> String {
-    let days = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() / 86400)
-        .unwrap_or(0) as i64;
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
 }
