@@ -275,3 +275,36 @@ fn meta_mp2_and_hf_layouts_give_the_same_logprobs() {
         .fold(0f32, f32::max);
     assert!(worst < 1e-5, "meta-mp2 vs hf: {worst}");
 }
+
+/// A stop string ends generation with finish reason "stop" and the text cut just before it;
+/// the streamed pieces never include it.
+#[test]
+fn stop_strings_cut_the_text_before_them() {
+    let prompt: Vec<u32> = vec![128000, 791, 6864, 315, 9822, 374];
+    let mut params = greedy_params(24);
+    params.prompt_logprobs = false;
+    params.logprobs = None;
+    let free = run_alone("random:tiny", &prompt, &params);
+    let chars: Vec<char> = free.text.chars().collect();
+    assert!(chars.len() > 12, "need some text: {:?}", free.text);
+    let stop: String = chars[6..9].iter().collect();
+    let at = free.text.find(&stop).unwrap();
+    params.stop = vec![stop.clone()];
+    let mut eng = engine("random:tiny", EngineConfig::default(), 256, 16);
+    eng.add_request(prompt, params).unwrap();
+    let mut streamed = String::new();
+    let mut out = None;
+    while eng.has_unfinished() {
+        for ev in eng.step().unwrap() {
+            match ev {
+                herd::engine::Event::Token { text, .. } => streamed.push_str(&text),
+                herd::engine::Event::Finished(o) => out = Some(o),
+            }
+        }
+    }
+    let out = out.unwrap();
+    assert_eq!(out.finish_reason.as_str(), "stop");
+    assert_eq!(out.text, free.text[..at], "stop {stop:?}");
+    assert_eq!(streamed, out.text);
+    assert!(out.token_ids.len() < free.token_ids.len());
+}
