@@ -123,10 +123,15 @@ pub fn start(args: &ModelArgs, world: &dyn World) -> Result<Option<Engine>> {
         );
     }
     let on_gpu = use_cuda(args)?;
-    if on_gpu && topo.tp > 1 {
-        // The CUDA backend's collectives (NCCL) are not built yet; MPI over host memory would
-        // defeat the GPU.
-        bail!("--tp {} on the GPU needs the NCCL communicator, which herd does not have yet; use --tp 1 per GPU (data-parallel replicas) or --device cpu", topo.tp);
+    if on_gpu && topo.tp > 1 && !cuda::nccl_present() {
+        // The CUDA backend's collectives go through NCCL; MPI over host memory would defeat the
+        // GPU. (NcclComm::new checks again, collectively, so that no rank waits on another.)
+        bail!(
+            "--tp {} on the GPU needs the NCCL communicator: {}; or use --tp 1 per GPU \
+             (data-parallel replicas) or --device cpu",
+            topo.tp,
+            cuda::NCCL_MISSING
+        );
     }
     if args.block_size == 0 || args.max_batch_size == 0 || args.max_batch_tokens == 0 {
         bail!("--block-size, --max-batch-size and --max-batch-tokens must be at least 1");
@@ -179,7 +184,7 @@ pub fn start(args: &ModelArgs, world: &dyn World) -> Result<Option<Engine>> {
         "topology"
     );
     let (mut model, seconds) = if on_gpu {
-        load_cuda(args, &src, &cfg, shard)?
+        load_cuda(args, &src, &cfg, shard, comm.as_ref())?
     } else {
         load_cpu(args, &src, &cfg, shard, comm.clone())?
     };
@@ -291,15 +296,36 @@ fn load_cpu(
     Ok((Box::new(model), seconds))
 }
 
-/// The CUDA backend on GPU 0, with the memory plan made before anything big is allocated.
-/// NOTE: never run on a GPU yet.
+/// The CUDA backend on this node's GPU `local_rank % device count`, with the replica's NCCL
+/// communicator when tp > 1 and the memory plan made before anything big is allocated.
+/// NOTE: never run on a GPU yet (the GPU choice and the NCCL set-up included).
 fn load_cuda(
     args: &ModelArgs,
     src: &ModelSource,
     cfg: &LlamaConfig,
     shard: ShardPlan,
+    comm: &dyn HostComm,
 ) -> Result<(Box<dyn ModelRunner>, f64)> {
-    let mut backend = CudaBackend::new(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
+    let n_gpus = cuda::device_count().map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
+    let local_rank = parallel::cluster().local_rank;
+    let ordinal = local_rank % n_gpus;
+    if parallel::cluster().local_size > n_gpus {
+        tracing::warn!(
+            local_ranks = parallel::cluster().local_size,
+            gpus = n_gpus,
+            "more ranks on this node than GPUs: ranks share GPUs"
+        );
+    }
+    let mut backend =
+        CudaBackend::new(ordinal).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))?;
+    if shard.tp > 1 {
+        backend.init_tp(comm).map_err(|e| {
+            anyhow::anyhow!(
+                "--tp {} on GPU {ordinal} (local rank {local_rank}): {e}",
+                shard.tp
+            )
+        })?;
+    }
     let numerics = if args.gpu_numerics == "accurate" {
         Numerics::Accurate
     } else {
@@ -317,6 +343,14 @@ fn load_cuda(
     };
     let q_dim = (shard.local_heads(cfg) * cfg.head_dim) as u64;
     let kv_dim = (shape.n_kv_heads * cfg.head_dim) as u64;
+    // With tp > 1 the logits live three times at once (the local shard, NCCL's all-gather buffer,
+    // the reordered rows) instead of twice: count 1.5x the vocabulary. NCCL's own buffers are
+    // not counted (the headroom under --gpu-memory-utilization covers them).
+    let logit_vocab = if shard.tp > 1 {
+        cfg.vocab_size + cfg.vocab_size / 2
+    } else {
+        cfg.vocab_size
+    };
     let activations = plan::activation_bytes(
         args.max_batch_tokens as u64,
         args.max_batch_size.max(1) as u64,
@@ -324,7 +358,7 @@ fn load_cuda(
         cfg.ffn_dim as u64,
         q_dim,
         kv_dim,
-        cfg.vocab_size as u64,
+        logit_vocab as u64,
     );
     let useful = args.max_batch_size * cfg.max_seq_len.div_ceil(args.block_size) + 1;
     let kv_cap = args
@@ -335,7 +369,12 @@ fn load_cuda(
         total_bytes: info.total_bytes,
         free_bytes: info.free_bytes,
         utilization: args.gpu_memory_utilization,
-        weight_bytes: cfg.n_params() as u64 * 2,
+        // Each rank holds 1/tp of the layers plus the whole embedding table (as load_cpu counts).
+        weight_bytes: if shard.tp > 1 {
+            (cfg.n_params() / shard.tp + cfg.vocab_size * cfg.dim) as u64 * 2
+        } else {
+            cfg.n_params() as u64 * 2
+        },
         activation_bytes: activations,
         kv_block_bytes: shape.block_bytes(kv_elem) as u64,
         useful_blocks: useful.min(kv_cap) as u64,

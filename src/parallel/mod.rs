@@ -1,6 +1,6 @@
 //! Parallel layer: topology (world, replicas, local rank), the bring-up of the cluster and the
-//! communicators behind one interface: [`Solo`], MPI (CPU backend; feature `mpi`) and, later,
-//! NCCL for the CUDA backend.
+//! host communicators behind one interface: [`Solo`] and MPI (CPU backend; feature `mpi`). The
+//! CUDA backend's NCCL communicator (`backend::cuda::nccl`) is bootstrapped over a [`HostComm`].
 
 pub mod launch;
 #[cfg(feature = "mpi")]

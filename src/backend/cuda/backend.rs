@@ -12,6 +12,7 @@ use cudarc::driver::{
 
 use super::gemm::Gemm;
 use super::kernels;
+use super::nccl::NcclComm;
 use crate::backend::{AttnBatch, Backend, BackendError, KvShape, RowSampling, Sampled};
 use crate::checkpoint::{DType, Tensor};
 
@@ -82,6 +83,7 @@ struct Funcs {
     cast_bf16: CudaFunction,
     cast_bf16_split: CudaFunction,
     select_rows: CudaFunction,
+    gather_cols_reorder: CudaFunction,
     rope_bf16: CudaFunction,
     rope_f32: CudaFunction,
     attn_partial_bf16: CudaFunction,
@@ -125,6 +127,8 @@ pub struct CudaBackend {
     /// Fill every fresh output with NaN first (self-test: an unwritten element shows up).
     poison: bool,
     numerics: Numerics,
+    /// The replica's NCCL communicator when tp > 1 (`None`: one GPU per replica).
+    tp: Option<NcclComm>,
     pub info: DeviceInfo,
     /// Where the kernels' PTX came from (cache file) and whether it was a cache hit.
     pub kernel_cache: (std::path::PathBuf, bool),
@@ -202,6 +206,7 @@ impl CudaBackend {
             cast_bf16: load("cast_bf16")?,
             cast_bf16_split: load("cast_bf16_split")?,
             select_rows: load("select_rows")?,
+            gather_cols_reorder: load("gather_cols_reorder")?,
             rope_bf16: load("rope_store_kv_bf16")?,
             rope_f32: load("rope_store_kv_f32")?,
             attn_partial_bf16: load("attn_partial_bf16")?,
@@ -235,6 +240,7 @@ impl CudaBackend {
             err: RefCell::new(None),
             poison: false,
             numerics: Numerics::Bf16,
+            tp: None,
             info,
             kernel_cache: (path, hit),
         })
@@ -247,6 +253,61 @@ impl CudaBackend {
 
     pub fn numerics(&self) -> Numerics {
         self.numerics
+    }
+
+    /// Use `comm` (this replica's NCCL communicator, built on this backend's stream) for
+    /// `all_reduce_sum` and `all_gather_cols`. Not yet run on a GPU.
+    pub fn set_tp_comm(&mut self, comm: NcclComm) {
+        self.tp = Some(comm);
+    }
+
+    /// Build this replica's NCCL communicator over `host` (collective: every rank of the
+    /// replica calls it) and use it; a replica of one needs none. Not yet run on a GPU.
+    pub fn init_tp(&mut self, host: &dyn crate::parallel::HostComm) -> Result<(), BackendError> {
+        if host.size() > 1 {
+            let comm = NcclComm::new(&self.stream, host)?;
+            self.set_tp_comm(comm);
+            // NCCL allocated its buffers: the memory plan must see what is left.
+            if let Ok((free, _)) = self.ctx.mem_get_info() {
+                self.info.free_bytes = free as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// `all` = `[world][rows][cols]` (an all-gather's output, `all.rows` = world × rows) as
+    /// `[rows][world][cols]`: the `gather_cols_reorder` kernel, separate from NCCL so that the
+    /// self-test can check it on one GPU. Not yet run on a GPU.
+    pub fn reorder_gathered(&self, all: &CudaAct, world: usize) -> Result<CudaAct, BackendError> {
+        if world == 0 || all.rows % world != 0 {
+            return Err(BackendError::Comm(format!(
+                "{} gathered rows do not split into {world} ranks",
+                all.rows
+            )));
+        }
+        let (rows, cols) = (all.rows / world, all.cols);
+        let mut out = self.act(rows, cols * world);
+        if rows * cols == 0 {
+            return Ok(out);
+        }
+        let (r, c, w) = (rows as i32, cols as i32, world as i32);
+        unsafe {
+            self.stream
+                .launch_builder(&self.f.gather_cols_reorder)
+                .arg(&all.buf)
+                .arg(&mut out.buf)
+                .arg(&r)
+                .arg(&c)
+                .arg(&w)
+                .launch(cfg((rows as u32, world as u32, 1), 256))
+        }
+        .map_err(be)?;
+        Ok(out)
+    }
+
+    /// Ranks in this GPU's tensor-parallel group (1 without a communicator).
+    pub fn tp_size(&self) -> usize {
+        self.tp.as_ref().map_or(1, |c| c.size())
     }
 
     /// Poison every fresh output with NaN (the self-test sets this).
@@ -821,13 +882,34 @@ impl Backend for CudaBackend {
         out
     }
 
-    fn all_reduce_sum(&self, _x: &mut CudaAct) -> Result<(), BackendError> {
-        // One GPU per model replica for now: tensor parallelism over NCCL is not built yet.
-        Ok(())
+    /// Sum over the replica's GPUs through NCCL, in place (identity on one GPU).
+    /// Not yet run on a GPU.
+    fn all_reduce_sum(&self, x: &mut CudaAct) -> Result<(), BackendError> {
+        let Some(tp) = self.tp.as_ref().filter(|c| c.size() > 1) else {
+            return Ok(());
+        };
+        // Only the first rows * cols elements: the buffer may be larger (the split GEMM's).
+        let n = x.rows * x.cols;
+        if n == 0 {
+            return Ok(());
+        }
+        tp.all_reduce_sum(&mut x.buf.slice_mut(0..n))
     }
 
+    /// The vocab-sharded logits `[rows, cols]` of every rank as `[rows, cols * tp]`, rank r's
+    /// shard in columns r*cols..(r+1)*cols (identity on one GPU): NCCL all-gather into
+    /// `[rank][rows][cols]`, then the `gather_cols_reorder` kernel. Not yet run on a GPU.
     fn all_gather_cols(&self, x: CudaAct) -> Result<CudaAct, BackendError> {
-        Ok(x)
+        let Some(tp) = self.tp.as_ref().filter(|c| c.size() > 1) else {
+            return Ok(x);
+        };
+        let world = tp.size();
+        let n = x.rows * x.cols;
+        let mut all = self.act(x.rows * world, x.cols);
+        if n > 0 {
+            tp.all_gather(&x.buf.slice(0..n), &mut all.buf)?;
+        }
+        self.reorder_gathered(&all, world)
     }
 
     fn to_host(&self, x: &CudaAct) -> Vec<f32> {

@@ -23,6 +23,7 @@ pub const KERNELS: &[&str] = &[
     "cast_bf16",
     "cast_bf16_split",
     "select_rows",
+    "gather_cols_reorder",
     "rope_store_kv_bf16",
     "rope_store_kv_f32",
     "attn_partial_bf16",

@@ -4,6 +4,7 @@
 //! - `kernels/`: CUDA C, embedded with `include_str!`, compiled by NVRTC for the card's arch at
 //!   first use and cached on disk (kernels.rs).
 //! - gemm.rs: cuBLASLt bf16 × bf16 → f32 products.
+//! - nccl.rs: the tensor-parallel communicator (NCCL, id sent over the replica's host comm).
 //! - backend.rs: the [`crate::backend::Backend`] implementation.
 //! - plan.rs: the memory plan under `--gpu-memory-utilization`.
 //! - selftest.rs / report: `herd doctor` sections.
@@ -13,6 +14,7 @@
 mod backend;
 mod gemm;
 pub mod kernels;
+pub mod nccl;
 pub mod plan;
 pub mod report;
 mod sample_model;
@@ -22,5 +24,6 @@ pub use backend::{
     device_count, driver_present, CudaAct, CudaBackend, CudaKv, CudaMatrix, DeviceInfo, Numerics,
     MAX_TOP_LOGPROBS,
 };
+pub use nccl::{nccl_present, NcclComm, NCCL_MISSING};
 pub use report::report;
 pub use selftest::selftest;

@@ -195,6 +195,25 @@ pub fn run_kernels(gpu: &CudaBackend) -> Vec<Check> {
         }
     }
 
+    // The tensor-parallel logits reorder after NCCL's all-gather: a copy, exact. Its CPU twin is
+    // the loop in CpuBackend::all_gather_cols. (Not yet run on a GPU.)
+    {
+        let (world, rows, cols) = (4usize, 3usize, 1000usize);
+        let all = rng.vec(world * rows * cols);
+        let mut want = vec![0f32; all.len()];
+        for r in 0..world {
+            for i in 0..rows {
+                want[(i * world + r) * cols..(i * world + r + 1) * cols]
+                    .copy_from_slice(&all[(r * rows + i) * cols..(r * rows + i + 1) * cols]);
+            }
+        }
+        let got = gpu
+            .reorder_gathered(&gpu.act_from_host(world * rows, cols, &all), world)
+            .map(|a| gpu.to_host(&a))
+            .unwrap_or_default();
+        out.push(compare("gather_cols_reorder", &got, &want, 0.0));
+    }
+
     out.extend(attention_checks(gpu, &cpu, &mut rng, 128));
     out.extend(attention_checks(gpu, &cpu, &mut rng, 16));
     out.extend(sampling_checks(gpu, &mut rng));

@@ -74,3 +74,14 @@ extern "C" __global__ void cast_bf16_split(const float* __restrict__ x, bf16_t* 
         out[n + i] = f32_to_bf16(v - bf16_to_f32(hi));
     }
 }
+
+// ncclAllGather's [rank][rows][cols] -> [rows][rank][cols]: each rank's vocab shard of a logits row
+// side by side (tensor-parallel output projection). One block per (row, rank).
+// CPU twin: the reorder loop in CpuBackend::all_gather_cols. Not yet run on a GPU.
+extern "C" __global__ void gather_cols_reorder(const float* __restrict__ src, float* __restrict__ dst,
+                                               int rows, int cols, int world) {
+    const int i = blockIdx.x, r = blockIdx.y;
+    const float* s = src + ((u64)r * rows + i) * cols;
+    float* d = dst + ((u64)i * world + r) * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) d[c] = s[c];
+}

@@ -1,0 +1,145 @@
+//! The tensor-parallel communicator between the GPUs of one replica: NCCL, bootstrapped over the
+//! replica's host communicator the way llm.c does it (the replica leader makes the unique id,
+//! `broadcast_bytes` carries it to the peers, every rank calls ncclCommInitRank).
+//!
+//! NOTE: compiled without a GPU; nothing in this file has run on a GPU yet.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
+use cudarc::nccl::{Comm, Id, ReduceOp};
+
+use crate::backend::BackendError;
+use crate::parallel::HostComm;
+
+/// What to tell a user whose machine has no loadable libnccl.
+pub const NCCL_MISSING: &str =
+    "NCCL not found: put libnccl.so on LD_LIBRARY_PATH; scripts/gpu-check shows how";
+
+/// Bytes in an NCCL unique id (`ncclUniqueId::internal`).
+const ID_BYTES: usize = 128;
+
+/// Is libnccl loadable? cudarc panics on first use when it is not, so ask first.
+/// Not yet run on a GPU.
+pub fn nccl_present() -> bool {
+    // SAFETY: only tries to dlopen libnccl by its candidate names.
+    unsafe { cudarc::nccl::sys::is_culib_present() }
+}
+
+fn nccl_err(what: &str, e: cudarc::nccl::result::NcclError) -> BackendError {
+    // SAFETY: ncclGetErrorString returns a static NUL-terminated string for any result code;
+    // the library is loaded (a communicator or id exists, so NCCL was found).
+    let text = unsafe {
+        let p = cudarc::nccl::sys::ncclGetErrorString(e.0);
+        if p.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    };
+    BackendError::Comm(format!("NCCL {what}: {:?} {text}", e.0))
+}
+
+/// One rank's NCCL communicator over its replica, on the backend's stream (collectives are
+/// ordered with the kernels; nothing synchronizes the host).
+pub struct NcclComm {
+    comm: Comm,
+    rank: usize,
+    size: usize,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread as long as no two threads use it at
+// once. The backend that owns it is `!Sync` (RefCells) and is driven by one thread at a time, so
+// moving it between threads (the `Send` a model runner needs) is all that is allowed here.
+unsafe impl Send for NcclComm {}
+
+impl NcclComm {
+    /// Collective over `host` (every rank of the replica calls it): agree that every rank has
+    /// NCCL, make the id on rank 0, broadcast it, then ncclCommInitRank on `stream`.
+    /// Not yet run on a GPU.
+    pub fn new(stream: &Arc<CudaStream>, host: &dyn HostComm) -> Result<Self, BackendError> {
+        let (rank, size) = (host.rank(), host.size());
+        let comm_err = |e: crate::parallel::CommError| BackendError::Comm(e.to_string());
+        // Every rank learns whether any rank lacks NCCL, so none waits for an id that never comes.
+        let present = nccl_present();
+        let mut missing = [if present { 0.0f32 } else { 1.0 }];
+        host.all_reduce_sum(&mut missing).map_err(comm_err)?;
+        if !present {
+            return Err(BackendError::Unsupported(NCCL_MISSING.into()));
+        }
+        if missing[0] > 0.0 {
+            return Err(BackendError::Unsupported(format!(
+                "{NCCL_MISSING} (missing on {} other rank(s) of this replica)",
+                missing[0] as usize
+            )));
+        }
+        // The leader sends an empty id when it could not make one: the peers fail with it.
+        let mut bytes = Vec::new();
+        let mut made = Ok(());
+        if rank == 0 {
+            match Id::new() {
+                Ok(id) => bytes = id.internal().iter().map(|&c| c as u8).collect(),
+                Err(e) => made = Err(nccl_err("ncclGetUniqueId", e)),
+            }
+        }
+        host.broadcast_bytes(0, &mut bytes).map_err(comm_err)?;
+        made?;
+        if bytes.len() != ID_BYTES {
+            return Err(BackendError::Comm(format!(
+                "the replica leader sent an NCCL id of {} bytes (expected {ID_BYTES}): it could \
+                 not make one, see its error",
+                bytes.len()
+            )));
+        }
+        let mut internal = [0 as std::ffi::c_char; ID_BYTES];
+        for (d, &s) in internal.iter_mut().zip(&bytes) {
+            *d = s as std::ffi::c_char;
+        }
+        // ncclCommInitRank takes the GPU from the calling thread's current context.
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| BackendError::Comm(format!("CUDA: binding the context: {e}")))?;
+        let comm = Comm::from_rank(stream.clone(), rank, size, Id::uninit(internal))
+            .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        Ok(NcclComm { comm, rank, size })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Element-wise sum over the replica, in place. Not yet run on a GPU.
+    pub fn all_reduce_sum(&self, x: &mut CudaViewMut<'_, f32>) -> Result<(), BackendError> {
+        self.comm
+            .all_reduce_in_place(x, &ReduceOp::Sum)
+            .map_err(|e| nccl_err("ncclAllReduce", e))?;
+        Ok(())
+    }
+
+    /// Every rank's `x` concatenated in rank order into `out` (`size` × `x.len()` elements).
+    /// Not yet run on a GPU.
+    pub fn all_gather(
+        &self,
+        x: &CudaView<'_, f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), BackendError> {
+        if out.len() < x.len() * self.size {
+            return Err(BackendError::Comm(format!(
+                "all-gather of {} elements from {} ranks into a buffer of {}",
+                x.len(),
+                self.size,
+                out.len()
+            )));
+        }
+        let mut dst = out.slice_mut(0..x.len() * self.size);
+        self.comm
+            .all_gather(x, &mut dst)
+            .map_err(|e| nccl_err("ncclAllGather", e))?;
+        Ok(())
+    }
+}
