@@ -154,6 +154,11 @@ pub trait Backend: Send {
     fn all_gather_cols(&self, x: Self::Act) -> Result<Self::Act, BackendError>;
     /// Copy to host memory as f32, row-major.
     fn to_host(&self, x: &Self::Act) -> Vec<f32>;
+    /// Like `to_host`, for an activation no longer needed: a host backend hands its buffer over
+    /// instead of copying it (the logits of a big batch are tens of MB per step).
+    fn take_to_host(&self, x: Self::Act) -> Vec<f32> {
+        self.to_host(&x)
+    }
 
     // Additive methods with default implementations (the CPU backend keeps the defaults).
 

@@ -166,7 +166,7 @@ impl<B: Backend> ModelRunner for Llama<B> {
 
     fn forward(&mut self, step: &StepInput) -> Result<Vec<f32>, ModelError> {
         let logits = self.logits(step)?;
-        let host = self.backend.to_host(&logits);
+        let host = self.backend.take_to_host(logits);
         self.backend
             .check()
             .map_err(|e| ModelError::Backend(e.to_string()))?;
@@ -181,7 +181,7 @@ impl<B: Backend> ModelRunner for Llama<B> {
         let logits = self.logits(step)?;
         let out = match self.backend.sample(&logits, rows) {
             Some(r) => StepOutput::Sampled(r.map_err(|e| ModelError::Backend(e.to_string()))?),
-            None => StepOutput::Logits(self.backend.to_host(&logits)),
+            None => StepOutput::Logits(self.backend.take_to_host(logits)),
         };
         self.backend
             .check()

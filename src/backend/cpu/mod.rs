@@ -240,6 +240,10 @@ impl Backend for CpuBackend {
     fn to_host(&self, x: &CpuAct) -> Vec<f32> {
         x.data.clone()
     }
+
+    fn take_to_host(&self, x: CpuAct) -> Vec<f32> {
+        x.data
+    }
 }
 
 /// Rotate interleaved pairs (x[2i], x[2i+1]) of every head by position · inv_freq[i].
