@@ -25,12 +25,7 @@ impl Drop for KillOnDrop {
 }
 
 fn run(args: &[&str]) -> (i32, String, String) {
-    let out = herd().args(args).output().expect("herd runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::run_herd(args)
 }
 
 #[test]

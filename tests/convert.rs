@@ -9,18 +9,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-fn herd(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_herd"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("herd runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::run_herd as herd;
 
 fn logprobs(model: &Path) -> Value {
     let (code, out, err) = herd(&[

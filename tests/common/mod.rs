@@ -56,3 +56,17 @@ pub fn ids(v: &Value) -> Vec<u32> {
 pub fn floats(v: &Value) -> Vec<Option<f64>> {
     v.as_array().unwrap().iter().map(|x| x.as_f64()).collect()
 }
+
+/// Run the `herd` binary (logs at warn) to completion: exit code, stdout, stderr.
+pub fn run_herd(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("herd runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
