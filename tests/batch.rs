@@ -723,3 +723,53 @@ fn memory_stays_bounded_on_an_input_far_larger_than_the_window() {
         "peak {peak:.1} MB vs {base:.1} MB for 500 records"
     );
 }
+
+#[test]
+fn record_chunks_concatenate_to_the_whole_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let inp = seeded_input(dir.path(), 10, 3);
+    // A blank line is not a record: chunks count records, not lines.
+    let text = std::fs::read_to_string(&inp)
+        .unwrap()
+        .replacen('\n', "\n\n", 1);
+    std::fs::write(&inp, text).unwrap();
+    let m = llama30();
+    let args = ["--model", &m];
+    let whole = dir.path().join("whole.jsonl");
+    let (code, err) = run(batch_cmd(&inp, &whole, &args));
+    assert_eq!(code, 0, "{err}");
+    let mut joined = String::new();
+    for (k, range) in ["1-4", "5-8", "9-12", "13-20"].iter().enumerate() {
+        let out = dir.path().join(format!("chunk-{k}.jsonl"));
+        let (code, err) = run(batch_cmd(
+            &inp,
+            &out,
+            &[&args[..], &["--records", range]].concat(),
+        ));
+        assert_eq!(code, 0, "{range}: {err}");
+        joined += &std::fs::read_to_string(&out).unwrap();
+    }
+    assert_eq!(joined, std::fs::read_to_string(&whole).unwrap());
+    let ids: Vec<Value> = jsonl(&dir.path().join("chunk-1.jsonl"))
+        .iter()
+        .map(|r| r["id"].clone())
+        .collect();
+    assert_eq!(ids, [json!("r4"), json!("r5"), json!("r6"), json!("r7")]);
+    // Resuming a chunk's output with another range is refused; a nonsense range is a usage error.
+    let out = dir.path().join("chunk-0.jsonl");
+    let (code, err) = run(batch_cmd(
+        &inp,
+        &out,
+        &[&args[..], &["--records", "1-5"]].concat(),
+    ));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("records"), "{err}");
+    for bad in ["0-3", "5-2", "x"] {
+        let (code, err) = run(batch_cmd(
+            &inp,
+            &dir.path().join("b.jsonl"),
+            &[&args[..], &["--records", bad]].concat(),
+        ));
+        assert_eq!(code, 2, "{bad}: {err}");
+    }
+}

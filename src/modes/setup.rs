@@ -27,33 +27,33 @@ pub struct ModelArgs {
     #[arg(long)]
     pub tokenizer: Option<std::path::PathBuf>,
     /// Where to run: auto (a GPU when one is present, else the cpu), cpu, or cuda.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, env = "HERD_DEVICE", default_value = "auto")]
     pub device: String,
     /// Fraction of the GPU's memory herd may use for weights, activations and the KV cache.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, env = "HERD_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
     /// GPU precision: bf16 (bf16 GEMM inputs and KV cache, fastest) or accurate (GEMM inputs
     /// split into two bf16 halves and an f32 KV cache: f32-like log-probs, 2x GEMM FLOPs and KV bytes).
-    #[arg(long, default_value = "bf16", value_parser = ["bf16", "accurate"])]
+    #[arg(long, env = "HERD_GPU_NUMERICS", default_value = "bf16", value_parser = ["bf16", "accurate"])]
     pub gpu_numerics: String,
     /// Most sequences generated at once (continuous batching).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "HERD_MAX_BATCH_SIZE", default_value_t = 64)]
     pub max_batch_size: usize,
     /// Most tokens in one forward step (decode tokens + prefill chunks).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, env = "HERD_MAX_BATCH_TOKENS", default_value_t = 1024)]
     pub max_batch_tokens: usize,
     /// Override the context length (prompt + generation) the model allows.
-    #[arg(long)]
+    #[arg(long, env = "HERD_MAX_SEQ_LEN")]
     pub max_seq_len: Option<usize>,
     /// Memory for the KV cache in GB (default: 1 on the CPU).
-    #[arg(long)]
+    #[arg(long, env = "HERD_KV_CACHE_GB")]
     pub kv_cache_gb: Option<f64>,
     /// KV cache block size in tokens.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
     /// Tensor-parallel degree: ranks per replica (the world splits into world / tp replicas of
     /// consecutive ranks, each on one node).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "HERD_TP", default_value_t = 1)]
     pub tp: usize,
 }
 

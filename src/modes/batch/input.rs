@@ -117,6 +117,56 @@ pub fn detect_format(path: &Path) -> std::io::Result<InputFormat> {
     }
 }
 
+/// A chunk of the input's records, 1-based and inclusive (`--records FIRST-LAST`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordRange {
+    pub first: u64,
+    /// `None`: to the end of the file.
+    pub last: Option<u64>,
+}
+
+impl RecordRange {
+    pub fn parse(s: &str) -> Result<RecordRange, String> {
+        let bad = || format!("`{s}`: expected FIRST-LAST or FIRST- (1-based record numbers)");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let first: u64 = a.trim().parse().map_err(|_| bad())?;
+        let last = match b.trim() {
+            "" => None,
+            b => Some(b.parse::<u64>().map_err(|_| bad())?),
+        };
+        if first == 0 {
+            return Err(format!("`{s}`: records are numbered from 1"));
+        }
+        if last.is_some_and(|l| l < first) {
+            return Err(format!("`{s}`: LAST is before FIRST"));
+        }
+        Ok(RecordRange { first, last })
+    }
+
+    /// Whether the 0-based file record `i` is in the range.
+    pub fn contains(&self, i: u64) -> bool {
+        i + 1 >= self.first && self.last.is_none_or(|l| i < l)
+    }
+
+    /// Whether the 0-based file record `i` lies after the range (reading can stop).
+    pub fn is_past(&self, i: u64) -> bool {
+        self.last.is_some_and(|l| i >= l)
+    }
+
+    /// How many of a file's `total` records fall in the range.
+    pub fn count_of(&self, total: u64) -> u64 {
+        let end = self.last.map_or(total, |l| l.min(total));
+        end.saturating_sub(self.first - 1)
+    }
+
+    pub fn label(&self) -> String {
+        match self.last {
+            Some(l) => format!("{}-{l}", self.first),
+            None => format!("{}-", self.first),
+        }
+    }
+}
+
 /// Number of records in the file (a fast pass, for the progress bar and the merge check).
 pub fn count_records(path: &Path, format: InputFormat) -> std::io::Result<u64> {
     let file = std::fs::File::open(path)?;

@@ -41,6 +41,11 @@ pub struct BatchArgs {
     /// Input format, when detection guesses wrong.
     #[arg(long, value_enum)]
     pub input_format: Option<input::InputFormat>,
+    /// Only the FIRST-th to LAST-th input record, 1-based and inclusive (JSONL lines that are not
+    /// blank, CSV data rows): one chunk of a large file, e.g. per Slurm array task. `FIRST-` runs
+    /// to the end; a range past the end of the file gives an empty output.
+    #[arg(long, value_name = "FIRST-LAST", value_parser = input::RecordRange::parse)]
+    pub records: Option<input::RecordRange>,
     /// CSV: the column holding the prompt (default: `prompt`).
     #[arg(long)]
     pub prompt_column: Option<String>,

@@ -75,6 +75,7 @@ fn identity(args: &BatchArgs, format: InputFormat, dp: usize) -> Result<Value> {
         "prompt_column": args.prompt_column,
         "id_column": args.id_column,
         "replicas": dp,
+        "records": args.records.map(|r| r.label()),
     }))
 }
 
@@ -222,7 +223,10 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
                 &replica_state(&ident, 0, &counts, 0.0, false),
             )?;
             let mut engine = engine_for(args, world)?;
-            let count = input::count_records(&args.input, format)?;
+            let mut count = input::count_records(&args.input, format)?;
+            if let Some(range) = args.records {
+                count = range.count_of(count);
+            }
             let mut progress = Progress::new(
                 owned(count, dp, r),
                 counts.records,
@@ -450,18 +454,32 @@ fn spawn_reader(
             }
         }
     }
+    let range = args.records;
     let (tx, rx) = sync_channel::<Item>(args.read_ahead);
     let handle = std::thread::Builder::new()
         .name("batch-reader".into())
         .spawn(move || -> Result<u64> {
             let headers = reader.headers().to_vec();
             let mut ids = input::IdSet::default();
+            // `index` numbers the records of the --records chunk (all of the file without it):
+            // replica ownership, resume and merge order all go by it.
             let mut index = 0u64;
+            let mut in_file = 0u64;
             while let Some((line, raw)) = reader.next_record()? {
                 // On a signal stop at once: the rest of the file may hold none of our records,
                 // and reading it all would outlast the grace period.
                 if stop.load(Ordering::Relaxed) {
                     break;
+                }
+                let n = in_file;
+                in_file += 1;
+                if let Some(range) = range {
+                    if range.is_past(n) {
+                        break;
+                    }
+                    if !range.contains(n) {
+                        continue;
+                    }
                 }
                 let i = index;
                 index += 1;
