@@ -666,6 +666,29 @@ fn an_unreachable_server_is_named_and_the_worker_gives_up() {
 }
 
 #[test]
+fn sigterm_while_waiting_for_the_server_ends_the_wait_at_once() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut w = Worker::start(&url, KEY, &["--connect-timeout", "600"]);
+    let t0 = Instant::now();
+    while !w.log().contains("retrying") {
+        assert!(t0.elapsed() < Duration::from_secs(20), "{}", w.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    w.sigterm();
+    let t1 = Instant::now();
+    let code = w.wait(10);
+    let log = w.log();
+    assert_eq!(code, 4, "{log}");
+    assert!(log.contains("stop signal while waiting"), "{log}");
+    assert!(t1.elapsed() < Duration::from_secs(3), "{log}");
+}
+
+#[test]
 fn sigterm_stops_taking_jobs_and_drains_the_running_ones() {
     let server = Server::start();
     server.push(chat_job("r1", 150));

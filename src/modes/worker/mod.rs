@@ -12,11 +12,13 @@ pub mod protocol;
 pub mod serve;
 pub mod threads;
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
+
+use crate::cli::exit::{self, Coded};
 
 use super::setup::{start, ModelArgs};
 use protocol::{worker_name, ApiError, Client, Identity, LoginReply, ModelInfo};
@@ -67,10 +69,12 @@ fn model_label(model: &str) -> String {
     }
 }
 
-/// Ask `f` until it answers, for at most `within`; unreachable → wait and retry.
+/// Ask `f` until it answers, for at most `within`; unreachable → wait and retry. A stop signal
+/// while waiting ends the wait (exit code "interrupted": nothing had started).
 fn with_retry<T>(
     url: &str,
     within: Duration,
+    stop: &AtomicBool,
     mut f: impl FnMut() -> Result<T, ApiError>,
 ) -> Result<T> {
     let end = Instant::now() + within;
@@ -84,8 +88,15 @@ fn with_retry<T>(
                     tracing::warn!("{e}; retrying for up to {:.0} s", within.as_secs_f64());
                     logged = true;
                 }
-                let left = end.saturating_duration_since(Instant::now());
-                std::thread::sleep(backoff.delay().min(left));
+                let wake = Instant::now() + backoff.delay().min(end.saturating_duration_since(Instant::now()));
+                while Instant::now() < wake {
+                    if stop.load(Ordering::Relaxed) {
+                        return Err(Coded::with(exit::INTERRUPTED)(anyhow!(
+                            "stop signal while waiting for the AIME API server at {url}; no job had been taken"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(100).min(wake.saturating_duration_since(Instant::now())));
+                }
             }
             Err(e) if e.is_unreachable() => bail!(
                 "the AIME API server at {url} is unreachable (gave up after {:.0} s; check --api-server / HERD_API_SERVER): {e}",
@@ -137,7 +148,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     // key fails at once.
     if topo.is_replica_leader() {
         let probe = Client::new(&url, identity.clone());
-        if let LoginReply::Refused(msg) = with_retry(&url, within, || probe.check_status())? {
+        if let LoginReply::Refused(msg) = with_retry(&url, within, &term, || probe.check_status())? {
             bail!("the AIME API server at {url} refuses this worker: {msg} (check --api-auth-key / HERD_API_AUTH_KEY and --job-type / HERD_JOB_TYPE)");
         }
     }
@@ -146,7 +157,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     };
     identity.model.size = size_label(engine.model().config().n_params());
     let client = Arc::new(Client::new(&url, identity));
-    let request_timeout = match with_retry(&url, within, || client.login())? {
+    let request_timeout = match with_retry(&url, within, &term, || client.login())? {
         LoginReply::Accepted {
             request_timeout,
             server_version,
