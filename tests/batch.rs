@@ -625,6 +625,10 @@ fn replicas_write_parts_and_the_leader_merges_in_input_order() {
             > 0.0
     );
     assert!(!rows[0][col("machine")].is_empty());
+    // The finished output is done whatever number of replicas reruns the job.
+    let (code, err) = run(batch_cmd(&inp, &out, &args));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("already complete"), "{err}");
 }
 
 #[test]

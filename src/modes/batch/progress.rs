@@ -23,11 +23,22 @@ pub struct Progress {
     last_log: Instant,
     start: Instant,
     total: u64,
+    /// Who speaks: "batch", or "batch: replica 0 of 2" (rank 0 sees only its own replica).
+    label: String,
+}
+
+/// The prefix of a replica's log lines: with several replicas, rank 0's counts are its own share.
+pub fn label(dp: usize, r: usize) -> String {
+    if dp > 1 {
+        format!("batch: replica {r} of {dp}")
+    } else {
+        "batch".into()
+    }
 }
 
 impl Progress {
     /// `total`: records this replica owns; `enabled`: this rank reports.
-    pub fn new(total: u64, done: u64, enabled: bool, log_interval: f64) -> Progress {
+    pub fn new(total: u64, done: u64, enabled: bool, log_interval: f64, label: String) -> Progress {
         let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let bar = (enabled && tty).then(|| {
             let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
@@ -46,6 +57,7 @@ impl Progress {
             last_log: Instant::now(),
             start: Instant::now(),
             total,
+            label,
         }
     }
 
@@ -74,7 +86,8 @@ impl Progress {
                     "?".into()
                 };
                 eprintln!(
-                    "batch: {}/{} records ({:.1}%), {} errors, prompt {pin:.0} tok/s, generated {gen:.0} tok/s, ETA {eta}",
+                    "{}: {}/{} records ({:.1}%), {} errors, prompt {pin:.0} tok/s, generated {gen:.0} tok/s, ETA {eta}",
+                    self.label,
                     c.records,
                     self.total,
                     100.0 * c.records as f64 / self.total.max(1) as f64,

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::input::{self, InputFormat, Item, ParseOptions, RecordReader};
 use super::merge::{merge, OutputFormat};
-use super::progress::{Counts, Progress};
+use super::progress::{self, Counts, Progress};
 use super::state::{self, PartWriter, Paths};
 use super::{openai, world, BatchArgs, Truncate};
 use crate::cli::exit::{self, Coded};
@@ -147,7 +147,8 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
 
     // A finished output: nothing to do, unless it was made differently.
     if let Some(st) = state::read_state(&paths.final_state())? {
-        let diff = state::identity_diff(&st, &ident);
+        // A finished output is the same whatever number of replicas made it.
+        let diff = state::identity_diff(&st, &ident, &["replicas"]);
         if args.overwrite {
             if leader {
                 let _ = std::fs::remove_file(&paths.output);
@@ -178,7 +179,7 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
             let _ = std::fs::remove_file(&paths.output);
         }
     } else if let Some(st) = &part_state {
-        let diff = state::identity_diff(st, &ident);
+        let diff = state::identity_diff(st, &ident, &[]);
         if !diff.is_empty() {
             return Err(usage(anyhow!(
                 "cannot resume {}: it was started with other settings ({}); pass --overwrite to start over",
@@ -216,7 +217,11 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
             counts.errors = scan.errors;
             counts.resumed = scan.records;
             if scan.records > 0 && leader {
-                eprintln!("batch: resuming: {} records already done", scan.records);
+                eprintln!(
+                    "{}: resuming: {} records already done",
+                    progress::label(dp, r),
+                    scan.records
+                );
             }
             state::write_state(
                 &paths.part_state(r),
@@ -232,6 +237,7 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
                 counts.records,
                 leader,
                 args.log_interval,
+                progress::label(dp, r),
             );
             let outcome = generate(
                 args,
@@ -555,7 +561,8 @@ fn generate(
         if deadline.is_none() && stop.load(Ordering::Relaxed) {
             deadline = Some(Instant::now() + Duration::from_secs_f64(args.grace_period));
             eprintln!(
-                "batch: stopping: finishing {} in-flight records for up to {}s (a second signal stops at once)",
+                "{}: stopping: finishing {} in-flight records for up to {}s (a second signal stops at once)",
+                progress::label(dp, r),
                 inflight.len(),
                 args.grace_period
             );

@@ -101,12 +101,12 @@ pub fn write_state(path: &Path, v: &Value) -> Result<()> {
 }
 
 /// The keys of `identity` whose values differ in `state` (for a precise mismatch message).
-pub fn identity_diff(state: &Value, identity: &Value) -> Vec<String> {
+pub fn identity_diff(state: &Value, identity: &Value, ignore: &[&str]) -> Vec<String> {
     let old = &state["identity"];
     match identity.as_object() {
         Some(m) => m
             .iter()
-            .filter(|(k, v)| old.get(k.as_str()) != Some(*v))
+            .filter(|(k, v)| !ignore.contains(&k.as_str()) && old.get(k.as_str()) != Some(*v))
             .map(|(k, v)| {
                 format!(
                     "{k}: was {}, now {v}",

@@ -148,7 +148,8 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     // key fails at once.
     if topo.is_replica_leader() {
         let probe = Client::new(&url, identity.clone());
-        if let LoginReply::Refused(msg) = with_retry(&url, within, &term, || probe.check_status())? {
+        if let LoginReply::Refused(msg) = with_retry(&url, within, &term, || probe.check_status())?
+        {
             bail!("the AIME API server at {url} refuses this worker: {msg} (check --api-auth-key / HERD_API_AUTH_KEY and --job-type / HERD_JOB_TYPE)");
         }
     }
