@@ -647,15 +647,19 @@ fn a_wrong_key_is_a_clean_nonzero_exit_with_the_servers_message() {
     assert_eq!(server.with(|s| s.queue.len()), 1, "no job taken");
 }
 
-#[test]
-fn an_unreachable_server_is_named_and_the_worker_gives_up() {
-    // A port that was free a moment ago: nothing listens there.
+/// A port that was free a moment ago: nothing listens there.
+fn unreachable_url() -> String {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let url = format!("http://127.0.0.1:{port}");
+    format!("http://127.0.0.1:{port}")
+}
+
+#[test]
+fn an_unreachable_server_is_named_and_the_worker_gives_up() {
+    let url = unreachable_url();
     let t0 = Instant::now();
     let mut w = Worker::start(&url, KEY, &["--connect-timeout", "1"]);
     let code = w.wait(20);
@@ -667,12 +671,7 @@ fn an_unreachable_server_is_named_and_the_worker_gives_up() {
 
 #[test]
 fn sigterm_while_waiting_for_the_server_ends_the_wait_at_once() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("http://127.0.0.1:{port}");
+    let url = unreachable_url();
     let mut w = Worker::start(&url, KEY, &["--connect-timeout", "600"]);
     let t0 = Instant::now();
     while !w.log().contains("retrying") {
