@@ -54,13 +54,20 @@ pub fn find_library(name: &str) -> Option<PathBuf> {
 }
 
 fn lib_line(label: &str, file: &str, loadable: bool) -> String {
-    let path = find_library(file)
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| "path not found in LD_LIBRARY_PATH or system dirs".into());
-    if loadable {
-        format!("  {label:<9} found     {path}\n")
-    } else {
-        format!("  {label:<9} MISSING   (cudarc looks for lib{file}.so / lib{file}.so.13 on LD_LIBRARY_PATH)\n")
+    let found = find_library(file);
+    match (loadable, found) {
+        (true, Some(p)) => format!("  {label:<9} found     {}\n", p.display()),
+        (true, None) => format!(
+            "  {label:<9} found     (path not found in LD_LIBRARY_PATH or system dirs)\n"
+        ),
+        // NCCL's package installs only libnccl.so.2, a name cudarc does not try.
+        (false, Some(p)) => format!(
+            "  {label:<9} MISSING   {} is there, but cudarc loads lib{file}.so or lib{file}.so.13: link lib{file}.so to it in a directory on LD_LIBRARY_PATH\n",
+            p.display()
+        ),
+        (false, None) => format!(
+            "  {label:<9} MISSING   (cudarc looks for lib{file}.so / lib{file}.so.13 on LD_LIBRARY_PATH)\n"
+        ),
     }
 }
 
