@@ -228,6 +228,22 @@ fn report_load(world: &dyn World, seconds: f64) -> Result<()> {
     Ok(())
 }
 
+/// The shape of one KV block of this rank (its share of the KV heads), for sizing the pool.
+fn one_kv_block(args: &ModelArgs, cfg: &LlamaConfig, shard: &ShardPlan) -> KvShape {
+    KvShape {
+        n_layers: cfg.n_layers,
+        num_blocks: 1,
+        block_size: args.block_size,
+        n_kv_heads: shard.local_kv_heads(cfg),
+        head_dim: cfg.head_dim,
+    }
+}
+
+/// Never more blocks than the batch could ever fill (+1 spare).
+fn useful_kv_blocks(args: &ModelArgs, cfg: &LlamaConfig) -> usize {
+    args.max_batch_size * cfg.max_seq_len.div_ceil(args.block_size) + 1
+}
+
 /// The CPU backend with a KV pool of `--kv-cache-gb` (default 1 GB), checked against host memory.
 fn load_cpu(
     args: &ModelArgs,
@@ -236,17 +252,10 @@ fn load_cpu(
     shard: ShardPlan,
     comm: Arc<dyn HostComm>,
 ) -> Result<(Box<dyn ModelRunner>, f64)> {
-    let shape = KvShape {
-        n_layers: cfg.n_layers,
-        num_blocks: 1,
-        block_size: args.block_size,
-        n_kv_heads: shard.local_kv_heads(cfg),
-        head_dim: cfg.head_dim,
-    };
+    let shape = one_kv_block(args, cfg, &shard);
     let block_bytes = shape.block_bytes(4);
     let budget = (args.kv_cache_gb.unwrap_or(1.0) * 1e9) as usize;
-    // Never more blocks than the batch could ever fill.
-    let useful = args.max_batch_size * cfg.max_seq_len.div_ceil(args.block_size) + 1;
+    let useful = useful_kv_blocks(args, cfg);
     let num_blocks = (budget / block_bytes).min(useful);
     if num_blocks == 0 {
         bail!(
@@ -334,13 +343,7 @@ fn load_cuda(
     backend.set_numerics(numerics);
     let kv_elem = numerics.kv_elem_bytes();
     let info = backend.info.clone();
-    let shape = KvShape {
-        n_layers: cfg.n_layers,
-        num_blocks: 1,
-        block_size: args.block_size,
-        n_kv_heads: shard.local_kv_heads(cfg),
-        head_dim: cfg.head_dim,
-    };
+    let shape = one_kv_block(args, cfg, &shard);
     let q_dim = (shard.local_heads(cfg) * cfg.head_dim) as u64;
     let kv_dim = (shape.n_kv_heads * cfg.head_dim) as u64;
     // With tp > 1 the logits live three times at once (the local shard, NCCL's all-gather buffer,
@@ -360,7 +363,7 @@ fn load_cuda(
         kv_dim,
         logit_vocab as u64,
     );
-    let useful = args.max_batch_size * cfg.max_seq_len.div_ceil(args.block_size) + 1;
+    let useful = useful_kv_blocks(args, cfg);
     let kv_cap = args
         .kv_cache_gb
         .map(|gb| ((gb * 1e9) as usize / shape.block_bytes(kv_elem)).max(1))
