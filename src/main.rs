@@ -7,7 +7,7 @@ fn main() {
         Ok(g) => g,
         Err(e) => {
             eprintln!("herd: error: {e}");
-            std::process::exit(herd::cli::exit::FAILED);
+            std::process::exit(herd::exit::FAILED);
         }
     };
     herd::cli::init_logging();

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::cli::exit::{self, Coded};
+use crate::exit::{self, Coded};
 
 use super::setup::{start, ModelArgs};
 use protocol::{worker_name, ApiError, Client, Identity, LoginReply, ModelInfo};
