@@ -3,12 +3,12 @@
 
 /// Finished, every request answered.
 pub const OK: i32 = 0;
-/// Failed: bad input, missing file, model error (the message says what to do).
+/// Failed: I/O or another error (the message says what is wrong and what to do).
 pub const FAILED: i32 = 1;
-/// Wrong command line (clap's own code), or arguments that do not fit the job (e.g. a
-/// resume with different settings).
+/// Bad arguments: a wrong command line (clap's own code), a flag out of its range, or arguments
+/// that do not fit the job (e.g. a resume with different settings).
 pub const USAGE: i32 = 2;
-/// The model could not be loaded or failed while running.
+/// The model could not be found or loaded, or failed while running.
 pub const MODEL: i32 = 3;
 /// Interrupted (SIGTERM/SIGINT): what was done is on disk; rerun the same command to resume.
 pub const INTERRUPTED: i32 = 4;
@@ -23,10 +23,28 @@ pub struct Coded {
 }
 
 impl Coded {
-    /// Wrap an error with an exit code (use with `map_err`).
+    /// Wrap an error with an exit code (use with `map_err`). An error that already carries a code
+    /// keeps it: the innermost code is the most specific (a bad `--tp` found while loading is
+    /// still a bad argument, not a model failure).
     pub fn with(code: i32) -> impl Fn(anyhow::Error) -> anyhow::Error {
-        move |error| anyhow::Error::new(Coded { code, error })
+        move |error| {
+            if error.downcast_ref::<Coded>().is_some() {
+                error
+            } else {
+                anyhow::Error::new(Coded { code, error })
+            }
+        }
     }
+}
+
+/// A bad-arguments error (exit 2) saying `msg`.
+pub fn usage(msg: impl std::fmt::Display) -> anyhow::Error {
+    Coded::with(USAGE)(anyhow::anyhow!("{msg}"))
+}
+
+/// The code `error` should end the process with: its own, else [`FAILED`].
+pub fn code_of(error: &anyhow::Error) -> i32 {
+    error.downcast_ref::<Coded>().map_or(FAILED, |c| c.code)
 }
 
 impl std::fmt::Display for Coded {

@@ -1,5 +1,3 @@
-use clap::Parser;
-
 fn main() {
     // MPI comes up before anything else (logging needs to know the rank; MPI must own the process
     // before threads start).
@@ -10,10 +8,12 @@ fn main() {
             std::process::exit(herd::exit::FAILED);
         }
     };
-    herd::cli::init_logging();
     herd::cli::abort_on_panic();
-    let code = match herd::cli::Cli::try_parse() {
-        Ok(cli) => herd::cli::run(cli),
+    let code = match herd::cli::parse() {
+        Ok(cli) => {
+            herd::cli::init_logging(&cli.log);
+            herd::cli::run(cli)
+        }
         Err(e) => {
             // Only rank 0 prints usage and help; every rank exits the same way.
             if herd::parallel::cluster().world_rank == 0 {

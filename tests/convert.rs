@@ -132,6 +132,6 @@ fn meta_format_refuses_kv_replication() {
         "--format",
         "meta",
     ]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2, "arguments that do not fit the model: {err}");
     assert!(err.contains("cannot replicate KV heads"), "{err}");
 }

@@ -1,6 +1,6 @@
 //! Command line: parse arguments, set up logging, dispatch to a mode.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::modes;
 
@@ -17,6 +17,45 @@ pub use crate::exit;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Logging flags, taken by every command.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct LogArgs {
+    /// Log warnings and errors only (RUST_LOG is ignored). Batch's progress and summary are its
+    /// report, not logs (--log-interval 0: no progress lines).
+    #[arg(long, global = true, conflicts_with = "log_level")]
+    pub quiet: bool,
+    /// Log level of every rank: error, warn, info, debug or trace (RUST_LOG is ignored). Without it
+    /// or --quiet: RUST_LOG, else info on world rank 0 and errors only on the other ranks.
+    #[arg(long, global = true, value_name = "LEVEL", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    pub log_level: Option<String>,
+}
+
+/// The command line as clap sees it. Every flag that takes a value accepts one that starts with
+/// a minus (`--temperature -1`, `--stop -x`), so that herd's own check names the flag and the
+/// range instead of clap reading `-1` as an unknown flag.
+pub fn command() -> clap::Command {
+    fn negatives(c: clap::Command) -> clap::Command {
+        c.mut_args(|a| {
+            if a.get_action().takes_values() && !a.is_positional() {
+                a.allow_negative_numbers(true)
+            } else {
+                a
+            }
+        })
+        .mut_subcommands(negatives)
+    }
+    negatives(Cli::command())
+}
+
+/// Parse the process's arguments (clap's error on a wrong command line).
+pub fn parse() -> Result<Cli, clap::Error> {
+    let mut cmd = command();
+    let matches = cmd.try_get_matches_from_mut(std::env::args_os())?;
+    Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
 }
 
 #[derive(Subcommand, Debug)]
@@ -37,16 +76,37 @@ pub enum Command {
     Batch(modes::batch::BatchArgs),
 }
 
-/// Logs go to stderr; RUST_LOG overrides the level (default info on world rank 0, errors only on
-/// the other ranks, so a job's log reads like one process's).
-pub fn init_logging() {
-    let default = if crate::parallel::cluster().world_rank == 0 {
-        "info"
-    } else {
-        "error"
+impl Command {
+    /// Every flag of the command checked before anything loads (exit code 2 naming the flag).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        match self {
+            Command::Generate(a) => a.validate(),
+            Command::Chat(a) => a.validate(),
+            Command::Worker(a) => a.validate(),
+            Command::Bench(a) => a.validate(),
+            Command::Doctor(a) => a.validate(),
+            Command::Convert(a) => a.validate(),
+            Command::Batch(a) => a.validate(),
+        }
+    }
+}
+
+/// Logs go to stderr. Level: --log-level (every rank) or --quiet (warnings on world rank 0),
+/// else RUST_LOG, else info on world rank 0 and errors only on the other ranks, so that a job's
+/// log reads like one process's.
+pub fn init_logging(log: &LogArgs) {
+    let leader = crate::parallel::cluster().world_rank == 0;
+    let default = if leader { "info" } else { "error" };
+    let flag = match (&log.log_level, log.quiet) {
+        (Some(level), _) => Some(level.as_str()),
+        (None, true) => Some(if leader { "warn" } else { "error" }),
+        (None, false) => None,
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = match flag {
+        Some(level) => tracing_subscriber::EnvFilter::new(level),
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -57,22 +117,12 @@ pub fn init_logging() {
 
 /// Run the parsed command; the process exit code.
 pub fn run(cli: Cli) -> i32 {
-    let result = match cli.command {
-        Command::Generate(a) => modes::generate::run(a),
-        Command::Chat(a) => modes::chat::run(a),
-        Command::Worker(a) => modes::worker::run(a),
-        Command::Bench(a) => modes::bench::run(a),
-        Command::Doctor(a) => modes::doctor::run(a),
-        Command::Convert(a) => modes::convert::run(a),
-        Command::Batch(a) => modes::batch::run(a),
-    };
+    let result = cli.command.validate().and_then(|()| dispatch(cli.command));
     match result {
         Ok(()) => exit::OK,
         Err(e) => {
             let c = crate::parallel::cluster();
-            let code = e
-                .downcast_ref::<exit::Coded>()
-                .map_or(exit::FAILED, |c| c.code);
+            let code = exit::code_of(&e);
             // An interrupted run (every rank got the signal) ends rank by rank with its own code,
             // so the job script sees "resume", not a crash.
             if c.world_size > 1 && code != exit::INTERRUPTED {
@@ -86,6 +136,18 @@ pub fn run(cli: Cli) -> i32 {
             eprintln!("herd: error: {e:#}");
             code
         }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Generate(a) => modes::generate::run(a),
+        Command::Chat(a) => modes::chat::run(a),
+        Command::Worker(a) => modes::worker::run(a),
+        Command::Bench(a) => modes::bench::run(a),
+        Command::Doctor(a) => modes::doctor::run(a),
+        Command::Convert(a) => modes::convert::run(a),
+        Command::Batch(a) => modes::batch::run(a),
     }
 }
 

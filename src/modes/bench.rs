@@ -11,6 +11,7 @@ use rayon::prelude::*;
 use super::setup::{build_engine, ModelArgs};
 use crate::backend::cuda;
 use crate::engine::{Event, SamplingParams};
+use crate::exit;
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -31,6 +32,29 @@ pub struct BenchArgs {
     /// Append results to this CSV (created with a header if new).
     #[arg(long)]
     pub csv: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    /// The flags, before anything loads (exit code 2 naming the flag).
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        for (flag, v) in [
+            ("--batch-sizes", self.batch_sizes.as_slice()),
+            ("--prefill-lens", self.prefill_lens.as_slice()),
+            ("--prompt-len", &[self.prompt_len]),
+            ("--gen-tokens", &[self.gen_tokens]),
+        ] {
+            if v.contains(&0) {
+                return Err(exit::usage(format!(
+                    "{flag}: every value must be at least 1"
+                )));
+            }
+        }
+        if let Some(p) = &self.csv {
+            super::check_output_file("--csv", p)?;
+        }
+        Ok(())
+    }
 }
 
 /// Host memory read bandwidth (GB/s): every thread sums its part of a 1 GiB buffer; best of 3.

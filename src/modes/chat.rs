@@ -70,6 +70,14 @@ impl History {
     }
 }
 
+impl ChatArgs {
+    /// The flags, before anything loads (exit code 2 naming the flag).
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.sampling.validate()
+    }
+}
+
 pub fn run(args: ChatArgs) -> Result<()> {
     let mut engine = build_engine(&args.model)?;
     // llama3_chat's defaults.

@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use crate::checkpoint::meta::split_dim;
 use crate::checkpoint::ranked::{manifest_json, rank_file, write_safetensors, MANIFEST};
 use crate::checkpoint::{self, pth_writer::write_pth, Layout, Slice, Tensor};
+use crate::exit::{self, Coded};
 use crate::model::config::LlamaConfig;
 use crate::model::llama::tensor_specs;
 use crate::model::loader::open_model;
@@ -39,8 +40,37 @@ pub struct ConvertArgs {
     /// Ranks to write files for.
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
+    /// Files to write: per-rank safetensors (herd's own layout) or Meta consolidated.NN.pth.
     #[arg(long, value_enum, default_value = "safetensors")]
     pub format: Format,
+}
+
+impl ConvertArgs {
+    /// The flags, before the source is read (exit code 2 naming the flag).
+    pub fn validate(&self) -> Result<()> {
+        if self.tp == 0 {
+            return Err(exit::usage("--tp must be at least 1"));
+        }
+        let out = &self.output;
+        if out.is_file() {
+            return Err(exit::usage(format!(
+                "--output {} is a file: give a directory (created if missing)",
+                out.display()
+            )));
+        }
+        if out.is_dir()
+            && std::fs::read_dir(out)
+                .with_context(|| format!("reading {}", out.display()))?
+                .next()
+                .is_some()
+        {
+            return Err(exit::usage(format!(
+                "--output {} exists and is not empty",
+                out.display()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The part of `name` that rank `plan` loads (None: the whole tensor).
@@ -103,28 +133,22 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     let t0 = Instant::now();
     let spec = args.model.to_string_lossy().into_owned();
     if spec.starts_with("random:") || !args.model.is_dir() {
-        bail!("--model must be a checkpoint directory, got '{spec}'");
+        return Err(Coded::with(exit::MODEL)(anyhow::anyhow!(
+            "--model must be a checkpoint directory, got '{spec}'"
+        )));
     }
-    let src = open_model(&spec)?;
+    let src = open_model(&spec).map_err(|e| Coded::with(exit::MODEL)(e.into()))?;
     let cfg = src.cfg.clone();
     let tp = args.tp;
-    ShardPlan::check(tp, &cfg)?;
+    ShardPlan::check(tp, &cfg).map_err(exit::usage)?;
     if args.format == Format::Meta && tp > cfg.n_kv_heads {
-        bail!(
+        return Err(exit::usage(format!(
             "--format meta cannot replicate KV heads: --tp {tp} exceeds n_kv_heads {} \
              (Meta's loader concatenates shards); use --format safetensors",
             cfg.n_kv_heads
-        );
+        )));
     }
     let out = &args.output;
-    if out.exists()
-        && std::fs::read_dir(out)
-            .with_context(|| format!("reading {}", out.display()))?
-            .next()
-            .is_some()
-    {
-        bail!("--output {} exists and is not empty", out.display());
-    }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let layout = checkpoint::detect(&args.model)?;
     let src_config = match &layout {

@@ -3,10 +3,14 @@
 
 use std::fmt::Write as _;
 
-use anyhow::{bail, Result};
+use std::io::Write as _;
 
+use anyhow::{bail, Context, Result};
+
+use super::host;
 use crate::backend::cuda;
 use crate::parallel::{self, World};
+use crate::tokenizer;
 
 #[derive(clap::Args, Debug)]
 pub struct DoctorArgs {
@@ -17,6 +21,13 @@ pub struct DoctorArgs {
     /// (needs a GPU; exits non-zero when a check fails).
     #[arg(long)]
     pub selftest: bool,
+}
+
+impl DoctorArgs {
+    /// The flags, before anything runs (exit code 2 naming the flag).
+    pub fn validate(&self) -> Result<()> {
+        super::setup::check_tp(self.tp)
+    }
 }
 
 /// One titled block of the report; `lines` are "key: value" lines.
@@ -79,12 +90,55 @@ pub fn topology_section(world: &dyn World) -> Result<Section> {
     })
 }
 
+/// The host section: this machine and this build, as a bug report or a results table needs them.
+pub fn host_section() -> Section {
+    let gb = |field| {
+        host::meminfo(field).map_or("unknown".into(), |b| format!("{:.1} GB", b as f64 / 1e9))
+    };
+    let tokenizer = tokenizer::default_tokenizer_path();
+    let tokenizer = if tokenizer.is_file() {
+        format!(
+            "{} (for checkpoints without their own; --tokenizer overrides)",
+            tokenizer.display()
+        )
+    } else {
+        // The loader's own message says where it looked and how to fetch it.
+        match tokenizer::load_default() {
+            Ok(_) => tokenizer.display().to_string(),
+            Err(e) => format!("not found: {e}"),
+        }
+    };
+    Section {
+        title: "host",
+        lines: vec![
+            format!(
+                "herd: {} (commit {})",
+                env!("CARGO_PKG_VERSION"),
+                env!("HERD_GIT_COMMIT")
+            ),
+            format!("cpu: {}", host::cpu_name()),
+            format!(
+                "cores: {} usable by this process, {} threads in herd's pool",
+                host::cpus(),
+                rayon::current_num_threads()
+            ),
+            format!(
+                "memory: {} total, {} available",
+                gb("MemTotal:"),
+                gb("MemAvailable:")
+            ),
+            format!("tokenizer: {tokenizer}"),
+        ],
+    }
+}
+
 pub fn run(args: DoctorArgs) -> Result<()> {
     let world = parallel::cluster()
         .world(args.tp)
         .map_err(anyhow::Error::msg)?;
     let sections = vec![
         topology_section(world.as_ref())?,
+        host_section(),
         Section {
             title: "gpu",
             lines: cuda::report().lines().map(str::to_string).collect(),
@@ -98,19 +152,28 @@ pub fn run(args: DoctorArgs) -> Result<()> {
                 let _ = writeln!(out, "{l}");
             }
         }
-        print!("{out}");
+        emit(&out)?;
     }
     if args.selftest {
         if let Err(why) = cuda::device_count() {
             bail!("--selftest needs a GPU: {why}");
         }
-        println!("\nself-test (GPU vs CPU twin; rel err = ‖gpu − cpu‖ / ‖cpu‖):");
+        emit("\nself-test (GPU vs CPU twin; rel err = ‖gpu − cpu‖ / ‖cpu‖):\n")?;
         let (table, ok) = cuda::selftest().map_err(anyhow::Error::msg)?;
-        print!("{table}");
+        emit(&table)?;
         if !ok {
             bail!("self-test FAILED (see the table above)");
         }
-        println!("self-test passed");
+        emit("self-test passed\n")?;
     }
     Ok(())
+}
+
+/// Text to stdout; a stdout that cannot be written (a full disk, a closed pipe) is an error
+/// (exit 1), not a panic as print! makes it.
+fn emit(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("writing the report to stdout")
 }

@@ -3,12 +3,13 @@
 use std::io::Write;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use super::record::result_record;
 use super::setup::{start, ModelArgs};
 use super::SamplingArgs;
 use crate::engine::Event;
+use crate::exit;
 use crate::tokenizer::Message;
 
 #[derive(clap::Args, Debug)]
@@ -37,6 +38,38 @@ pub struct GenerateArgs {
     pub prompt_logprobs: bool,
 }
 
+impl GenerateArgs {
+    /// The flags, before anything loads (exit code 2 naming the flag).
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.sampling.validate()?;
+        if self.prompt.is_none() && self.messages.is_none() && self.prompt_token_ids.is_none() {
+            return Err(exit::usage(
+                "give a prompt: --prompt TEXT, --messages JSON or --prompt-token-ids 1,2,3",
+            ));
+        }
+        if !self.json && (self.logprobs.is_some() || self.prompt_logprobs) {
+            return Err(exit::usage(
+                "--logprobs and --prompt-logprobs are reported in the JSON record: add --json",
+            ));
+        }
+        self.messages()?;
+        Ok(())
+    }
+
+    /// `--messages`, parsed.
+    fn messages(&self) -> Result<Option<Vec<Message>>> {
+        let Some(js) = &self.messages else {
+            return Ok(None);
+        };
+        serde_json::from_str(js).map(Some).map_err(|e| {
+            exit::usage(format!(
+                "--messages must be a JSON list of {{\"role\": \"system|user|assistant\", \"content\": \"...\"}}: {e}"
+            ))
+        })
+    }
+}
+
 pub fn run(args: GenerateArgs) -> Result<()> {
     // Under a launcher every replica generates the same completion (a check of the whole
     // cluster); the world leader streams text, every replica leader prints its --json record.
@@ -50,22 +83,20 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let tok = engine.tokenizer().clone();
     let prompt = if let Some(text) = &args.prompt {
         tok.encode(text, true, false)
-    } else if let Some(js) = &args.messages {
-        let msgs: Vec<Message> = serde_json::from_str(js).context(
-            "--messages must be a JSON list of {\"role\": \"system|user|assistant\", \"content\": \"...\"}",
-        )?;
+    } else if let Some(msgs) = args.messages()? {
         tok.encode_dialog(&msgs)
     } else if let Some(ids) = &args.prompt_token_ids {
         ids.clone()
     } else {
-        bail!("give a prompt: --prompt TEXT, --messages JSON or --prompt-token-ids 1,2,3");
+        bail!("internal: validate() lets no command without a prompt through");
     };
     // Meta's example defaults for completion.
     let mut params = args.sampling.params(0.6, 0.9, 0);
     params.logprobs = args.logprobs;
     params.prompt_logprobs = args.prompt_logprobs;
     let n_prompt = prompt.len();
-    let id = engine.add_request(prompt, params)?;
+    // What is left to refuse is the prompt itself (too long, an id outside the vocabulary).
+    let id = engine.add_request(prompt, params).map_err(exit::usage)?;
     let t0 = Instant::now();
     let mut first_token = None;
     let stdout = std::io::stdout();

@@ -1,4 +1,5 @@
-//! Facts about this machine that results and logs name: the CPU, the date.
+//! Facts about this machine that results, logs and `herd doctor` name: the CPU, its memory, the
+//! date.
 
 /// The CPU's model name (Linux /proc/cpuinfo).
 pub fn cpu_name() -> String {
@@ -11,6 +12,19 @@ pub fn cpu_name() -> String {
                 .map(|s| s.trim().to_string())
         })
         .unwrap_or_else(|| "unknown cpu".into())
+}
+
+/// A /proc/meminfo field (`"MemTotal:"`) in bytes (Linux).
+pub fn meminfo(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Logical CPUs this process may run on (its affinity mask and cgroup quota included).
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// "CPU model xN threads": the machine column of every CPU result.

@@ -12,7 +12,12 @@ pub mod record;
 pub mod setup;
 pub mod worker;
 
+use std::path::Path;
+
+use anyhow::Result;
+
 use crate::engine::SamplingParams;
+use crate::exit;
 
 /// Sampling flags shared by the generating modes; unset flags take the mode's defaults.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -20,12 +25,13 @@ pub struct SamplingArgs {
     /// Most tokens to generate.
     #[arg(long)]
     pub max_tokens: Option<usize>,
-    /// 0 = greedy.
+    /// Sampling temperature, >= 0 (0 = greedy).
     #[arg(long)]
     pub temperature: Option<f32>,
+    /// Nucleus sampling: keep the most likely tokens whose probabilities reach P, in (0, 1] (1 = off).
     #[arg(long)]
     pub top_p: Option<f32>,
-    /// 0 = off.
+    /// Keep only the K most likely tokens (0 = off).
     #[arg(long)]
     pub top_k: Option<usize>,
     /// Seed of the random stream (same seed, same prompt, same parameters: same tokens).
@@ -51,5 +57,79 @@ impl SamplingArgs {
             ignore_eos: self.ignore_eos,
             ..SamplingParams::default()
         }
+    }
+
+    /// The flags against the engine's own rule for a request (one rule for flags and records),
+    /// before anything loads; the error names the flag (exit code 2).
+    pub fn validate(&self) -> Result<()> {
+        // Neutral defaults: only what the user set can fail.
+        self.params(0.0, 1.0, 0).validate().map_err(|why| {
+            // The engine's reason starts with the field ("top_p must be ..."): name the flag.
+            let (field, rest) = why.split_once(' ').unwrap_or((why.as_str(), ""));
+            exit::usage(format!("--{} {rest}", field.replace('_', "-")))
+        })
+    }
+}
+
+/// A flag in seconds: a number >= 0 that `Duration::from_secs_f64` takes (it panics on NaN,
+/// negatives and overflow). Exit code 2 naming the flag.
+pub fn check_seconds(flag: &str, v: f64) -> Result<()> {
+    if (0.0..1e9).contains(&v) {
+        Ok(())
+    } else {
+        Err(exit::usage(format!(
+            "{flag} must be a number of seconds >= 0 (and below 1e9), got {v}"
+        )))
+    }
+}
+
+/// A file herd will write (`--output`, `--stats-csv`, `--csv`), checked before anything loads:
+/// not a directory, and its directory exists or can be made (missing parents are created, as
+/// `out/results.jsonl` in a fresh checkout expects) and takes new files. Errors name the flag
+/// (exit code 2).
+pub fn check_output_file(flag: &str, path: &Path) -> Result<()> {
+    let shown = path.display();
+    if path.as_os_str().is_empty() {
+        return Err(exit::usage(format!("{flag} is empty: give a file name")));
+    }
+    if path.is_dir() || path.as_os_str().to_string_lossy().ends_with('/') {
+        return Err(exit::usage(format!(
+            "{flag} {shown} is a directory: give a file name"
+        )));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if let Some(file) = dir.ancestors().find(|a| a.exists()).filter(|a| !a.is_dir()) {
+        return Err(exit::usage(format!(
+            "{flag} {shown}: {} is not a directory",
+            file.display()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| {
+        exit::usage(format!(
+            "{flag} {shown}: cannot create its directory {}: {e}",
+            dir.display()
+        ))
+    })?;
+    // Write access, tried for real (permission bits say nothing about read-only mounts or root).
+    let name = path
+        .file_name()
+        .map_or("out".into(), |n| n.to_string_lossy());
+    let probe = dir.join(format!(".{name}.herd-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(exit::usage(format!(
+            "{flag} {shown}: cannot write in {}: {e}",
+            dir.display()
+        ))),
     }
 }

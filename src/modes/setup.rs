@@ -9,11 +9,13 @@ use crate::backend::cuda::{self, plan, CudaBackend, Numerics};
 use crate::backend::Backend;
 use crate::backend::KvShape;
 use crate::engine::{Engine, EngineConfig};
+use crate::exit::{self, Coded};
 use crate::model::llama::Llama;
 use crate::model::loader::{open_model, ModelSource};
 use crate::model::shard::ShardPlan;
 use crate::model::tp::{follow, TpLeader};
 use crate::model::{LlamaConfig, ModelRunner};
+use crate::modes::host::meminfo;
 use crate::parallel::{self, HostComm, SoloWorld, World};
 use crate::tokenizer::{self, Tokenizer};
 
@@ -27,9 +29,9 @@ pub struct ModelArgs {
     #[arg(long)]
     pub tokenizer: Option<std::path::PathBuf>,
     /// Where to run: auto (a GPU when one is present, else the cpu), cpu, or cuda.
-    #[arg(long, env = "HERD_DEVICE", default_value = "auto")]
+    #[arg(long, env = "HERD_DEVICE", default_value = "auto", value_parser = ["auto", "cpu", "cuda"])]
     pub device: String,
-    /// Fraction of the GPU's memory herd may use for weights, activations and the KV cache.
+    /// Fraction of the GPU's memory herd may use for weights, activations and the KV cache, in (0, 1].
     #[arg(long, env = "HERD_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
     /// GPU precision: bf16 (bf16 GEMM inputs and KV cache, fastest) or accurate (GEMM inputs
@@ -42,10 +44,10 @@ pub struct ModelArgs {
     /// Most tokens in one forward step (decode tokens + prefill chunks).
     #[arg(long, env = "HERD_MAX_BATCH_TOKENS", default_value_t = 1024)]
     pub max_batch_tokens: usize,
-    /// Override the context length (prompt + generation) the model allows.
+    /// Shorten the context (prompt + generation) below the model's own (at least 2, at most the model's).
     #[arg(long, env = "HERD_MAX_SEQ_LEN")]
     pub max_seq_len: Option<usize>,
-    /// Memory for the KV cache in GB (default: 1 on the CPU).
+    /// Memory for the KV cache in GB (default: 1 on the CPU; on a GPU, what --gpu-memory-utilization leaves).
     #[arg(long, env = "HERD_KV_CACHE_GB")]
     pub kv_cache_gb: Option<f64>,
     /// KV cache block size in tokens.
@@ -57,12 +59,77 @@ pub struct ModelArgs {
     pub tp: usize,
 }
 
+impl ModelArgs {
+    /// Every model flag against its range, before anything loads (the checks that need the
+    /// model's config run in [`start`] before the weights load). Errors name the flag and the
+    /// limit (exit code 2).
+    pub fn validate(&self) -> Result<()> {
+        check_tp(self.tp)?;
+        let u = self.gpu_memory_utilization;
+        if !(u > 0.0 && u <= 1.0) {
+            return Err(exit::usage(format!(
+                "--gpu-memory-utilization must be in (0, 1] (a fraction of the GPU's memory), got {u}"
+            )));
+        }
+        for (flag, v) in [
+            ("--max-batch-size", self.max_batch_size),
+            ("--max-batch-tokens", self.max_batch_tokens),
+            ("--block-size", self.block_size),
+        ] {
+            if v == 0 {
+                return Err(exit::usage(format!("{flag} must be at least 1")));
+            }
+        }
+        if let Some(n) = self.max_seq_len.filter(|&n| n < 2) {
+            return Err(exit::usage(format!(
+                "--max-seq-len must be at least 2 (a prompt token and a generated one), got {n}"
+            )));
+        }
+        if let Some(gb) = self.kv_cache_gb {
+            if !(gb > 0.0 && gb.is_finite()) {
+                return Err(exit::usage(format!(
+                    "--kv-cache-gb must be a positive number of GB, got {gb}"
+                )));
+            }
+            // The CPU's pool lives in host memory; a GPU's pool is checked against the card
+            // before anything is allocated (load_cuda).
+            let on_cpu = match self.device.as_str() {
+                "cpu" => true,
+                "cuda" => false,
+                _ => cuda::device_count().is_err(),
+            };
+            if let Some(total) = meminfo("MemTotal:").filter(|_| on_cpu) {
+                if gb * 1e9 > total as f64 {
+                    return Err(exit::usage(format!(
+                        "--kv-cache-gb {gb} is more than this machine's memory ({:.1} GB); lower it",
+                        total as f64 / 1e9
+                    )));
+                }
+            }
+        }
+        if let Some(t) = &self.tokenizer {
+            if !t.is_file() {
+                return Err(exit::usage(format!(
+                    "--tokenizer {}: no such file (give a tokenizer.model or tokenizer.json)",
+                    t.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `--tp` against the launch, by the topology's own rule (at least 1, a divisor of the world).
+pub fn check_tp(tp: usize) -> Result<()> {
+    let world = parallel::cluster().world_size;
+    parallel::Topology::new(0, world, tp, 0)
+        .map(drop)
+        .map_err(exit::usage)
+}
+
 /// Bytes of memory the OS says are available (Linux), for sizing checks.
 fn mem_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    meminfo("MemAvailable:")
 }
 
 pub fn load_tokenizer(args: &ModelArgs, own: Option<&std::path::Path>) -> Result<Tokenizer> {
@@ -95,7 +162,11 @@ fn use_cuda(args: &ModelArgs) -> Result<bool> {
         "cpu" => false,
         "cuda" => match cuda::device_count() {
             Ok(_) => true,
-            Err(why) => bail!("--device cuda: {why} (use --device cpu or auto)"),
+            Err(why) => {
+                return Err(Coded::with(exit::MODEL)(anyhow::anyhow!(
+                    "--device cuda: {why} (use --device cpu or auto)"
+                )))
+            }
         },
         "auto" => match cuda::device_count() {
             Ok(_) => true,
@@ -104,7 +175,11 @@ fn use_cuda(args: &ModelArgs) -> Result<bool> {
                 false
             }
         },
-        other => bail!("unknown --device '{other}': use auto, cpu or cuda"),
+        other => {
+            return Err(exit::usage(format!(
+                "unknown --device '{other}': use auto, cpu or cuda"
+            )))
+        }
     })
 }
 
@@ -113,7 +188,15 @@ fn use_cuda(args: &ModelArgs) -> Result<bool> {
 /// Replica leaders get `Some(engine)`, whose model broadcasts each step plan to the replica's
 /// peers. Peers run the forward of every step they receive until the leader's engine is dropped
 /// (shutdown message), then return `None`.
+///
+/// Errors carry their exit code: a flag that does not fit the model 2, anything else 3 (the
+/// model could not be found, loaded or run).
 pub fn start(args: &ModelArgs, world: &dyn World) -> Result<Option<Engine>> {
+    args.validate()?;
+    start_checked(args, world).map_err(Coded::with(exit::MODEL))
+}
+
+fn start_checked(args: &ModelArgs, world: &dyn World) -> Result<Option<Engine>> {
     let topo = world.topology().clone();
     if topo.tp != args.tp {
         bail!(
@@ -133,19 +216,19 @@ pub fn start(args: &ModelArgs, world: &dyn World) -> Result<Option<Engine>> {
             cuda::NCCL_MISSING
         );
     }
-    if args.block_size == 0 || args.max_batch_size == 0 || args.max_batch_tokens == 0 {
-        bail!("--block-size, --max-batch-size and --max-batch-tokens must be at least 1");
-    }
     let mut src = open_model(&args.model)?;
+    // Before anything big is read: the flags that need the model's config.
     if let Some(n) = args.max_seq_len {
-        if n < 2 {
-            bail!("--max-seq-len must be at least 2");
+        if n > src.cfg.max_seq_len {
+            return Err(exit::usage(format!(
+                "--max-seq-len {n} is beyond the context of {} ({} tokens): positions past it were never trained",
+                src.label, src.cfg.max_seq_len
+            )));
         }
         src.cfg.max_seq_len = n;
     }
     let cfg = src.cfg.clone();
-    // Before anything big is read: does --tp split this model?
-    ShardPlan::check(args.tp, &cfg)?;
+    ShardPlan::check(args.tp, &cfg).map_err(exit::usage)?;
     // Only leaders tokenize; peers never see text.
     let tok = if topo.is_replica_leader() {
         Some(Arc::new(load_tokenizer(args, src.tokenizer.as_deref())?))
@@ -258,11 +341,11 @@ fn load_cpu(
     let useful = useful_kv_blocks(args, cfg);
     let num_blocks = (budget / block_bytes).min(useful);
     if num_blocks == 0 {
-        bail!(
+        return Err(exit::usage(format!(
             "--kv-cache-gb {} holds no KV block ({} bytes each); raise it",
             args.kv_cache_gb.unwrap_or(1.0),
             block_bytes
-        );
+        )));
     }
     // Each rank holds 1/tp of the layers plus the whole embedding table.
     let weights_bytes = (cfg.n_params() / shard.tp + cfg.vocab_size * cfg.dim) as u64 * 2;
@@ -363,6 +446,16 @@ fn load_cuda(
         kv_dim,
         logit_vocab as u64,
     );
+    if let Some(gb) = args
+        .kv_cache_gb
+        .filter(|gb| gb * 1e9 > info.total_bytes as f64)
+    {
+        return Err(exit::usage(format!(
+            "--kv-cache-gb {gb} is more than the memory of {} ({:.1} GB); lower it",
+            info.name,
+            info.total_bytes as f64 / 1e9
+        )));
+    }
     let useful = useful_kv_blocks(args, cfg);
     let kv_cap = args
         .kv_cache_gb

@@ -16,8 +16,12 @@ pub mod world;
 
 use std::path::PathBuf;
 
+use anyhow::{Context, Result};
+
 use super::setup::ModelArgs;
-use super::SamplingArgs;
+use super::{check_output_file, SamplingArgs};
+use crate::engine::SamplingParams;
+use crate::exit;
 
 /// Where a too-long prompt is cut.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -55,6 +59,10 @@ pub struct BatchArgs {
     /// Defaults for every record; a record's own fields override them.
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// No record generates more than N tokens, whatever its own max_tokens (or an OpenAI body's
+    /// max_tokens / max_completion_tokens) asks; --max-tokens is only a default.
+    #[arg(long, value_name = "N")]
+    pub max_tokens_cap: Option<usize>,
     /// Default: each generated token's log-prob and the top N alternatives.
     #[arg(long)]
     pub logprobs: Option<usize>,
@@ -82,6 +90,88 @@ pub struct BatchArgs {
     /// Records parsed and tokenized ahead of the engine (bounds memory).
     #[arg(long, default_value_t = 256)]
     pub read_ahead: usize,
+}
+
+impl BatchArgs {
+    /// Every flag, the input's format and CSV columns, and the output path, checked before
+    /// anything loads or any state file is touched. Errors name the flag (exit code 2).
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.sampling.validate()?;
+        if self.max_tokens_cap == Some(0) {
+            return Err(exit::usage("--max-tokens-cap must be at least 1"));
+        }
+        if self.read_ahead == 0 {
+            return Err(exit::usage("--read-ahead must be at least 1"));
+        }
+        super::check_seconds("--grace-period", self.grace_period)?;
+        super::check_seconds("--log-interval", self.log_interval)?;
+        let shown = self.input.display();
+        if self.input.is_dir() {
+            return Err(exit::usage(format!(
+                "--input {shown} is a directory: give a prompt file"
+            )));
+        }
+        let format = match self.input_format {
+            Some(f) => f,
+            None => input::detect_format(&self.input)
+                .with_context(|| format!("--input {shown}"))
+                .map_err(exit::Coded::with(exit::USAGE))?,
+        };
+        if format == input::InputFormat::Csv {
+            let reader = input::RecordReader::open(&self.input, format)
+                .with_context(|| format!("--input {shown}"))
+                .map_err(exit::Coded::with(exit::USAGE))?;
+            self.check_csv_columns(reader.headers())?;
+        } else {
+            if !self.input.is_file() {
+                return Err(exit::usage(format!("--input {shown}: no such file")));
+            }
+            for (flag, set) in [
+                ("--prompt-column", self.prompt_column.is_some()),
+                ("--id-column", self.id_column.is_some()),
+            ] {
+                if set {
+                    return Err(exit::usage(format!(
+                        "{flag} applies to CSV input, but {shown} is {} JSONL (see --input-format)",
+                        format.as_str()
+                    )));
+                }
+            }
+        }
+        check_output_file("--output", &self.output)?;
+        if let Some(p) = &self.stats_csv {
+            check_output_file("--stats-csv", p)?;
+        }
+        Ok(())
+    }
+
+    /// `--prompt-column` / `--id-column` against the CSV header.
+    fn check_csv_columns(&self, header: &[String]) -> Result<()> {
+        let has = |c: &str| header.iter().any(|h| h == c);
+        let columns = header.join(", ");
+        let prompt = self.prompt_column.as_deref().unwrap_or("prompt");
+        if !has(prompt) {
+            return Err(exit::usage(format!(
+                "{} has no column `{prompt}` (columns: {columns}); pass --prompt-column",
+                self.input.display()
+            )));
+        }
+        if let Some(id) = self.id_column.as_deref().filter(|c| !has(c)) {
+            return Err(exit::usage(format!(
+                "{} has no column `{id}` (columns: {columns}); check --id-column",
+                self.input.display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A record's parameters under `--max-tokens-cap` (`cap`), whatever the record asked.
+pub fn cap_max_tokens(params: &mut SamplingParams, cap: Option<usize>) {
+    if let Some(cap) = cap {
+        params.max_tokens = params.max_tokens.min(cap);
+    }
 }
 
 pub use run::run;

@@ -56,7 +56,7 @@ fn serve_replica(args: &BatchArgs, world: &dyn World) -> Result<()> {
 /// Everything that decides the records' content: a resume must match it.
 fn identity(args: &BatchArgs, format: InputFormat, dp: usize) -> Result<Value> {
     let p = defaults(args);
-    Ok(json!({
+    let mut id = json!({
         "input": state::input_identity(&args.input).map_err(usage)?,
         "input_format": format.as_str(),
         "model": args.model.model,
@@ -76,7 +76,12 @@ fn identity(args: &BatchArgs, format: InputFormat, dp: usize) -> Result<Value> {
         "id_column": args.id_column,
         "replicas": dp,
         "records": args.records.map(|r| r.label()),
-    }))
+    });
+    // Only when set: outputs started before the flag existed still resume.
+    if let Some(cap) = args.max_tokens_cap {
+        id["max_tokens_cap"] = json!(cap);
+    }
+    Ok(id)
 }
 
 fn defaults(args: &BatchArgs) -> crate::engine::SamplingParams {
@@ -119,14 +124,6 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
     let dp = topo.n_replicas;
     let r = topo.replica;
     let leader = topo.is_world_leader();
-    if args.read_ahead == 0 {
-        return Err(usage(anyhow!("--read-ahead must be at least 1")));
-    }
-    if !(args.grace_period >= 0.0 && args.grace_period.is_finite()) {
-        return Err(usage(anyhow!(
-            "--grace-period must be a number of seconds >= 0"
-        )));
-    }
     let format = match args.input_format {
         Some(f) => f,
         None => input::detect_format(&args.input)
@@ -441,26 +438,8 @@ fn spawn_reader(
     let mut reader = RecordReader::open(&args.input, format)
         .with_context(|| format!("reading {}", args.input.display()))
         .map_err(usage)?;
-    if format == InputFormat::Csv {
-        let want = opts.prompt_column.as_deref().unwrap_or("prompt");
-        let h = reader.headers();
-        if !h.iter().any(|c| c == want) {
-            return Err(usage(anyhow!(
-                "{} has no column `{want}` (columns: {}); pass --prompt-column",
-                args.input.display(),
-                h.join(", ")
-            )));
-        }
-        if let Some(idc) = &opts.id_column {
-            if !h.iter().any(|c| c == idc) {
-                return Err(usage(anyhow!(
-                    "{} has no column `{idc}`",
-                    args.input.display()
-                )));
-            }
-        }
-    }
     let range = args.records;
+    let cap = args.max_tokens_cap;
     let (tx, rx) = sync_channel::<Item>(args.read_ahead);
     let handle = std::thread::Builder::new()
         .name("batch-reader".into())
@@ -498,7 +477,8 @@ fn spawn_reader(
                 let body = match parsed.content {
                     Err(e) => Err(e),
                     Ok(_) if !fresh => Err(format!("line {line}: duplicate id {}", parsed.id)),
-                    Ok(c) => {
+                    Ok(mut c) => {
+                        super::cap_max_tokens(&mut c.params, cap);
                         input::prepare(c, &tok, &opts).map_err(|e| format!("line {line}: {e}"))
                     }
                 };

@@ -107,17 +107,31 @@ fn with_retry<T>(
     }
 }
 
+impl WorkerArgs {
+    /// The flags, before the server is asked or anything loads (exit code 2 naming the flag).
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        // Its inverse is the interval between updates.
+        if !(self.progress_rate.is_finite() && self.progress_rate >= 1e-3) {
+            return Err(exit::usage(format!(
+                "--progress-rate must be a number of updates per second >= 0.001, got {}",
+                self.progress_rate
+            )));
+        }
+        super::check_seconds("--shutdown-grace", self.shutdown_grace)?;
+        super::check_seconds("--connect-timeout", self.connect_timeout)?;
+        let url = &self.api_server;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(exit::usage(format!(
+                "--api-server must be an http:// or https:// URL, got '{url}'"
+            )));
+        }
+        Ok(())
+    }
+}
+
 pub fn run(args: WorkerArgs) -> Result<()> {
-    if !(args.progress_rate > 0.0 && args.progress_rate.is_finite()) {
-        bail!("--progress-rate must be a positive number of updates per second");
-    }
-    if !(args.shutdown_grace >= 0.0 && args.connect_timeout >= 0.0) {
-        bail!("--shutdown-grace and --connect-timeout must be >= 0");
-    }
     let url = args.api_server.trim_end_matches('/').to_string();
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
-        bail!("--api-server must be an http:// or https:// URL, got '{url}'");
-    }
     // Registered first: a SIGTERM during the (long) load must not kill the process half-way.
     let term = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
