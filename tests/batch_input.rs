@@ -85,7 +85,7 @@ fn text_or_binary_named_jsonl_is_refused_as_not_jsonl_before_loading() {
     let (code, err) = batch(&txt, &out, &[]);
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("does not look like JSONL") && err.contains("line 1"),
+        err.contains("notes.jsonl: not JSONL (the name ends in .jsonl)") && err.contains("line 1"),
         "{err}"
     );
     assert!(

@@ -124,17 +124,13 @@ fn objects(s: &Sample) -> Vec<(u64, serde_json::Map<String, Value>)> {
 /// line without `custom_id` first). `because` says why the file is JSONL.
 fn jsonl_kind(path: &Path, s: &Sample, because: &str) -> Result<(InputFormat, String)> {
     if s.binary {
-        bail!(
-            "{} is a binary file (it holds NUL bytes), not JSONL ({because})",
-            path.display()
-        );
+        bail!("a binary file (it holds NUL bytes), not JSONL ({because})");
     }
     if let Some((_, first)) = s.lines.first() {
         if is_json_array_start(first) {
             bail!(
-                "{} is one JSON array, not JSONL ({because}): give one object per line, e.g. \
+                "one JSON array, not JSONL ({because}): give one object per line, e.g. \
                  jq -c '.[]' {} > prompts.jsonl",
-                path.display(),
                 path.display()
             );
         }
@@ -143,12 +139,13 @@ fn jsonl_kind(path: &Path, s: &Sample, because: &str) -> Result<(InputFormat, St
     if objs.is_empty() {
         if let Some((n, l)) = s.lines.first() {
             let why = not_an_object(l).unwrap_or_default();
+            let none = match s.lines.len() {
+                1 => "its first line is not a JSON object".to_string(),
+                k => format!("none of its first {k} lines is a JSON object"),
+            };
             bail!(
-                "{} does not look like JSONL ({because}): none of its first {} lines is a JSON \
-                 object (line {n}: {why}). Give one JSON object per line, or name the format with \
-                 --input-format.",
-                path.display(),
-                s.lines.len()
+                "not JSONL ({because}): {none} (line {n}: {why}). Give one JSON object per line, \
+                 or name the format with --input-format."
             );
         }
         return Ok((InputFormat::Herd, format!("herd JSONL ({because}; empty)")));
@@ -205,10 +202,7 @@ pub fn detect(path: &Path) -> Result<(InputFormat, String)> {
         }
         _ => {
             if s.binary {
-                bail!(
-                    "{} is a binary file (it holds NUL bytes), not a prompt file",
-                    path.display()
-                );
+                bail!("a binary file (it holds NUL bytes), not a prompt file");
             }
             let named = match &ext {
                 Some(e) => format!("guessed: .{e} is not .jsonl, .json, .csv or .tsv"),
@@ -233,7 +227,8 @@ pub fn detect(path: &Path) -> Result<(InputFormat, String)> {
     }
 }
 
-/// Detect the input's format and say in one log line what was detected and why.
+/// Detect the input's format and say in one log line what was detected and why. An error says
+/// what the file is instead (the caller names the file).
 pub fn detect_format(path: &Path) -> Result<InputFormat> {
     let (format, why) = detect(path)?;
     tracing::info!(
@@ -305,7 +300,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("does not look like JSONL") && e.contains("line 1"),
+            e.starts_with("not JSONL (the name ends in .jsonl)") && e.contains("line 1"),
             "{e}"
         );
         let e = detect_bytes("a.jsonl", b"\x7fELF\x02\x01\x01\0\0\0\n\0\0")

@@ -1067,6 +1067,64 @@ mod tests {
     }
 
     #[test]
+    fn ignored_fields_are_notes_and_strict_makes_them_the_error() {
+        let notes = |l: &str, f: InputFormat| parse(l, f).notes;
+        assert_eq!(
+            notes(
+                r#"{"prompt":"a","temprature":1,"colour":null}"#,
+                InputFormat::Herd
+            ),
+            [Ignored::UnknownField("temprature".into())]
+        );
+        let line = |body: &str| {
+            format!(r#"{{"custom_id":"c","url":"/v1/completions","body":{{"prompt":"a",{body}}}}}"#)
+        };
+        // Neutral values change nothing: 0 and 0.0, an empty bias, the text format.
+        let neutral = line(
+            r#""frequency_penalty":0.0,"presence_penalty":0,"logit_bias":{},"response_format":{"type":"text"},"user":"u","model":"m""#,
+        );
+        assert!(notes(&neutral, InputFormat::Openai).is_empty());
+        let set = line(r#""presence_penalty":0.1,"foo":1,"model":"gpt""#);
+        assert_eq!(
+            notes(&set, InputFormat::Openai),
+            [
+                Ignored::UnknownField("body.foo".into()),
+                Ignored::Unimplemented("presence_penalty".into()),
+                Ignored::OtherModel("gpt".into()),
+            ]
+        );
+        let mut o = opts(InputFormat::Openai);
+        o.strict = true;
+        let p = parse_record(RawRecord::Line(set.into_bytes()), 3, &o, &[]);
+        assert_eq!(
+            p.content.err().unwrap(),
+            "line 3: unknown field `body.foo`; `presence_penalty` is not implemented by herd (--strict)"
+        );
+        // The model name alone never fails a record.
+        let p = parse_record(
+            RawRecord::Line(line(r#""model":"gpt""#).into_bytes()),
+            3,
+            &o,
+            &[],
+        );
+        assert!(p.content.is_ok());
+        // vLLM's extensions are read, not ignored.
+        let p = parse(
+            &line(
+                r#""top_k":5,"ignore_eos":true,"skip_special_tokens":false,"stop_token_ids":[7]"#,
+            ),
+            InputFormat::Openai,
+        );
+        assert!(p.notes.is_empty());
+        let c = p.content.unwrap().params;
+        assert_eq!(
+            (c.top_k, c.ignore_eos, c.skip_special_tokens),
+            (5, true, false)
+        );
+        assert_eq!(c.stop_token_ids, [7]);
+    }
+
+    #[test]
     fn duplicate_ids_distinguish_types() {
         let mut s = IdSet::default();
         assert!(s.insert(&Value::from(7)));
