@@ -57,7 +57,7 @@ impl Ignored {
             ),
             Ignored::OtherModel(m) => {
                 return format!(
-                    "{records} named model `{m}`; answered by `{served_model}` under that name (--served-model-name sets it)"
+                    "{records} named model `{m}`; answered by `{served_model}`, the name their answers carry (--served-model-name sets it)"
                 )
             }
         };
