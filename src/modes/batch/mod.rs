@@ -1,11 +1,14 @@
 //! `herd batch`: a prompt file in, one result record per input record out — resumable, in input
 //! order, in bounded memory, never losing a line.
 //!
-//! - [`input`]: the formats (herd JSONL, OpenAI batch JSONL, CSV), parsed into requests or errors.
+//! - [`input`]: the formats (herd JSONL, OpenAI batch JSONL, CSV), parsed into requests or errors;
+//!   [`detect`] tells them apart, [`ignored`] counts what records give that herd ignores.
 //! - [`state`]: part files (append-only, torn-tail safe) and the resume state beside them.
 //! - [`run`]: the scheduling loop: bounded read-ahead, the engine, signals, progress.
 //! - [`merge`]: the world leader merges the replicas' parts into the output in input order.
 
+pub mod detect;
+pub mod ignored;
 pub mod input;
 pub mod merge;
 pub mod openai;
@@ -38,7 +41,8 @@ pub struct BatchArgs {
     /// Result file: JSONL, or CSV when it ends in .csv. Parts and state files go beside it.
     #[arg(long)]
     pub output: PathBuf,
-    /// Input format, when detection guesses wrong.
+    /// Input format, when detection guesses wrong (detection trusts a .jsonl/.json, .csv or .tsv
+    /// name, then the content; its log line says what it found and why).
     #[arg(long, value_enum)]
     pub input_format: Option<input::InputFormat>,
     /// Only the FIRST-th to LAST-th input record, 1-based and inclusive (JSONL lines that are not
@@ -82,6 +86,22 @@ pub struct BatchArgs {
     /// Records parsed and tokenized ahead of the engine (bounds memory).
     #[arg(long, default_value_t = 256)]
     pub read_ahead: usize,
+    /// What herd would ignore in a record (an unknown field, an OpenAI field herd does not
+    /// implement, log-probs with a CSV output) makes it an error record instead of a warning.
+    #[arg(long)]
+    pub strict: bool,
+    /// The model name in OpenAI answers (default: the model directory's name, or random:NAME).
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Option<String>,
+}
+
+impl BatchArgs {
+    /// The model name OpenAI answers carry.
+    pub fn served_model(&self) -> String {
+        self.served_model_name
+            .clone()
+            .unwrap_or_else(|| super::model_label(&self.model.model))
+    }
 }
 
 pub use run::run;
