@@ -1,4 +1,7 @@
-//! Checkpoint readers against fixtures written by scripts/make_pth_fixtures.py.
+//! Checkpoint readers against fixtures written by scripts/make_pth_fixtures.py, and model configs
+//! (params.json, config.json in both transformers layouts) against tests/fixtures/models.
+
+mod common;
 
 use herd::checkpoint::{
     detect, open, Bytes, CheckpointError, DType, HfSource, Layout, MetaSource, PthFile, QkHeads,
@@ -521,4 +524,120 @@ fn synthetic_slices_and_scale() {
     let n = a.load("norm.weight", None).unwrap().to_f32_vec();
     assert!(n.iter().all(|x| (0.9..1.1).contains(x)));
     assert!(a.load("nope", None).unwrap_err().is_missing());
+}
+
+/// The fixtures' config.json as transformers 5 writes it (hf-tf5/) reads as the Hub layout (hf/).
+#[test]
+fn transformers5_config_reads_like_the_hub_layout() {
+    use herd::model::LlamaConfig;
+    for m in ["llama30", "llama31", "llama32tied"] {
+        let dir = common::fixture(&format!("models/{m}"));
+        let tf5: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("hf-tf5/config.json")).unwrap())
+                .unwrap();
+        assert!(
+            tf5["rope_parameters"]["rope_theta"].is_f64()
+                && tf5.get("rope_theta").is_none()
+                && tf5.get("rope_scaling").is_none(),
+            "{m}: hf-tf5/config.json should be in transformers 5's layout"
+        );
+        let a = LlamaConfig::from_hf_config(&dir.join("hf/config.json")).unwrap();
+        let b = LlamaConfig::from_hf_config(&dir.join("hf-tf5/config.json")).unwrap();
+        assert_eq!(a, b, "{m}");
+        if m != "llama32tied" {
+            let c = LlamaConfig::from_meta_params(&dir.join("meta/params.json")).unwrap();
+            assert_eq!(
+                c,
+                LlamaConfig {
+                    max_seq_len: c.max_seq_len,
+                    ..a
+                },
+                "{m}"
+            );
+        }
+    }
+}
+
+/// A change to a config file's JSON.
+type Edit = fn(&mut serde_json::Value);
+
+/// A checkpoint directory in `root`: the fixture's weights (linked) under an edited config.
+fn edited_model(root: &Path, layout: &str, edit: Edit) -> PathBuf {
+    let src = common::fixture(&format!("models/llama31/{layout}"));
+    let dir = root.join(layout);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_owned();
+        if name == "config.json" || name == "params.json" {
+            let mut v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+            edit(&mut v);
+            std::fs::write(dir.join(&name), v.to_string()).unwrap();
+        } else {
+            std::os::unix::fs::symlink(std::fs::canonicalize(&p).unwrap(), dir.join(&name))
+                .unwrap();
+        }
+    }
+    dir
+}
+
+/// A config value herd does not implement stops every command before it computes anything:
+/// the message names the file, the key and the value; batch exits 3 (model not loadable).
+#[test]
+fn a_config_key_herd_does_not_implement_stops_the_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"prompt_token_ids\": [1, 2, 3], \"max_tokens\": 2}\n",
+    )
+    .unwrap();
+    let cases: [(&str, Edit, &str); 3] = [
+        (
+            "hf-tf5",
+            |v| v["rope_parameters"]["rope_type"] = "yarn".into(),
+            "hf-tf5/config.json: rope_parameters.rope_type = \"yarn\" is not supported",
+        ),
+        (
+            "hf",
+            |v| v["attention_bias"] = true.into(),
+            "hf/config.json: attention_bias = true is not supported",
+        ),
+        (
+            "meta",
+            |v| v["use_qk_norm"] = true.into(),
+            "meta/params.json: use_qk_norm = true is not supported",
+        ),
+    ];
+    for (layout, edit, want) in cases {
+        let model = edited_model(tmp.path(), layout, edit);
+        let m = model.to_str().unwrap();
+        let out = tmp.path().join(format!("{layout}.out.jsonl"));
+        let (code, _, err) = common::run_herd(&[
+            "batch",
+            "--model",
+            m,
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        assert!(err.contains(want), "batch on {layout}: {err}");
+        assert_eq!(code, 3, "batch on {layout}: {err}");
+        // generate and convert refuse the same way (their exit codes belong to issue 11 point 5).
+        let (code, _, err) =
+            common::run_herd(&["generate", "--model", m, "--prompt-token-ids", "1,2"]);
+        assert!(
+            code != 0 && err.contains(want),
+            "generate on {layout}: {err}"
+        );
+        let conv = tmp.path().join(format!("{layout}.converted"));
+        let (code, _, err) =
+            common::run_herd(&["convert", "--model", m, "--output", conv.to_str().unwrap()]);
+        assert!(
+            code != 0 && err.contains(want),
+            "convert on {layout}: {err}"
+        );
+    }
 }

@@ -793,12 +793,7 @@ fn a_model_that_cannot_be_found_or_loaded_exits_3_in_every_command() {
             assert!(!err.contains("panicked"), "{argv:?}: {err}");
         }
     }
-    // convert reads directories only.
-    for m in [
-        "/nonexistent/model",
-        empty.to_str().unwrap(),
-        corrupt.to_str().unwrap(),
-    ] {
+    for m in models {
         let out = tmp.path().join("converted");
         let (code, _, err) = run(&["convert", "--model", m, "--output", out.to_str().unwrap()]);
         assert_eq!(code, 3, "convert {m}: {err}");

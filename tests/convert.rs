@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
@@ -134,4 +134,203 @@ fn meta_format_refuses_kv_replication() {
     ]);
     assert_eq!(code, 2, "arguments that do not fit the model: {err}");
     assert!(err.contains("cannot replicate KV heads"), "{err}");
+}
+
+/// A directory holding `files` (name, content) and `links` (name -> existing file).
+fn source_dir(root: &Path, files: &[(&str, &str)], links: &[(&str, PathBuf)]) -> PathBuf {
+    let dir = root.join("src");
+    for (name, text) in files {
+        let p = dir.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    for (name, target) in links {
+        std::os::unix::fs::symlink(target, dir.join(name)).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn tokenizer_and_generation_files_travel_with_the_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = common::fixture("models/llama31/hf");
+    let side = [
+        ("tokenizer.json", "{\"stand-in\": \"tokenizer.json\"}"),
+        ("tokenizer_config.json", "{\"chat_template\": \"...\"}"),
+        (
+            "generation_config.json",
+            "{\"temperature\": 0.6, \"top_p\": 0.9}",
+        ),
+        (
+            "special_tokens_map.json",
+            "{\"bos_token\": \"<|begin_of_text|>\"}",
+        ),
+        ("original/tokenizer.model", "stand-in tokenizer.model"),
+    ];
+    let config = std::fs::read_to_string(hf.join("config.json")).unwrap();
+    let mut files = side.to_vec();
+    files.push(("config.json", &config));
+    let src = source_dir(
+        tmp.path(),
+        &files,
+        &[("model.safetensors", hf.join("model.safetensors"))],
+    );
+    for (format, tp) in [("safetensors", 2), ("meta", 1)] {
+        let out = tmp.path().join(format);
+        convert(&src, &out, tp, format);
+        for (name, text) in &side[..4] {
+            let got = std::fs::read_to_string(out.join(name));
+            assert_eq!(got.ok().as_deref(), Some(*text), "{format}: {name}");
+        }
+        // The model loads with tokenizer.json, so original/tokenizer.model stays behind.
+        assert!(!out.join("tokenizer.model").exists(), "{format}");
+        let loaded = herd::model::loader::open_model(out.to_str().unwrap()).unwrap();
+        assert_eq!(
+            loaded.tokenizer,
+            Some(out.join("tokenizer.json")),
+            "{format}"
+        );
+    }
+
+    // An HF checkpoint whose only tokenizer is original/tokenizer.model, and a Meta one.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = source_dir(
+        tmp.path(),
+        &[
+            ("config.json", &config),
+            ("original/tokenizer.model", "stand-in tokenizer.model"),
+        ],
+        &[("model.safetensors", hf.join("model.safetensors"))],
+    );
+    let out = tmp.path().join("from-original");
+    convert(&src, &out, 1, "safetensors");
+    let got = std::fs::read_to_string(out.join("tokenizer.model")).unwrap();
+    assert_eq!(got, "stand-in tokenizer.model");
+
+    let meta = common::fixture("models/llama31/meta");
+    let params = std::fs::read_to_string(meta.join("params.json")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = source_dir(
+        tmp.path(),
+        &[
+            ("params.json", &params),
+            ("tokenizer.model", "stand-in tokenizer.model"),
+            ("generation_config.json", "{}"),
+        ],
+        &[("consolidated.00.pth", meta.join("consolidated.00.pth"))],
+    );
+    for format in ["safetensors", "meta"] {
+        let out = tmp.path().join(format);
+        convert(&src, &out, 2, format);
+        assert_eq!(
+            std::fs::read_to_string(out.join("params.json")).unwrap(),
+            params
+        );
+        for name in ["tokenizer.model", "generation_config.json"] {
+            assert!(out.join(name).is_file(), "{format}: {name}");
+        }
+    }
+}
+
+#[test]
+fn a_built_in_model_converts_to_a_checkpoint_that_gives_the_same_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let want = logprobs(Path::new("random:tiny"));
+    for tp in [1, 2] {
+        let out = tmp.path().join(format!("tiny-tp{tp}"));
+        convert(Path::new("random:tiny"), &out, tp, "safetensors");
+        // An ordinary checkpoint: config.json (transformers 5 layout) and the tokenizer it ran with.
+        let cfg = herd::model::LlamaConfig::from_hf_config(&out.join("config.json")).unwrap();
+        assert_eq!(cfg, herd::model::LlamaConfig::preset("tiny").unwrap());
+        let text = std::fs::read_to_string(out.join("config.json")).unwrap();
+        assert!(text.contains("\"rope_parameters\""), "{text}");
+        assert_eq!(
+            std::fs::read(out.join("tokenizer.model")).unwrap(),
+            std::fs::read(herd::tokenizer::default_tokenizer_path()).unwrap()
+        );
+        let got = logprobs(&out);
+        assert_same(&got, &want);
+        assert_eq!(
+            got["prompt_logprobs"], want["prompt_logprobs"],
+            "bit-identical"
+        );
+    }
+    // Meta's params.json cannot say "tied embeddings": refused, not written wrong.
+    let (code, _, err) = herd(&[
+        "convert",
+        "--model",
+        "random:tiny",
+        "--output",
+        tmp.path().join("meta").to_str().unwrap(),
+        "--format",
+        "meta",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("tied embeddings") && err.contains("use --format safetensors"),
+        "{err}"
+    );
+    assert!(
+        !tmp.path().join("meta").exists(),
+        "refused before writing anything"
+    );
+    let (code, _, err) = herd(&[
+        "convert",
+        "--model",
+        "random:3b",
+        "--output",
+        tmp.path().join("x").to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("random:tiny"), "{err}");
+}
+
+/// llama3 RoPE parameters other than Meta's defaults survive the trip to params.json
+/// (rope_scaling_factor, rope_high_freq_factor) or are refused there, never dropped.
+#[test]
+fn meta_params_keep_the_rope_scaling() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = common::fixture("models/llama31/hf-tf5");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    cfg["rope_parameters"]["factor"] = 16.0.into();
+    cfg["rope_parameters"]["high_freq_factor"] = 2.0.into();
+    let weights = std::fs::canonicalize(hf.join("model.safetensors")).unwrap();
+    let src = source_dir(
+        tmp.path(),
+        &[("config.json", &cfg.to_string())],
+        &[("model.safetensors", weights.clone())],
+    );
+    let out = tmp.path().join("meta");
+    convert(&src, &out, 1, "meta");
+    let params: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("params.json")).unwrap()).unwrap();
+    assert_eq!(params["rope_scaling_factor"], 16.0);
+    assert_eq!(params["rope_high_freq_factor"], 2.0);
+    let want = logprobs(&src);
+    assert_same(&logprobs(&out), &want);
+    assert_ne!(want, logprobs(&common::fixture("models/llama31/hf")));
+
+    // Meta's params.json has no key for low_freq_factor: refused, not written as 1.
+    cfg["rope_parameters"]["low_freq_factor"] = 0.5.into();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = source_dir(
+        tmp.path(),
+        &[("config.json", &cfg.to_string())],
+        &[("model.safetensors", weights)],
+    );
+    let (code, _, err) = herd(&[
+        "convert",
+        "--model",
+        src.to_str().unwrap(),
+        "--output",
+        tmp.path().join("meta").to_str().unwrap(),
+        "--format",
+        "meta",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("cannot be written as Meta params.json exactly"),
+        "{err}"
+    );
 }

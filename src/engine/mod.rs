@@ -164,6 +164,7 @@ impl Engine {
         } else {
             Vec::new()
         };
+        let decoder = StreamDecoder::skipping_special(params.skip_special_tokens);
         self.seqs.insert(
             id,
             Sequence {
@@ -177,7 +178,7 @@ impl Engine {
                 max_len,
                 logprobs: Vec::new(),
                 prompt_logprobs,
-                decoder: StreamDecoder::new(),
+                decoder,
                 text: String::new(),
                 emitted: 0,
                 finish: None,

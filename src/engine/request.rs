@@ -22,6 +22,9 @@ pub struct SamplingParams {
     pub logprobs: Option<usize>,
     /// Report each prompt token's log-prob.
     pub prompt_logprobs: bool,
+    /// Leave special tokens (`<|reserved_special_token_163|>`) out of the text, as HF and vLLM
+    /// do by default; token ids are reported either way.
+    pub skip_special_tokens: bool,
 }
 
 impl Default for SamplingParams {
@@ -37,6 +40,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             logprobs: None,
             prompt_logprobs: false,
+            skip_special_tokens: true,
         }
     }
 }

@@ -41,9 +41,12 @@ pub fn open_model(spec: &str) -> Result<ModelSource, ModelError> {
     }
     let layout = checkpoint::detect(dir)?;
     let (cfg, tokenizer) = match &layout {
+        // `herd convert --format meta` of an HF checkpoint carries its tokenizer.json.
         Layout::Meta { params, .. } => (
             LlamaConfig::from_meta_params(params)?,
-            Some(dir.join("tokenizer.model")),
+            [dir.join("tokenizer.model"), dir.join("tokenizer.json")]
+                .into_iter()
+                .find(|p| p.exists()),
         ),
         // herd's per-rank layout keeps its source's config; tokenizer.model or tokenizer.json beside it.
         Layout::Ranked { config, .. } => {

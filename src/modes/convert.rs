@@ -2,10 +2,14 @@
 //! loads any layout at any --tp; converted files just make each rank's load one contiguous map.
 //!
 //! - `--format safetensors` (default): `rank-RR-of-NN.safetensors` holding exactly what rank RR of
-//!   a tp-N replica loads (KV heads replicated when tp > n_kv_heads), plus `herd-tp.json`, the
-//!   source's config and its tokenizer.
+//!   a tp-N replica loads (KV heads replicated when tp > n_kv_heads), plus `herd-tp.json` and the
+//!   source's config.
 //! - `--format meta`: Meta's `consolidated.NN.pth` for N model-parallel ranks (fairscale split) +
-//!   `params.json` + `tokenizer.model`, as llama3_chat's convert_weights.py made them.
+//!   `params.json`, as llama3_chat's convert_weights.py made them.
+//!
+//! Both copy the tokenizer and generation files beside the weights ([`SIDE_FILES`]). A built-in
+//! `random:NAME` converts too: its weights, a config.json and the tokenizer it runs with, so the
+//! output is an ordinary checkpoint that gives the same tokens.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -16,7 +20,7 @@ use crate::checkpoint::meta::split_dim;
 use crate::checkpoint::ranked::{manifest_json, rank_file, write_safetensors, MANIFEST};
 use crate::checkpoint::{self, pth_writer::write_pth, Layout, Slice, Tensor};
 use crate::exit::{self, Coded};
-use crate::model::config::LlamaConfig;
+use crate::model::config::{LlamaConfig, RopeScaling};
 use crate::model::llama::tensor_specs;
 use crate::model::loader::open_model;
 use crate::model::shard::ShardPlan;
@@ -31,7 +35,8 @@ pub enum Format {
 
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {
-    /// Source checkpoint directory (any layout herd reads).
+    /// Source: a checkpoint directory (any layout herd reads) or a built-in model (random:tiny,
+    /// random:1b, random:8b, random:70b).
     #[arg(long)]
     pub model: PathBuf,
     /// Output directory (created; must be empty if it exists).
@@ -94,6 +99,84 @@ fn rank_slice(name: &str, plan: &ShardPlan, cfg: &LlamaConfig) -> Option<Slice> 
     }
 }
 
+/// Files a checkpoint carries beside its weights and config, copied as they are when present.
+pub const SIDE_FILES: &[&str] = &[
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+];
+
+/// Copy [`SIDE_FILES`] from `dir`, and the tokenizer the model loads with when it is not one of
+/// them (an HF checkpoint's `original/tokenizer.model`, the cached one `random:NAME` uses).
+fn copy_side_files(dir: Option<&Path>, tokenizer: Option<PathBuf>, out: &Path) -> Result<()> {
+    let copy = |from: &Path, name: &str| {
+        std::fs::copy(from, out.join(name))
+            .with_context(|| format!("copying {} to {}", from.display(), out.display()))
+    };
+    for name in SIDE_FILES {
+        if let Some(p) = dir.map(|d| d.join(name)).filter(|p| p.is_file()) {
+            copy(&p, name)?;
+        }
+    }
+    if let Some(tok) = tokenizer {
+        let name = if tok.extension().is_some_and(|e| e == "json") {
+            "tokenizer.json"
+        } else {
+            "tokenizer.model"
+        };
+        if !out.join(name).exists() {
+            copy(&tok, name)?;
+        }
+    }
+    Ok(())
+}
+
+/// A transformers 5 `config.json` for a config with no file of its own (`random:NAME`), checked
+/// by reading it back.
+fn hf_config(cfg: &LlamaConfig, path: &Path) -> Result<()> {
+    let rope = match &cfg.rope_scaling {
+        None => serde_json::json!({"rope_type": "default", "rope_theta": cfg.rope_theta}),
+        Some(s) => serde_json::json!({
+            "rope_type": "llama3",
+            "rope_theta": cfg.rope_theta,
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            // transformers 5 wants an integer here (8192, not 8192.0).
+            "original_max_position_embeddings": s.original_max_position_embeddings as u64,
+        }),
+    };
+    // The f32 eps as its shortest decimal (1e-5, not 9.99999974e-6).
+    let eps: f64 = cfg.norm_eps.to_string().parse()?;
+    let c = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.ffn_dim,
+        "vocab_size": cfg.vocab_size,
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "mlp_bias": false,
+        "rms_norm_eps": eps,
+        "rope_parameters": rope,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_seq_len,
+        "dtype": "bfloat16",
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&c)?)?;
+    let back = LlamaConfig::from_hf_config(path)?;
+    if back != *cfg {
+        bail!("internal: config.json reads back as {back:?}, want {cfg:?}");
+    }
+    Ok(())
+}
+
 /// Meta params.json for a config that came from elsewhere (HF), checked by reading it back.
 fn meta_params(cfg: &LlamaConfig, path: &Path) -> Result<()> {
     // Meta: h = int(mult · int(8·dim/3)), rounded up to a multiple_of. With multiple_of = ffn_dim
@@ -114,6 +197,9 @@ fn meta_params(cfg: &LlamaConfig, path: &Path) -> Result<()> {
     });
     if let Some(s) = &cfg.rope_scaling {
         p["rope_scaling_factor"] = serde_json::json!(s.factor);
+        if s.high_freq_factor != RopeScaling::LLAMA31.high_freq_factor {
+            p["rope_high_freq_factor"] = serde_json::json!(s.high_freq_factor);
+        }
     }
     std::fs::write(path, serde_json::to_string_pretty(&p)?)?;
     let back = LlamaConfig::from_meta_params(path)?;
@@ -132,15 +218,22 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     }
     let t0 = Instant::now();
     let spec = args.model.to_string_lossy().into_owned();
-    if spec.starts_with("random:") || !args.model.is_dir() {
+    let synthetic = spec.starts_with("random:");
+    if !synthetic && !args.model.is_dir() {
         return Err(Coded::with(exit::MODEL)(anyhow::anyhow!(
-            "--model must be a checkpoint directory, got '{spec}'"
+            "--model must be a checkpoint directory or random:NAME, got '{spec}'"
         )));
     }
     let src = open_model(&spec).map_err(|e| Coded::with(exit::MODEL)(e.into()))?;
     let cfg = src.cfg.clone();
     let tp = args.tp;
     ShardPlan::check(tp, &cfg).map_err(exit::usage)?;
+    if args.format == Format::Meta && cfg.tie_embeddings {
+        return Err(exit::usage(
+            "--format meta cannot express tied embeddings (Meta's params.json has no such key); \
+             use --format safetensors",
+        ));
+    }
     if args.format == Format::Meta && tp > cfg.n_kv_heads {
         return Err(exit::usage(format!(
             "--format meta cannot replicate KV heads: --tp {tp} exceeds n_kv_heads {} \
@@ -150,30 +243,45 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     }
     let out = &args.output;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let layout = checkpoint::detect(&args.model)?;
-    let src_config = match &layout {
-        Layout::Meta { params, .. } => params.clone(),
-        Layout::Hf { config, .. } | Layout::Ranked { config, .. } => config.clone(),
+    // The source's own config file; none for a built-in model.
+    let src_config = if synthetic {
+        None
+    } else {
+        Some(match checkpoint::detect(&args.model)? {
+            Layout::Meta { params, .. } => params,
+            Layout::Hf { config, .. } | Layout::Ranked { config, .. } => config,
+        })
     };
-    let src_is_meta = src_config.ends_with("params.json");
-    if let Some(tok) = &src.tokenizer {
-        let name = if tok.extension().is_some_and(|e| e == "json") {
-            "tokenizer.json"
-        } else {
-            "tokenizer.model"
-        };
-        std::fs::copy(tok, out.join(name)).with_context(|| format!("copying {}", tok.display()))?;
-    }
+    let src_is_meta = src_config
+        .as_ref()
+        .is_some_and(|c| c.ends_with("params.json"));
+    // random:NAME runs with the cached Llama 3 tokenizer; the output carries a copy.
+    let tokenizer = if synthetic {
+        let cached = crate::tokenizer::default_tokenizer_path();
+        if !cached.is_file() {
+            tracing::warn!(
+                "no tokenizer copied: {} does not exist (scripts/fetch-tokenizer puts it there)",
+                cached.display()
+            );
+        }
+        Some(cached).filter(|p| p.is_file())
+    } else {
+        src.tokenizer.clone()
+    };
+    copy_side_files((!synthetic).then_some(args.model.as_path()), tokenizer, out)?;
     let names: Vec<String> = tensor_specs(&cfg).into_iter().map(|(n, _)| n).collect();
     let mut bytes = 0usize;
     match args.format {
         Format::Safetensors => {
-            let name = if src_is_meta {
-                "params.json"
-            } else {
-                "config.json"
-            };
-            std::fs::copy(&src_config, out.join(name))?;
+            match &src_config {
+                Some(c) if src_is_meta => {
+                    std::fs::copy(c, out.join("params.json"))?;
+                }
+                Some(c) => {
+                    std::fs::copy(c, out.join("config.json"))?;
+                }
+                None => hf_config(&cfg, &out.join("config.json"))?,
+            }
             let mut pieces: Vec<(String, Vec<usize>, Vec<Option<Slice>>)> = names
                 .iter()
                 .map(|n| Ok((n.clone(), src.tensors.shape(n)?, Vec::new())))
@@ -198,10 +306,11 @@ pub fn run(args: ConvertArgs) -> Result<()> {
             )?;
         }
         Format::Meta => {
-            if src_is_meta {
-                std::fs::copy(&src_config, out.join("params.json"))?;
-            } else {
-                meta_params(&cfg, &out.join("params.json"))?;
+            match &src_config {
+                Some(c) if src_is_meta => {
+                    std::fs::copy(c, out.join("params.json"))?;
+                }
+                _ => meta_params(&cfg, &out.join("params.json"))?,
             }
             for r in 0..tp {
                 let mut tensors: Vec<(String, Tensor)> = Vec::new();

@@ -19,6 +19,16 @@ use anyhow::Result;
 use crate::engine::SamplingParams;
 use crate::exit;
 
+/// A model's name for the outside world (the AIME server, OpenAI answers): a checkpoint
+/// directory's last component, else the argument (`random:tiny`).
+pub fn model_label(model: &str) -> String {
+    let p = std::path::Path::new(model.trim_end_matches('/'));
+    match p.file_name().and_then(|n| n.to_str()) {
+        Some(n) if !model.starts_with("random:") => n.to_string(),
+        _ => model.to_string(),
+    }
+}
+
 /// Sampling flags shared by the generating modes; unset flags take the mode's defaults.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct SamplingArgs {
@@ -43,6 +53,10 @@ pub struct SamplingArgs {
     /// Generate through end-of-turn tokens.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Keep special tokens (`<|reserved_special_token_163|>`, `<|eot_id|>` with --ignore-eos) in
+    /// the text; by default they are left out, as HF and vLLM do (token ids are unchanged).
+    #[arg(long)]
+    pub keep_special_tokens: bool,
 }
 
 impl SamplingArgs {
@@ -55,6 +69,7 @@ impl SamplingArgs {
             max_tokens: self.max_tokens.unwrap_or(256),
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
+            skip_special_tokens: !self.keep_special_tokens,
             ..SamplingParams::default()
         }
     }

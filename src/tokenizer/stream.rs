@@ -8,22 +8,40 @@ use super::Tokenizer;
 /// can span several tokens. Bytes that end mid-character are held until the next
 /// token completes them. Invalid bytes become U+FFFD exactly as in
 /// [`Tokenizer::decode`], so the concatenated output of `push` and `finish` equals
-/// `decode` of all ids. Special tokens come out as their text (`<|eot_id|>`);
-/// callers normally stop on [`Tokenizer::stop_ids`] before pushing them.
+/// `decode` of all ids (of all ids but the special ones, when skipping them).
+///
+/// Special tokens come out as their text (`<|eot_id|>`) from [`StreamDecoder::new`];
+/// [`StreamDecoder::skipping_special`] leaves them out, as HF's and vLLM's
+/// `skip_special_tokens` do: a model's text should not show `<|reserved_special_token_163|>`.
+/// Either way the caller's token ids are untouched; only the text differs.
 #[derive(Debug, Default, Clone)]
 pub struct StreamDecoder {
     pending: Vec<u8>,
+    skip_special: bool,
 }
 
 impl StreamDecoder {
-    /// An empty decoder.
+    /// An empty decoder that writes special tokens as their text.
     pub fn new() -> StreamDecoder {
         StreamDecoder::default()
     }
 
+    /// An empty decoder that leaves special tokens out of the text when `skip` is true
+    /// (the same as [`StreamDecoder::new`] when false).
+    pub fn skipping_special(skip: bool) -> StreamDecoder {
+        StreamDecoder {
+            pending: Vec::new(),
+            skip_special: skip,
+        }
+    }
+
     /// Adds one token and returns the text it completes (possibly empty). Unknown
-    /// ids are skipped, as in [`Tokenizer::decode_bytes`].
+    /// ids are skipped, as in [`Tokenizer::decode_bytes`], and so are special tokens
+    /// when skipping them (bytes of a character cut short stay held across them).
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> String {
+        if self.skip_special && tok.is_special(id) {
+            return String::new();
+        }
         if let Some(b) = tok.token_bytes(id) {
             self.pending.extend_from_slice(b);
         }
@@ -152,5 +170,40 @@ mod tests {
         let out = run(&tok, &[u32::from(b'h'), 999_999, eot]);
         assert_eq!(out, ["h", "", "<|eot_id|>", ""]);
         assert!(tok.try_decode_bytes(&[999_999]).is_err());
+    }
+
+    #[test]
+    fn skipping_special_leaves_them_out_of_the_text_only() {
+        let tok = byte_tokenizer();
+        let reserved = tok
+            .special_id("<|reserved_special_token_163|>")
+            .expect("Meta's specials include reserved 163");
+        let ids = [u32::from(b'a'), reserved, u32::from(b'b'), tok.eot_id()];
+        let mut d = StreamDecoder::skipping_special(true);
+        let pieces: Vec<String> = ids.iter().map(|&id| d.push(&tok, id)).collect();
+        assert_eq!(pieces, ["a", "", "b", ""]);
+        assert_eq!(d.finish(), "");
+        // Kept, they are their text, as before.
+        let kept = run(&tok, &ids).concat();
+        assert_eq!(kept, "a<|reserved_special_token_163|>b<|eot_id|>");
+        assert_eq!(kept, tok.decode(&ids));
+    }
+
+    #[test]
+    fn a_skipped_special_between_the_bytes_of_a_character_does_not_break_it() {
+        let tok = byte_tokenizer();
+        let reserved = tok
+            .special_id("<|reserved_special_token_0|>")
+            .expect("Meta's specials include reserved 0");
+        // "中" split across a special token: skipped, the character is whole.
+        let mut d = StreamDecoder::skipping_special(true);
+        let out: Vec<String> = [0xE4, reserved, 0xB8, 0xAD]
+            .iter()
+            .map(|&id| d.push(&tok, id))
+            .collect();
+        assert_eq!(out.concat() + &d.finish(), "中");
+        // Kept, the special token's text cuts the character: U+FFFD, as decode gives.
+        let ids = [0xE4, reserved, 0xB8, 0xAD];
+        assert_eq!(run(&tok, &ids).concat(), tok.decode(&ids));
     }
 }

@@ -11,6 +11,9 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+pub use super::detect::detect_format;
+use super::detect::{open_skipping_bom, table_delimiter};
+use super::ignored::Ignored;
 use crate::engine::SamplingParams;
 use crate::tokenizer::{Message, Role, Tokenizer};
 
@@ -22,7 +25,8 @@ pub enum InputFormat {
     Herd,
     /// OpenAI Batch API lines (`custom_id`, `method`, `url`, `body`).
     Openai,
-    /// A table with a prompt column.
+    /// A table with a prompt column: comma-separated, or tab-separated when named .tsv (or,
+    /// under another name, when its header line has tabs and no commas).
     Csv,
 }
 
@@ -47,8 +51,6 @@ pub enum OpenAiEndpoint {
 #[derive(Clone, Debug)]
 pub struct OpenAiInfo {
     pub endpoint: OpenAiEndpoint,
-    /// The `model` the request named (echoed back), if any.
-    pub model: Option<String>,
 }
 
 /// A prompt ready for the engine.
@@ -64,7 +66,7 @@ pub struct Ready {
 pub struct Item {
     /// 0-based record number (blank lines are not records).
     pub index: u64,
-    /// 1-based line (JSONL) or data row (CSV) number, for messages.
+    /// 1-based line of the file where the record starts, for messages.
     pub line: u64,
     /// The record's id: its own, or the line number.
     pub id: Value,
@@ -84,37 +86,12 @@ pub struct ParseOptions {
     pub truncate_left: bool,
     pub prompt_column: Option<String>,
     pub id_column: Option<String>,
-}
-
-/// Guess the format from the first non-blank line (or the file name for CSV).
-pub fn detect_format(path: &Path) -> std::io::Result<InputFormat> {
-    if path
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
-    {
-        return Ok(InputFormat::Csv);
-    }
-    let mut r = BufReader::new(std::fs::File::open(path)?);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        if r.read_until(b'\n', &mut buf)? == 0 {
-            return Ok(InputFormat::Herd);
-        }
-        if buf.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let v: Option<Value> = serde_json::from_slice(&buf).ok();
-        return Ok(match v {
-            Some(Value::Object(m)) if m.contains_key("custom_id") && m.contains_key("body") => {
-                InputFormat::Openai
-            }
-            // Not JSON and not named .jsonl: most likely a CSV with another extension.
-            None if buf.contains(&b',') && !buf.starts_with(b"{") => InputFormat::Csv,
-            _ => InputFormat::Herd,
-        });
-    }
+    /// What herd ignores in a record becomes that record's error (`--strict`).
+    pub strict: bool,
+    /// The output is CSV, which holds no log-probs.
+    pub csv_output: bool,
+    /// The model name OpenAI answers carry (`--served-model-name`).
+    pub served_model: String,
 }
 
 /// A chunk of the input's records, 1-based and inclusive (`--records FIRST-LAST`).
@@ -169,12 +146,10 @@ impl RecordRange {
 
 /// Number of records in the file (a fast pass, for the progress bar and the merge check).
 pub fn count_records(path: &Path, format: InputFormat) -> std::io::Result<u64> {
-    let file = std::fs::File::open(path)?;
+    let file = open_skipping_bom(path)?;
     match format {
         InputFormat::Csv => {
-            let mut rdr = csv::ReaderBuilder::new()
-                .flexible(true)
-                .from_reader(BufReader::new(file));
+            let mut rdr = table_reader(path, file)?;
             let mut rec = csv::ByteRecord::new();
             let mut n = 0;
             // A malformed row still counts as a record (it becomes an error record).
@@ -189,7 +164,7 @@ pub fn count_records(path: &Path, format: InputFormat) -> std::io::Result<u64> {
             Ok(n)
         }
         _ => {
-            let mut r = BufReader::with_capacity(1 << 20, file);
+            let mut r = file;
             let mut n = 0;
             let mut blank = true;
             loop {
@@ -219,13 +194,48 @@ pub fn count_records(path: &Path, format: InputFormat) -> std::io::Result<u64> {
 pub enum RawRecord {
     /// A JSONL line (may be invalid UTF-8 or invalid JSON).
     Line(Vec<u8>),
-    /// A CSV row: its fields, or why it could not be read.
-    Row(Result<Vec<String>, String>),
+    /// A CSV row: its 1-based number among the data rows (the default id), and its fields or
+    /// why they could not be read.
+    Row {
+        row: u64,
+        fields: Result<Vec<String>, String>,
+    },
+}
+
+/// A CSV reader of a table input (flexible: a short row is that record's error, not the run's).
+fn table_reader<R: Read>(path: &Path, r: R) -> std::io::Result<csv::Reader<R>> {
+    Ok(csv::ReaderBuilder::new()
+        .flexible(true)
+        .delimiter(table_delimiter(path)?)
+        .from_reader(r))
+}
+
+/// The columns of a CSV input copied to each record (all but the prompt and id columns), in the
+/// file's order: the CSV output gives each its own column. `None` for JSONL input.
+pub fn extra_columns(
+    path: &Path,
+    format: InputFormat,
+    prompt_column: Option<&str>,
+    id_column: Option<&str>,
+) -> anyhow::Result<Option<Vec<String>>> {
+    if format != InputFormat::Csv {
+        return Ok(None);
+    }
+    let reader = RecordReader::open(path, format)?;
+    let prompt = prompt_column.unwrap_or("prompt");
+    let mut cols: Vec<String> = Vec::new();
+    for h in reader.headers() {
+        if h != prompt && Some(h.as_str()) != id_column && !cols.contains(h) {
+            cols.push(h.clone());
+        }
+    }
+    Ok(Some(cols))
 }
 
 /// Streams records (one at a time; nothing is held beyond the current record).
 pub struct RecordReader {
     inner: ReaderKind,
+    /// JSONL: lines read; CSV: data rows read.
     line: u64,
 }
 
@@ -239,12 +249,10 @@ enum ReaderKind {
 
 impl RecordReader {
     pub fn open(path: &Path, format: InputFormat) -> anyhow::Result<RecordReader> {
-        let file: Box<dyn Read + Send> = Box::new(std::fs::File::open(path)?);
+        let file = open_skipping_bom(path)?;
         let inner = match format {
             InputFormat::Csv => {
-                let mut rdr = csv::ReaderBuilder::new()
-                    .flexible(true)
-                    .from_reader(BufReader::new(file));
+                let mut rdr = table_reader(path, file)?;
                 let headers = rdr
                     .headers()
                     .map_err(|e| anyhow::anyhow!("reading the CSV header: {e}"))?
@@ -253,7 +261,7 @@ impl RecordReader {
                     .collect();
                 ReaderKind::Csv { rdr, headers }
             }
-            _ => ReaderKind::Lines(BufReader::with_capacity(1 << 16, file)),
+            _ => ReaderKind::Lines(file),
         };
         Ok(RecordReader { inner, line: 0 })
     }
@@ -266,7 +274,7 @@ impl RecordReader {
         }
     }
 
-    /// The next record and its 1-based line/row number; `None` at the end.
+    /// The next record and the 1-based line of the file where it starts; `None` at the end.
     pub fn next_record(&mut self) -> std::io::Result<Option<(u64, RawRecord)>> {
         match &mut self.inner {
             ReaderKind::Lines(r) => loop {
@@ -282,10 +290,14 @@ impl RecordReader {
             },
             ReaderKind::Csv { rdr, .. } => {
                 let mut rec = csv::ByteRecord::new();
-                self.line += 1;
+                // Where the record starts: a quoted field may span lines, so rows and lines differ.
+                let start = rdr.position().line();
+                let row = self.line + 1;
                 match rdr.read_byte_record(&mut rec) {
                     Ok(false) => Ok(None),
                     Ok(true) => {
+                        self.line = row;
+                        let line = rec.position().map_or(start, csv::Position::line);
                         let fields: Result<Vec<String>, String> = rec
                             .iter()
                             .enumerate()
@@ -294,10 +306,15 @@ impl RecordReader {
                                     .map_err(|_| format!("column {} is not valid UTF-8", i + 1))
                             })
                             .collect();
-                        Ok(Some((self.line, RawRecord::Row(fields))))
+                        Ok(Some((line, RawRecord::Row { row, fields })))
                     }
                     Err(e) if e.is_io_error() => Err(std::io::Error::other(e)),
-                    Err(e) => Ok(Some((self.line, RawRecord::Row(Err(e.to_string()))))),
+                    Err(e) => {
+                        self.line = row;
+                        let line = e.position().map_or(start, csv::Position::line);
+                        let fields = Err(e.to_string());
+                        Ok(Some((line, RawRecord::Row { row, fields })))
+                    }
                 }
             }
         }
@@ -310,6 +327,19 @@ pub struct Parsed {
     pub id: Value,
     pub metadata: Option<Value>,
     pub content: Result<Content, String>,
+    /// What herd ignored in it (counted over the run; errors under `--strict`).
+    pub notes: Vec<Ignored>,
+}
+
+impl Parsed {
+    fn failed(id: Value, msg: String) -> Parsed {
+        Parsed {
+            id,
+            metadata: None,
+            content: Err(msg),
+            notes: Vec::new(),
+        }
+    }
 }
 
 /// What to tokenize and how to sample it.
@@ -328,42 +358,78 @@ pub enum PromptSpec {
 /// Parse one raw record (cheap: no tokenization).
 pub fn parse_record(raw: RawRecord, line: u64, opts: &ParseOptions, headers: &[String]) -> Parsed {
     let default_id = Value::from(line);
-    match raw {
+    let mut parsed = match raw {
         RawRecord::Line(bytes) => {
             let text = match std::str::from_utf8(&bytes) {
                 Ok(t) => t,
                 Err(e) => {
-                    return Parsed {
-                        id: default_id,
-                        metadata: None,
-                        content: Err(format!("line {line}: not valid UTF-8 ({e})")),
-                    }
+                    return Parsed::failed(
+                        default_id,
+                        format!("line {line}: not valid UTF-8 ({e})"),
+                    )
                 }
             };
             let v: Value = match serde_json::from_str(text) {
                 Ok(v) => v,
                 Err(e) => {
-                    return Parsed {
-                        id: default_id,
-                        metadata: None,
-                        content: Err(format!("line {line}: invalid JSON: {e}")),
-                    }
+                    return Parsed::failed(default_id, format!("line {line}: invalid JSON: {e}"))
                 }
             };
             let Value::Object(obj) = v else {
-                return Parsed {
-                    id: default_id,
-                    metadata: None,
-                    content: Err(format!("line {line}: expected a JSON object")),
-                };
+                return Parsed::failed(default_id, format!("line {line}: expected a JSON object"));
             };
             match opts.format {
-                InputFormat::Openai => parse_openai(obj, line, default_id, &opts.defaults),
+                InputFormat::Openai => parse_openai(obj, line, opts),
                 _ => parse_herd(obj, line, default_id, &opts.defaults),
             }
         }
-        RawRecord::Row(fields) => parse_csv_row(fields, line, opts, headers),
+        RawRecord::Row { row, fields } => parse_csv_row(fields, row, line, opts, headers),
+    };
+    if opts.csv_output {
+        if let Ok(c) = &parsed.content {
+            if c.params.logprobs.is_some() || c.params.prompt_logprobs {
+                parsed.notes.push(Ignored::LogprobsInCsv);
+            }
+        }
     }
+    if opts.strict && parsed.content.is_ok() {
+        let errors: Vec<String> = parsed
+            .notes
+            .iter()
+            .filter_map(Ignored::strict_error)
+            .collect();
+        if !errors.is_empty() {
+            parsed.content = Err(format!("line {line}: {} (--strict)", errors.join("; ")));
+        }
+    }
+    parsed
+}
+
+/// Fields of a herd record.
+const HERD_FIELDS: [&str; 15] = [
+    "id",
+    "metadata",
+    "prompt",
+    "messages",
+    "prompt_token_ids",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "logprobs",
+    "prompt_logprobs",
+    "ignore_eos",
+    "skip_special_tokens",
+];
+
+/// Fields of `obj` not in `known` (a null value sets nothing and is not reported).
+fn unknown_fields(obj: &Map<String, Value>, known: &[&str]) -> Vec<Ignored> {
+    obj.iter()
+        .filter(|(k, v)| !v.is_null() && !known.contains(&k.as_str()))
+        .map(|(k, _)| Ignored::UnknownField(k.clone()))
+        .collect()
 }
 
 fn parse_herd(
@@ -372,6 +438,7 @@ fn parse_herd(
     default_id: Value,
     d: &SamplingParams,
 ) -> Parsed {
+    let notes = unknown_fields(&obj, &HERD_FIELDS);
     let metadata = obj.remove("metadata");
     let (id, id_err) = match obj.remove("id") {
         None | Some(Value::Null) => (default_id, None),
@@ -439,6 +506,9 @@ fn parse_herd(
             if let Some(b) = opt_bool(&obj, "ignore_eos")? {
                 p.ignore_eos = b;
             }
+            if let Some(b) = opt_bool(&obj, "skip_special_tokens")? {
+                p.skip_special_tokens = b;
+            }
             Ok(Content {
                 prompt,
                 params: p,
@@ -450,26 +520,126 @@ fn parse_herd(
         id,
         metadata,
         content,
+        notes,
     }
 }
 
-fn parse_openai(
-    obj: Map<String, Value>,
-    line: u64,
-    default_id: Value,
-    d: &SamplingParams,
-) -> Parsed {
+/// Top-level fields of an OpenAI batch line.
+const OPENAI_LINE_FIELDS: [&str; 4] = ["custom_id", "method", "url", "body"];
+
+/// Body fields herd reads (`top_k`, `ignore_eos`, `skip_special_tokens`, `stop_token_ids`:
+/// vLLM's extensions).
+const OPENAI_BODY_FIELDS: [&str; 16] = [
+    "model",
+    "messages",
+    "prompt",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "logprobs",
+    "top_logprobs",
+    "n",
+    "ignore_eos",
+    "skip_special_tokens",
+    "stop_token_ids",
+];
+/// Body fields that do not change the answer of a batch request.
+const OPENAI_INERT_FIELDS: [&str; 6] = [
+    "user",
+    "store",
+    "metadata",
+    "service_tier",
+    "stream",
+    "stream_options",
+];
+
+/// OpenAI and vLLM request fields herd does not implement, with the value that changes nothing
+/// (`None`: any value changes the answer). Set to anything else, they are reported.
+fn unimplemented_default(key: &str) -> Option<Option<Value>> {
+    use serde_json::json;
+    Some(match key {
+        "frequency_penalty" | "presence_penalty" | "min_p" | "min_tokens" | "length_penalty" => {
+            Some(json!(0))
+        }
+        "repetition_penalty" | "best_of" => Some(json!(1)),
+        "logit_bias" => Some(json!({})),
+        "echo" | "use_beam_search" | "include_stop_str_in_output" => Some(json!(false)),
+        "suffix" => Some(json!("")),
+        "tools" | "functions" | "modalities" | "bad_words" => Some(json!([])),
+        "tool_choice" | "function_call" => Some(json!("none")),
+        "response_format" => Some(json!({"type": "text"})),
+        "parallel_tool_calls" => None,
+        "reasoning_effort"
+        | "prediction"
+        | "audio"
+        | "web_search_options"
+        | "guided_json"
+        | "guided_regex"
+        | "guided_choice"
+        | "guided_grammar"
+        | "structured_outputs"
+        | "prompt_logprobs"
+        | "truncate_prompt_tokens"
+        | "logits_processors" => None,
+        _ => return None,
+    })
+}
+
+/// What herd ignores in an OpenAI line and its body.
+fn openai_notes(obj: &Map<String, Value>, body: Option<&Map<String, Value>>) -> Vec<Ignored> {
+    let mut notes = unknown_fields(obj, &OPENAI_LINE_FIELDS);
+    let Some(body) = body else {
+        return notes;
+    };
+    for (k, v) in body {
+        if v.is_null()
+            || OPENAI_BODY_FIELDS.contains(&k.as_str())
+            || OPENAI_INERT_FIELDS.contains(&k.as_str())
+        {
+            continue;
+        }
+        match unimplemented_default(k) {
+            // Equal as numbers too: 0 and 0.0 are both "no penalty".
+            Some(Some(neutral))
+                if *v == neutral || (v.as_f64().is_some() && v.as_f64() == neutral.as_f64()) => {}
+            Some(_) => notes.push(Ignored::Unimplemented(k.clone())),
+            None => notes.push(Ignored::UnknownField(format!("body.{k}"))),
+        }
+    }
+    notes
+}
+
+fn parse_openai(obj: Map<String, Value>, line: u64, opts: &ParseOptions) -> Parsed {
+    let d = &opts.defaults;
+    // A line without a usable custom_id is still answered (an error line), with a null id.
     let (id, id_err) = match obj.get("custom_id") {
         Some(Value::String(s)) => (Value::String(s.clone()), None),
         Some(other) => (
-            default_id,
+            Value::Null,
             Some(format!(
                 "field `custom_id` must be a string, got {}",
                 type_name(other)
             )),
         ),
-        None => (default_id, Some("missing field `custom_id`".to_string())),
+        None => (Value::Null, Some("missing field `custom_id`".to_string())),
     };
+    let body_obj = match obj.get("body") {
+        Some(Value::Object(b)) => Some(b),
+        _ => None,
+    };
+    let mut notes = openai_notes(&obj, body_obj);
+    if let Some(m) = body_obj
+        .and_then(|b| b.get("model"))
+        .and_then(Value::as_str)
+    {
+        if m != opts.served_model {
+            notes.push(Ignored::OtherModel(m.to_string()));
+        }
+    }
     let content = (|| {
         if let Some(e) = id_err {
             return Err(e);
@@ -533,11 +703,23 @@ fn parse_openai(
         if let Some(x) = opt_f32(body, "top_p")? {
             p.top_p = x;
         }
+        if let Some(n) = opt_uint(body, "top_k")? {
+            p.top_k = n as usize;
+        }
         if let Some(n) = opt_uint(body, "seed")? {
             p.seed = Some(n);
         }
         if let Some(s) = opt_stop(body, "stop")? {
             p.stop = s;
+        }
+        if let Some(b) = opt_bool(body, "ignore_eos")? {
+            p.ignore_eos = b;
+        }
+        if let Some(b) = opt_bool(body, "skip_special_tokens")? {
+            p.skip_special_tokens = b;
+        }
+        if let Some(v) = body.get("stop_token_ids").filter(|v| !v.is_null()) {
+            p.stop_token_ids = ids_field(v, "stop_token_ids")?;
         }
         match endpoint {
             OpenAiEndpoint::Chat => {
@@ -551,11 +733,10 @@ fn parse_openai(
                 }
             }
         }
-        let model = body.get("model").and_then(Value::as_str).map(str::to_string);
         Ok(Content {
             prompt,
             params: p,
-            openai: Some(OpenAiInfo { endpoint, model }),
+            openai: Some(OpenAiInfo { endpoint }),
         })
     })()
     .map_err(|e| format!("line {line}: {e}"));
@@ -563,25 +744,23 @@ fn parse_openai(
         id,
         metadata: None,
         content,
+        notes,
     }
 }
 
+/// A CSV row: `row` is its number among the data rows (the default id), `line` the file line
+/// where it starts (for messages: a quoted field may span lines).
 fn parse_csv_row(
     fields: Result<Vec<String>, String>,
     row: u64,
+    line: u64,
     opts: &ParseOptions,
     headers: &[String],
 ) -> Parsed {
     let default_id = Value::from(row);
     let fields = match fields {
         Ok(f) => f,
-        Err(e) => {
-            return Parsed {
-                id: default_id,
-                metadata: None,
-                content: Err(format!("row {row}: {e}")),
-            }
-        }
+        Err(e) => return Parsed::failed(default_id, format!("line {line}: {e}")),
     };
     let col = |name: &str| headers.iter().position(|h| h == name);
     let id = opts
@@ -609,7 +788,7 @@ fn parse_csv_row(
             openai: None,
         }),
         None => Err(format!(
-            "row {row}: has {} fields, no `{prompt_name}` column value",
+            "line {line}: has {} fields, no `{prompt_name}` column value",
             fields.len()
         )),
     };
@@ -617,6 +796,7 @@ fn parse_csv_row(
         id,
         metadata: (!meta.is_empty()).then_some(Value::Object(meta)),
         content,
+        notes: Vec::new(),
     }
 }
 
@@ -824,6 +1004,9 @@ mod tests {
             truncate_left: false,
             prompt_column: None,
             id_column: None,
+            strict: false,
+            csv_output: false,
+            served_model: "m".into(),
         }
     }
 
@@ -881,6 +1064,64 @@ mod tests {
             InputFormat::Openai,
         );
         assert!(p.content.err().unwrap().contains("unsupported `url`"));
+    }
+
+    #[test]
+    fn ignored_fields_are_notes_and_strict_makes_them_the_error() {
+        let notes = |l: &str, f: InputFormat| parse(l, f).notes;
+        assert_eq!(
+            notes(
+                r#"{"prompt":"a","temprature":1,"colour":null}"#,
+                InputFormat::Herd
+            ),
+            [Ignored::UnknownField("temprature".into())]
+        );
+        let line = |body: &str| {
+            format!(r#"{{"custom_id":"c","url":"/v1/completions","body":{{"prompt":"a",{body}}}}}"#)
+        };
+        // Neutral values change nothing: 0 and 0.0, an empty bias, the text format.
+        let neutral = line(
+            r#""frequency_penalty":0.0,"presence_penalty":0,"logit_bias":{},"response_format":{"type":"text"},"user":"u","model":"m""#,
+        );
+        assert!(notes(&neutral, InputFormat::Openai).is_empty());
+        let set = line(r#""presence_penalty":0.1,"foo":1,"model":"gpt""#);
+        assert_eq!(
+            notes(&set, InputFormat::Openai),
+            [
+                Ignored::UnknownField("body.foo".into()),
+                Ignored::Unimplemented("presence_penalty".into()),
+                Ignored::OtherModel("gpt".into()),
+            ]
+        );
+        let mut o = opts(InputFormat::Openai);
+        o.strict = true;
+        let p = parse_record(RawRecord::Line(set.into_bytes()), 3, &o, &[]);
+        assert_eq!(
+            p.content.err().unwrap(),
+            "line 3: unknown field `body.foo`; `presence_penalty` is not implemented by herd (--strict)"
+        );
+        // The model name alone never fails a record.
+        let p = parse_record(
+            RawRecord::Line(line(r#""model":"gpt""#).into_bytes()),
+            3,
+            &o,
+            &[],
+        );
+        assert!(p.content.is_ok());
+        // vLLM's extensions are read, not ignored.
+        let p = parse(
+            &line(
+                r#""top_k":5,"ignore_eos":true,"skip_special_tokens":false,"stop_token_ids":[7]"#,
+            ),
+            InputFormat::Openai,
+        );
+        assert!(p.notes.is_empty());
+        let c = p.content.unwrap().params;
+        assert_eq!(
+            (c.top_k, c.ignore_eos, c.skip_special_tokens),
+            (5, true, false)
+        );
+        assert_eq!(c.stop_token_ids, [7]);
     }
 
     #[test]

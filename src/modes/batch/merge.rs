@@ -19,7 +19,7 @@ use super::state::{parse_part_line, Paths};
 pub enum OutputFormat {
     /// One JSON record per line.
     Jsonl,
-    /// A table: id, text, finish_reason, prompt_tokens, completion_tokens, error, metadata.
+    /// A table: [`RESULT_COLUMNS`], then the CSV input's other columns (or `metadata` as JSON).
     Csv,
 }
 
@@ -41,35 +41,107 @@ struct Part {
     eof: bool,
 }
 
+/// The columns of a CSV output before the input's own (`token_ids` as a JSON list).
+pub const RESULT_COLUMNS: [&str; 7] = [
+    "id",
+    "text",
+    "token_ids",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "error",
+];
+
 /// Sink of merged records.
 enum Sink {
     Jsonl(BufWriter<File>),
-    Csv(Box<csv::Writer<BufWriter<File>>>),
+    Csv {
+        w: Box<csv::Writer<BufWriter<File>>>,
+        /// The CSV input's other columns, each from the record's metadata; `None`: one
+        /// `metadata` column holding it as JSON.
+        extra: Option<Vec<String>>,
+    },
+}
+
+fn cell(x: &Value) -> String {
+    match x {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A record's result columns: a herd record, or an OpenAI batch answer (no token ids there).
+fn result_cells(v: &Value) -> [String; 7] {
+    if let Some(resp) = v.get("response") {
+        let body = &resp["body"];
+        let choice = &body["choices"][0];
+        let text = choice["message"]["content"]
+            .as_str()
+            .or(choice["text"].as_str())
+            .unwrap_or_default();
+        let failed = !v["error"].is_null();
+        return [
+            cell(&v["custom_id"]),
+            text.to_string(),
+            String::new(),
+            if failed {
+                "error".into()
+            } else {
+                cell(&choice["finish_reason"])
+            },
+            cell(&body["usage"]["prompt_tokens"]),
+            cell(&body["usage"]["completion_tokens"]),
+            cell(&v["error"]["message"]),
+        ];
+    }
+    [
+        cell(&v["id"]),
+        cell(&v["text"]),
+        cell(&v["token_ids"]),
+        cell(&v["finish_reason"]),
+        cell(&v["usage"]["prompt_tokens"]),
+        cell(&v["usage"]["completion_tokens"]),
+        cell(&v["error"]),
+    ]
 }
 
 impl Sink {
+    fn csv(file: File, extra: Option<&[String]>) -> Result<Sink> {
+        let mut w = csv::Writer::from_writer(BufWriter::with_capacity(1 << 16, file));
+        let mut header: Vec<String> = RESULT_COLUMNS.iter().map(|c| c.to_string()).collect();
+        match extra {
+            // An input column named like a result column keeps its values under input_NAME.
+            Some(cols) => header.extend(cols.iter().map(|c| {
+                if RESULT_COLUMNS.contains(&c.as_str()) {
+                    format!("input_{c}")
+                } else {
+                    c.clone()
+                }
+            })),
+            None => header.push("metadata".into()),
+        }
+        w.write_record(&header)?;
+        Ok(Sink::Csv {
+            w: Box::new(w),
+            extra: extra.map(<[String]>::to_vec),
+        })
+    }
+
     fn write(&mut self, record: &str) -> Result<()> {
         match self {
             Sink::Jsonl(w) => {
                 w.write_all(record.as_bytes())?;
                 w.write_all(b"\n")?;
             }
-            Sink::Csv(w) => {
+            Sink::Csv { w, extra } => {
                 let v: Value = serde_json::from_str(record).context("a part record is not JSON")?;
-                let s = |x: &Value| match x {
-                    Value::Null => String::new(),
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                w.write_record([
-                    s(&v["id"]),
-                    s(&v["text"]),
-                    s(&v["finish_reason"]),
-                    s(&v["usage"]["prompt_tokens"]),
-                    s(&v["usage"]["completion_tokens"]),
-                    s(&v["error"]),
-                    s(&v["metadata"]),
-                ])?;
+                let mut row: Vec<String> = result_cells(&v).into();
+                match extra {
+                    Some(cols) => row.extend(cols.iter().map(|c| cell(&v["metadata"][c]))),
+                    None => row.push(cell(&v["metadata"])),
+                }
+                w.write_record(&row)?;
             }
         }
         Ok(())
@@ -77,7 +149,14 @@ impl Sink {
 }
 
 /// Merge `dp` parts holding `total` records into the output (via a temp file and a rename).
-pub fn merge(paths: &Paths, dp: usize, total: u64, format: OutputFormat) -> Result<()> {
+/// `extra`: a CSV input's other columns, which a CSV output keeps as columns.
+pub fn merge(
+    paths: &Paths,
+    dp: usize,
+    total: u64,
+    format: OutputFormat,
+    extra: Option<&[String]>,
+) -> Result<()> {
     let mut parts = Vec::with_capacity(dp);
     for r in 0..dp {
         let p = paths.part(r);
@@ -93,19 +172,7 @@ pub fn merge(paths: &Paths, dp: usize, total: u64, format: OutputFormat) -> Resu
     let file = File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
     let mut sink = match format {
         OutputFormat::Jsonl => Sink::Jsonl(BufWriter::with_capacity(1 << 16, file)),
-        OutputFormat::Csv => {
-            let mut w = csv::Writer::from_writer(BufWriter::with_capacity(1 << 16, file));
-            w.write_record([
-                "id",
-                "text",
-                "finish_reason",
-                "prompt_tokens",
-                "completion_tokens",
-                "error",
-                "metadata",
-            ])?;
-            Sink::Csv(Box::new(w))
-        }
+        OutputFormat::Csv => Sink::csv(file, extra)?,
     };
     // Records seen before their turn: index -> offset of their line in their part.
     let mut early: BTreeMap<u64, u64> = BTreeMap::new();
@@ -158,7 +225,7 @@ pub fn merge(paths: &Paths, dp: usize, total: u64, format: OutputFormat) -> Resu
     }
     let file = match sink {
         Sink::Jsonl(w) => w.into_inner().map_err(|e| e.into_error())?,
-        Sink::Csv(w) => w
+        Sink::Csv { w, .. } => w
             .into_inner()
             .map_err(|e| anyhow::anyhow!("writing the output: {e}"))?
             .into_inner()
@@ -193,7 +260,7 @@ mod tests {
             .collect();
         std::fs::write(paths.part(0), p0).unwrap();
         std::fs::write(paths.part(1), p1).unwrap();
-        merge(&paths, 2, 5, OutputFormat::Jsonl).unwrap();
+        merge(&paths, 2, 5, OutputFormat::Jsonl, None).unwrap();
         let out = std::fs::read_to_string(&paths.output).unwrap();
         let ids: Vec<u64> = out
             .lines()
@@ -205,7 +272,7 @@ mod tests {
             .collect();
         assert_eq!(ids, vec![0, 1, 2, 3, 4]);
         // A missing record is an error, not a silently short output.
-        let err = merge(&paths, 2, 6, OutputFormat::Jsonl).unwrap_err();
+        let err = merge(&paths, 2, 6, OutputFormat::Jsonl, None).unwrap_err();
         assert!(err.to_string().contains("record 5 is missing"), "{err}");
     }
 }

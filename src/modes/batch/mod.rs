@@ -1,11 +1,14 @@
 //! `herd batch`: a prompt file in, one result record per input record out — resumable, in input
 //! order, in bounded memory, never losing a line.
 //!
-//! - [`input`]: the formats (herd JSONL, OpenAI batch JSONL, CSV), parsed into requests or errors.
+//! - [`input`]: the formats (herd JSONL, OpenAI batch JSONL, CSV), parsed into requests or errors;
+//!   [`detect`] tells them apart, [`ignored`] counts what records give that herd ignores.
 //! - [`state`]: part files (append-only, torn-tail safe) and the resume state beside them.
 //! - [`run`]: the scheduling loop: bounded read-ahead, the engine, signals, progress.
 //! - [`merge`]: the world leader merges the replicas' parts into the output in input order.
 
+pub mod detect;
+pub mod ignored;
 pub mod input;
 pub mod merge;
 pub mod openai;
@@ -42,7 +45,8 @@ pub struct BatchArgs {
     /// Result file: JSONL, or CSV when it ends in .csv. Parts and state files go beside it.
     #[arg(long)]
     pub output: PathBuf,
-    /// Input format, when detection guesses wrong.
+    /// Input format, when detection guesses wrong (detection trusts a .jsonl/.json, .csv or .tsv
+    /// name, then the content; its log line says what it found and why).
     #[arg(long, value_enum)]
     pub input_format: Option<input::InputFormat>,
     /// Only the FIRST-th to LAST-th input record, 1-based and inclusive (JSONL lines that are not
@@ -90,9 +94,23 @@ pub struct BatchArgs {
     /// Records parsed and tokenized ahead of the engine (bounds memory).
     #[arg(long, default_value_t = 256)]
     pub read_ahead: usize,
+    /// What herd would ignore in a record (an unknown field, an OpenAI field herd does not
+    /// implement, log-probs with a CSV output) makes it an error record instead of a warning.
+    #[arg(long)]
+    pub strict: bool,
+    /// The model name in OpenAI answers (default: the model directory's name, or random:NAME).
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Option<String>,
 }
 
 impl BatchArgs {
+    /// The model name OpenAI answers carry.
+    pub fn served_model(&self) -> String {
+        self.served_model_name
+            .clone()
+            .unwrap_or_else(|| super::model_label(&self.model.model))
+    }
+
     /// Every flag, the input's format and CSV columns, and the output path, checked before
     /// anything loads or any state file is touched. Errors name the flag (exit code 2).
     pub fn validate(&self) -> Result<()> {
@@ -114,9 +132,13 @@ impl BatchArgs {
         }
         let format = match self.input_format {
             Some(f) => f,
-            None => input::detect_format(&self.input)
-                .with_context(|| format!("--input {shown}"))
-                .map_err(exit::Coded::with(exit::USAGE))?,
+            // The run says what was detected and why; here only whether it can be read.
+            None => {
+                detect::detect(&self.input)
+                    .with_context(|| format!("--input {shown}"))
+                    .map_err(exit::Coded::with(exit::USAGE))?
+                    .0
+            }
         };
         if format == input::InputFormat::Csv {
             let reader = input::RecordReader::open(&self.input, format)

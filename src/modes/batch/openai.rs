@@ -54,17 +54,17 @@ fn completion_logprobs(tok: &Tokenizer, lps: &[TokenLogprob]) -> Value {
     json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset})
 }
 
-/// A finished request as an OpenAI batch output line.
+/// A finished request as an OpenAI batch output line. `model` is the name of the model that
+/// answered (`--served-model-name`), whatever the request named.
 pub fn success(
     index: u64,
     custom_id: &Value,
     info: &OpenAiInfo,
-    default_model: &str,
+    model: &str,
     created: u64,
     tok: &Tokenizer,
     out: &RequestOutput,
 ) -> Value {
-    let model = info.model.as_deref().unwrap_or(default_model);
     let usage = json!({
         "prompt_tokens": out.prompt_tokens,
         "completion_tokens": out.token_ids.len(),

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
+use super::ignored::Tally;
 use super::input::{self, InputFormat, Item, ParseOptions, RecordReader};
 use super::merge::{merge, OutputFormat};
 use super::progress::{self, Counts, Progress};
@@ -71,6 +72,9 @@ fn identity(args: &BatchArgs, format: InputFormat, dp: usize) -> Result<Value> {
         "ignore_eos": p.ignore_eos,
         "logprobs": p.logprobs,
         "prompt_logprobs": p.prompt_logprobs,
+        "skip_special_tokens": p.skip_special_tokens,
+        "strict": args.strict,
+        "served_model_name": args.served_model(),
         "truncate_prompt": matches!(args.truncate_prompt, Truncate::Left),
         "prompt_column": args.prompt_column,
         "id_column": args.id_column,
@@ -194,6 +198,7 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
     let mut counts = Counts::default();
     let mut interrupted = false;
     let mut total = 0;
+    let mut ignored = None;
     let t0 = Instant::now();
     // A replica that fails still meets the others at the barrier (they would wait forever), then
     // reports its error.
@@ -267,6 +272,7 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
             Ok(o) => {
                 total = o.total;
                 interrupted = o.interrupted;
+                ignored = Some(o.ignored);
             }
             Err(e) => failure = Some(e),
         }
@@ -300,7 +306,13 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
     let errors: u64 = states.iter().map(|s| u(s, "errors")).sum();
     if all_done {
         let total = states.iter().map(|s| u(s, "total")).max().unwrap_or(total);
-        merge(&paths, dp, total, out_format)?;
+        let extra = input::extra_columns(
+            &args.input,
+            format,
+            args.prompt_column.as_deref(),
+            args.id_column.as_deref(),
+        )?;
+        merge(&paths, dp, total, out_format, extra.as_deref())?;
         state::write_state(
             &paths.final_state(),
             &json!({"identity": ident, "complete": true, "records": total, "errors": errors}),
@@ -311,6 +323,10 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
         }
     }
     report(args, &states, all_done, records, errors)?;
+    // This replica read every record of the run (each replica does, for the duplicate check).
+    if let Some(t) = ignored {
+        t.warn(&args.served_model(), args.strict);
+    }
     if !all_done {
         return Err(Coded::with(exit::INTERRUPTED)(anyhow!(
             "interrupted: {records} records are on disk; rerun the same command to resume"
@@ -349,9 +365,13 @@ fn install_signals() -> Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
+/// The reader thread: how many records it read, and what herd ignored in them.
+type ReaderThread = std::thread::JoinHandle<Result<(u64, Tally)>>;
+
 struct Outcome {
     total: u64,
     interrupted: bool,
+    ignored: Tally,
 }
 
 /// What the writer needs to answer a running request.
@@ -426,7 +446,7 @@ fn spawn_reader(
     dp: usize,
     r: usize,
     stop: Arc<AtomicBool>,
-) -> Result<(Receiver<Item>, std::thread::JoinHandle<Result<u64>>)> {
+) -> Result<(Receiver<Item>, ReaderThread)> {
     let opts = ParseOptions {
         format,
         defaults: defaults(args),
@@ -434,6 +454,9 @@ fn spawn_reader(
         truncate_left: matches!(args.truncate_prompt, Truncate::Left),
         prompt_column: args.prompt_column.clone(),
         id_column: args.id_column.clone(),
+        strict: args.strict,
+        csv_output: OutputFormat::from_path(&args.output) == OutputFormat::Csv,
+        served_model: args.served_model(),
     };
     let mut reader = RecordReader::open(&args.input, format)
         .with_context(|| format!("reading {}", args.input.display()))
@@ -443,9 +466,10 @@ fn spawn_reader(
     let (tx, rx) = sync_channel::<Item>(args.read_ahead);
     let handle = std::thread::Builder::new()
         .name("batch-reader".into())
-        .spawn(move || -> Result<u64> {
+        .spawn(move || -> Result<(u64, Tally)> {
             let headers = reader.headers().to_vec();
             let mut ids = input::IdSet::default();
+            let mut ignored = Tally::default();
             // `index` numbers the records of the --records chunk (all of the file without it):
             // replica ownership, resume and merge order all go by it.
             let mut index = 0u64;
@@ -469,6 +493,7 @@ fn spawn_reader(
                 let i = index;
                 index += 1;
                 let parsed = input::parse_record(raw, line, &opts, &headers);
+                ignored.add(&parsed.notes);
                 // Every replica sees every id, so all agree which occurrence is the duplicate.
                 let fresh = ids.insert(&parsed.id);
                 if i % dp as u64 != r as u64 || done.contains(i) {
@@ -493,7 +518,7 @@ fn spawn_reader(
                     break; // the run stopped
                 }
             }
-            Ok(index)
+            Ok((index, ignored))
         })?;
     Ok((rx, handle))
 }
@@ -522,9 +547,10 @@ fn generate(
         r,
         Arc::clone(stop),
     )?;
+    let served = args.served_model();
     let mut writer = Writer {
         part: PartWriter::open(&paths.part(r))?,
-        model: &args.model.model,
+        model: &served,
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -638,11 +664,15 @@ fn generate(
     let interrupted = deadline.is_some() || stop.load(Ordering::Relaxed);
     // Dropping the receiver ends the reader if it is blocked on a full channel.
     drop(rx);
-    let total = match reader.join() {
+    let (total, ignored) = match reader.join() {
         Ok(res) => res.with_context(|| format!("reading {}", args.input.display()))?,
         Err(_) => bail!("the input reader thread panicked"),
     };
-    Ok(Outcome { total, interrupted })
+    Ok(Outcome {
+        total,
+        interrupted,
+        ignored,
+    })
 }
 
 /// The summary on stderr (and a CSV row with --stats-csv).

@@ -20,6 +20,7 @@ use anyhow::{anyhow, bail, Result};
 
 use crate::exit::{self, Coded};
 
+use super::model_label;
 use super::setup::{start, ModelArgs};
 use protocol::{worker_name, ApiError, Client, Identity, LoginReply, ModelInfo};
 
@@ -57,15 +58,6 @@ fn size_label(n_params: usize) -> String {
         format!("{b:.1}B").replace(".0B", "B")
     } else {
         format!("{:.0}M", n_params as f64 / 1e6)
-    }
-}
-
-/// The model's name for the server: a checkpoint directory's last component, else the argument.
-fn model_label(model: &str) -> String {
-    let p = std::path::Path::new(model.trim_end_matches('/'));
-    match p.file_name().and_then(|n| n.to_str()) {
-        Some(n) if !model.starts_with("random:") => n.to_string(),
-        _ => model.to_string(),
     }
 }
 
