@@ -564,7 +564,12 @@ fn bad_flags_exit_2_naming_the_flag_before_anything_loads() {
         (batch(&jsonl_s, &["--output", &under_file]), "--output"),
         (
             batch(&jsonl_s, &["--output", "/proc/herd-test/r.jsonl"]),
-            "--output",
+            "--output /proc/herd-test/r.jsonl: cannot create",
+        ),
+        // A directory that exists but takes no new files (even for root).
+        (
+            batch(&jsonl_s, &["--output", "/proc/r.jsonl"]),
+            "--output /proc/r.jsonl: cannot write in /proc",
         ),
         (batch(&jsonl_s, &["--stats-csv", &out_dir_s]), "--stats-csv"),
         (

@@ -132,7 +132,12 @@ pub fn check_output_file(flag: &str, path: &Path) -> Result<()> {
     let name = path
         .file_name()
         .map_or("out".into(), |n| n.to_string_lossy());
-    let probe = dir.join(format!(".{name}.herd-probe-{}", std::process::id()));
+    // Named by host and pid: every rank of a job probes, on a file system the nodes may share.
+    let probe = dir.join(format!(
+        ".{name}.herd-probe-{}-{}",
+        crate::parallel::cluster().hostname,
+        std::process::id()
+    ));
     match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
