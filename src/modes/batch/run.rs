@@ -20,7 +20,7 @@ use crate::cli::exit::{self, Coded};
 use crate::engine::{Engine, Event, RequestOutput};
 use crate::modes::record::{error_record, result_record, with_metadata};
 use crate::modes::setup::start;
-use crate::parallel::World;
+use crate::parallel::{Topology, World};
 use crate::tokenizer::Tokenizer;
 
 fn usage(e: anyhow::Error) -> anyhow::Error {
@@ -114,11 +114,39 @@ fn replica_state(
     })
 }
 
+/// `herd batch` as one rank of `world`: check the flags, settle what this run is (resume, start
+/// over, or nothing to do), run this rank's share, meet the other ranks, and (world leader) merge
+/// and report.
 pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
-    let topo = world.topology().clone();
-    let dp = topo.n_replicas;
-    let r = topo.replica;
-    let leader = topo.is_world_leader();
+    check_flags(args)?;
+    let job = Job::new(args, world.topology())?;
+    if job.finished_before(args)? {
+        return Ok(());
+    }
+    job.check_resume(args)?;
+    let t0 = Instant::now();
+    let topo = world.topology();
+    let share = if topo.is_replica_leader() {
+        // Before the model loads, so that a signal during the load also ends in a clean stop.
+        let stop = install_signals()?;
+        run_replica(args, world, &job, &stop, t0)
+    } else {
+        serve_replica(args, world).map(|()| Share::default())
+    };
+    // A replica that fails still meets the others at the barrier (they would wait forever), then
+    // reports its error.
+    world
+        .barrier()
+        .map_err(|e| anyhow!("waiting for the other replicas: {e}"))?;
+    let share = share?;
+    if !job.leader {
+        return finish_code(args, share.interrupted, share.errors);
+    }
+    merge_and_report(args, &job, share.total)
+}
+
+/// Flags batch mode checks itself before touching any file.
+fn check_flags(args: &BatchArgs) -> Result<()> {
     if args.read_ahead == 0 {
         return Err(usage(anyhow!("--read-ahead must be at least 1")));
     }
@@ -127,30 +155,61 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
             "--grace-period must be a number of seconds >= 0"
         )));
     }
-    let format = match args.input_format {
-        Some(f) => f,
-        None => input::detect_format(&args.input)
-            .with_context(|| format!("reading {}", args.input.display()))
-            .map_err(usage)?,
-    };
-    if format == InputFormat::Csv && args.prompt_column.is_none() {
-        tracing::info!("CSV input: prompts from the `prompt` column (see --prompt-column)");
-    }
-    let out_format = OutputFormat::from_path(&args.output);
-    let paths = Paths {
-        output: args.output.clone(),
-    };
-    if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let ident = identity(args, format, dp)?;
+    Ok(())
+}
 
-    // A finished output: nothing to do, unless it was made differently.
-    if let Some(st) = state::read_state(&paths.final_state())? {
+/// What this run works on, settled before any part is read.
+struct Job {
+    format: InputFormat,
+    out_format: OutputFormat,
+    paths: Paths,
+    /// Everything that decides the records' content (see [`identity`]).
+    ident: Value,
+    /// Replicas, and this rank's.
+    dp: usize,
+    r: usize,
+    /// The world leader merges and reports.
+    leader: bool,
+}
+
+impl Job {
+    fn new(args: &BatchArgs, topo: &Topology) -> Result<Job> {
+        let format = match args.input_format {
+            Some(f) => f,
+            None => input::detect_format(&args.input)
+                .with_context(|| format!("reading {}", args.input.display()))
+                .map_err(usage)?,
+        };
+        if format == InputFormat::Csv && args.prompt_column.is_none() {
+            tracing::info!("CSV input: prompts from the `prompt` column (see --prompt-column)");
+        }
+        if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        Ok(Job {
+            format,
+            out_format: OutputFormat::from_path(&args.output),
+            paths: Paths {
+                output: args.output.clone(),
+            },
+            ident: identity(args, format, topo.n_replicas)?,
+            dp: topo.n_replicas,
+            r: topo.replica,
+            leader: topo.is_world_leader(),
+        })
+    }
+
+    /// A finished output: true when there is nothing to do; refused if it was made differently;
+    /// removed with --overwrite.
+    fn finished_before(&self, args: &BatchArgs) -> Result<bool> {
+        let paths = &self.paths;
+        let Some(st) = state::read_state(&paths.final_state())? else {
+            return Ok(false);
+        };
         // A finished output is the same whatever number of replicas made it.
-        let diff = state::identity_diff(&st, &ident, &["replicas"]);
+        let diff = state::identity_diff(&st, &self.ident, &["replicas"]);
         if args.overwrite {
-            if leader {
+            if self.leader {
                 let _ = std::fs::remove_file(&paths.output);
                 let _ = std::fs::remove_file(paths.final_state());
             }
@@ -161,132 +220,140 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
                 diff.join("; ")
             )));
         } else if paths.output.exists() {
-            if leader {
+            if self.leader {
                 eprintln!(
                     "batch: {} is already complete ({} records); nothing to do",
                     args.output.display(),
                     st["records"]
                 );
             }
-            return Ok(());
+            return Ok(true);
         }
+        Ok(false)
     }
-    let part_state = state::read_state(&paths.part_state(r))?;
-    if args.overwrite {
-        let _ = std::fs::remove_file(paths.part(r));
-        let _ = std::fs::remove_file(paths.part_state(r));
-        if leader {
-            let _ = std::fs::remove_file(&paths.output);
-        }
-    } else if let Some(st) = &part_state {
-        let diff = state::identity_diff(st, &ident, &[]);
-        if !diff.is_empty() {
+
+    /// This replica's part: start over (--overwrite), resume it if it was made with the same
+    /// settings, or refuse an output this job did not write.
+    fn check_resume(&self, args: &BatchArgs) -> Result<()> {
+        let (paths, r) = (&self.paths, self.r);
+        let part_state = state::read_state(&paths.part_state(r))?;
+        if args.overwrite {
+            let _ = std::fs::remove_file(paths.part(r));
+            let _ = std::fs::remove_file(paths.part_state(r));
+            if self.leader {
+                let _ = std::fs::remove_file(&paths.output);
+            }
+        } else if let Some(st) = &part_state {
+            let diff = state::identity_diff(st, &self.ident, &[]);
+            if !diff.is_empty() {
+                return Err(usage(anyhow!(
+                    "cannot resume {}: it was started with other settings ({}); pass --overwrite to start over",
+                    args.output.display(),
+                    diff.join("; ")
+                )));
+            }
+        } else if paths.output.exists() {
             return Err(usage(anyhow!(
-                "cannot resume {}: it was started with other settings ({}); pass --overwrite to start over",
-                args.output.display(),
-                diff.join("; ")
+                "{} exists and was not written by this batch job; pass --overwrite to replace it, or choose another --output",
+                args.output.display()
             )));
         }
-    } else if paths.output.exists() {
-        return Err(usage(anyhow!(
-            "{} exists and was not written by this batch job; pass --overwrite to replace it, or choose another --output",
-            args.output.display()
-        )));
+        Ok(())
     }
+}
 
-    let mut counts = Counts::default();
-    let mut interrupted = false;
-    let mut total = 0;
-    let t0 = Instant::now();
-    // A replica that fails still meets the others at the barrier (they would wait forever), then
-    // reports its error.
-    let mut failure = None;
-    if topo.is_replica_leader() {
-        // Before the model loads, so that a signal during the load also ends in a clean stop.
-        let stop = install_signals()?;
-        let mut work = || -> Result<Outcome> {
-            let scan = state::scan_part(&paths.part(r), dp)?;
-            if scan.dropped_bytes > 0 {
-                tracing::warn!(
-                    bytes = scan.dropped_bytes,
-                    "dropped a torn last line of {} (an earlier run was killed while writing); it will be redone",
-                    paths.part(r).display()
-                );
-            }
-            counts.records = scan.records;
-            counts.errors = scan.errors;
-            counts.resumed = scan.records;
-            if scan.records > 0 && leader {
-                eprintln!(
-                    "{}: resuming: {} records already done",
-                    progress::label(dp, r),
-                    scan.records
-                );
-            }
-            state::write_state(
-                &paths.part_state(r),
-                &replica_state(&ident, 0, &counts, 0.0, false),
-            )?;
-            let mut engine = engine_for(args, world)?;
-            let mut count = input::count_records(&args.input, format)?;
-            if let Some(range) = args.records {
-                count = range.count_of(count);
-            }
-            let mut progress = Progress::new(
-                owned(count, dp, r),
-                counts.records,
-                leader,
-                args.log_interval,
-                progress::label(dp, r),
-            );
-            let outcome = generate(
-                args,
-                &mut engine,
-                format,
-                scan.done,
-                dp,
-                r,
-                &paths,
-                &mut counts,
-                &mut progress,
-                &stop,
-            );
-            progress.finish();
-            let outcome = outcome?;
-            let complete = !outcome.interrupted && counts.records == owned(outcome.total, dp, r);
-            state::write_state(
-                &paths.part_state(r),
-                &replica_state(
-                    &ident,
-                    outcome.total,
-                    &counts,
-                    t0.elapsed().as_secs_f64(),
-                    complete,
-                ),
-            )?;
-            Ok(outcome)
-        };
-        match work() {
-            Ok(o) => {
-                total = o.total;
-                interrupted = o.interrupted;
-            }
-            Err(e) => failure = Some(e),
-        }
-    } else if let Err(e) = serve_replica(args, world) {
-        failure = Some(e);
-    }
-    world
-        .barrier()
-        .map_err(|e| anyhow!("waiting for the other replicas: {e}"))?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    if !leader {
-        return finish_code(args, interrupted, counts.errors);
-    }
+/// How this rank's share of the job ended (a tensor-parallel peer's: the default).
+#[derive(Default)]
+struct Share {
+    /// Records in the input (the chunk), as this replica's reader counted them.
+    total: u64,
+    interrupted: bool,
+    errors: u64,
+}
 
-    // World leader: merge when every replica finished.
+/// A replica leader's share: pick up its part, load the model, generate until the input ends or
+/// a signal stops it, and leave the part's state behind.
+fn run_replica(
+    args: &BatchArgs,
+    world: &dyn World,
+    job: &Job,
+    stop: &Arc<AtomicBool>,
+    t0: Instant,
+) -> Result<Share> {
+    let (paths, dp, r) = (&job.paths, job.dp, job.r);
+    let scan = state::scan_part(&paths.part(r), dp)?;
+    if scan.dropped_bytes > 0 {
+        tracing::warn!(
+            bytes = scan.dropped_bytes,
+            "dropped a torn last line of {} (an earlier run was killed while writing); it will be redone",
+            paths.part(r).display()
+        );
+    }
+    let mut counts = Counts {
+        records: scan.records,
+        errors: scan.errors,
+        resumed: scan.records,
+        ..Counts::default()
+    };
+    if scan.records > 0 && job.leader {
+        eprintln!(
+            "{}: resuming: {} records already done",
+            progress::label(dp, r),
+            scan.records
+        );
+    }
+    state::write_state(
+        &paths.part_state(r),
+        &replica_state(&job.ident, 0, &counts, 0.0, false),
+    )?;
+    let mut engine = engine_for(args, world)?;
+    let mut count = input::count_records(&args.input, job.format)?;
+    if let Some(range) = args.records {
+        count = range.count_of(count);
+    }
+    let mut progress = Progress::new(
+        owned(count, dp, r),
+        counts.records,
+        job.leader,
+        args.log_interval,
+        progress::label(dp, r),
+    );
+    let outcome = generate(
+        args,
+        &mut engine,
+        job.format,
+        scan.done,
+        dp,
+        r,
+        paths,
+        &mut counts,
+        &mut progress,
+        stop,
+    );
+    progress.finish();
+    let outcome = outcome?;
+    let complete = !outcome.interrupted && counts.records == owned(outcome.total, dp, r);
+    state::write_state(
+        &paths.part_state(r),
+        &replica_state(
+            &job.ident,
+            outcome.total,
+            &counts,
+            t0.elapsed().as_secs_f64(),
+            complete,
+        ),
+    )?;
+    Ok(Share {
+        total: outcome.total,
+        interrupted: outcome.interrupted,
+        errors: counts.errors,
+    })
+}
+
+/// World leader, after every replica stopped: merge the parts when all are complete, report,
+/// and end with the job's code.
+fn merge_and_report(args: &BatchArgs, job: &Job, total: u64) -> Result<()> {
+    let (paths, dp) = (&job.paths, job.dp);
     let mut states = Vec::with_capacity(dp);
     for k in 0..dp {
         let st = state::read_state(&paths.part_state(k))?.ok_or_else(|| {
@@ -303,10 +370,10 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
     let errors: u64 = states.iter().map(|s| u(s, "errors")).sum();
     if all_done {
         let total = states.iter().map(|s| u(s, "total")).max().unwrap_or(total);
-        merge(&paths, dp, total, out_format)?;
+        merge(paths, dp, total, job.out_format)?;
         state::write_state(
             &paths.final_state(),
-            &json!({"identity": ident, "complete": true, "records": total, "errors": errors}),
+            &json!({"identity": job.ident, "complete": true, "records": total, "errors": errors}),
         )?;
         for k in 0..dp {
             let _ = std::fs::remove_file(paths.part(k));
