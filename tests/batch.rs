@@ -543,11 +543,66 @@ fn sigterm_abandons_long_records_after_the_grace_period() {
 }
 
 fn sigterm(child: &Child) {
+    send_signal(child, "TERM");
+}
+
+fn send_signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([&format!("-{sig}"), &child.id().to_string()])
         .status()
         .unwrap();
     assert!(ok.success());
+}
+
+/// SIGUSR1 and SIGUSR2 (what mpirun forwards to every rank, what Slurm can send ahead of a time
+/// limit) stop a run as SIGTERM does: in-flight records finish, exit 4, and a rerun completes.
+#[test]
+fn sigusr1_and_sigusr2_stop_like_sigterm_then_resume_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let inp = seeded_input(dir.path(), 40, 24);
+    let m = llama30();
+    let args = [
+        "--model",
+        &m,
+        "--max-batch-size",
+        "2",
+        "--ignore-eos",
+        "--grace-period",
+        "30",
+    ];
+    let reference = dir.path().join("ref.jsonl");
+    let (code, err) = run(batch_cmd(&inp, &reference, &args));
+    assert_eq!(code, 0, "{err}");
+    let out = dir.path().join("out.jsonl");
+    let part = with_suffix(&out, ".part-0");
+    for (sig, after) in [("USR1", 5), ("USR2", 12)] {
+        let mut child = KillOnDrop(
+            batch_cmd(&inp, &out, &args)
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        wait_for_lines(&part, after, &mut child.0, Duration::from_secs(60));
+        send_signal(&child.0, sig);
+        let status = child.0.wait().unwrap();
+        let stderr = read_stderr(&mut child.0);
+        assert_eq!(status.code(), Some(4), "SIG{sig}: {status:?}: {stderr}");
+        assert!(
+            stderr.contains("rerun the same command to resume"),
+            "{stderr}"
+        );
+        let done = part_lines(&part);
+        assert!(
+            (after..40).contains(&done),
+            "SIG{sig}: {done} records on disk"
+        );
+    }
+    let (code, err) = run(batch_cmd(&inp, &out, &args));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        std::fs::read_to_string(&reference).unwrap()
+    );
 }
 
 fn read_stderr(child: &mut Child) -> String {

@@ -25,12 +25,33 @@ pub mod exit {
     pub struct Coded {
         pub code: i32,
         pub error: anyhow::Error,
+        /// Every rank of the world ends this way, having agreed on it: no MPI_Abort, and only
+        /// world rank 0 prints the message.
+        pub together: bool,
     }
 
     impl Coded {
         /// Wrap an error with an exit code (use with `map_err`).
         pub fn with(code: i32) -> impl Fn(anyhow::Error) -> anyhow::Error {
-            move |error| anyhow::Error::new(Coded { code, error })
+            move |error| {
+                anyhow::Error::new(Coded {
+                    code,
+                    error,
+                    together: false,
+                })
+            }
+        }
+
+        /// An end every rank of the world reaches with the same code, at the same time (e.g.
+        /// batch's interrupted run, or its refused output).
+        pub fn together(code: i32) -> impl Fn(anyhow::Error) -> anyhow::Error {
+            move |error| {
+                anyhow::Error::new(Coded {
+                    code,
+                    error,
+                    together: true,
+                })
+            }
         }
     }
 
@@ -105,12 +126,15 @@ pub fn run(cli: Cli) -> i32 {
         Ok(()) => exit::OK,
         Err(e) => {
             let c = crate::parallel::cluster();
-            let code = e
+            let (code, together) = e
                 .downcast_ref::<exit::Coded>()
-                .map_or(exit::FAILED, |c| c.code);
+                .map_or((exit::FAILED, false), |c| (c.code, c.together));
+            if together && c.world_rank != 0 {
+                return code; // rank 0 says why
+            }
             // An interrupted run (every rank got the signal) ends rank by rank with its own code,
             // so the job script sees "resume", not a crash.
-            if c.world_size > 1 && code != exit::INTERRUPTED {
+            if c.world_size > 1 && !together && code != exit::INTERRUPTED {
                 // One rank's fatal error ends the whole job (its peers may wait in a collective).
                 say(&format!(
                     "herd: error: rank {} of {} ({}): {e:#}",

@@ -1,6 +1,7 @@
 //! The batch job: check or start the resume state, stream records through the engine with a
-//! bounded read-ahead, append results to this replica's part, stop cleanly on SIGTERM/SIGINT,
-//! then (world leader) merge the parts and report.
+//! bounded read-ahead, append results to this replica's part, stop cleanly on a stop signal
+//! (SIGTERM, SIGINT, SIGUSR1, SIGUSR2), then (world leader) merge the parts and report, and end
+//! every rank together.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +21,7 @@ use crate::cli::exit::{self, Coded};
 use crate::engine::{Engine, Event, RequestOutput};
 use crate::modes::record::{error_record, result_record, with_metadata};
 use crate::modes::setup::start;
+use crate::modes::signals;
 use crate::parallel::{Topology, World};
 use crate::tokenizer::Tokenizer;
 
@@ -116,8 +118,11 @@ fn replica_state(
 
 /// `herd batch` as one rank of `world`: check the flags, settle what this run is (resume, start
 /// over, or nothing to do), run this rank's share, meet the other ranks, and (world leader) merge
-/// and report.
+/// and report; every rank then ends with the leader's code.
 pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
+    // First, on every rank: a stop signal from now on ends in a clean stop (exit 4); a rank without
+    // a handler would die of it and take the job with it.
+    let stop = install_signals()?;
     check_flags(args)?;
     let job = Job::new(args, world.topology())?;
     if job.finished_before(args)? {
@@ -125,10 +130,7 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
     }
     job.check_resume(args)?;
     let t0 = Instant::now();
-    let topo = world.topology();
-    let share = if topo.is_replica_leader() {
-        // Before the model loads, so that a signal during the load also ends in a clean stop.
-        let stop = install_signals()?;
+    let share = if world.topology().is_replica_leader() {
         run_replica(args, world, &job, &stop, t0)
     } else {
         serve_replica(args, world).map(|()| Share::default())
@@ -138,11 +140,51 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
     world
         .barrier()
         .map_err(|e| anyhow!("waiting for the other replicas: {e}"))?;
-    let share = share?;
-    if !job.leader {
-        return finish_code(args, share.interrupted, share.errors);
+    let end = share.and_then(|share| {
+        if job.leader {
+            merge_and_report(args, &job, share.total)
+        } else {
+            finish_code(args, share.interrupted, share.errors)
+        }
+    });
+    leave_together(world, &job, end)
+}
+
+/// Every rank ends with the world leader's code, once the leader has merged and reported: a rank
+/// that exits first with a non-zero code makes mpirun (or srun --kill-on-bad-exit) kill the
+/// others, cutting short their grace period and the leader's summary.
+fn leave_together(world: &dyn World, job: &Job, end: Result<()>) -> Result<()> {
+    let code = match &end {
+        Ok(()) => exit::OK,
+        Err(e) => e.downcast_ref::<Coded>().map_or(exit::FAILED, |c| c.code),
+    };
+    let agreed = matches!(code, exit::OK | exit::INTERRUPTED | exit::RECORD_ERRORS);
+    // A rank's own failure ends the job at once (MPI_Abort), as before.
+    if !job.leader && !agreed {
+        return end;
     }
-    merge_and_report(args, &job, share.total)
+    let mut buf = code.to_le_bytes().to_vec();
+    world
+        .world_comm()
+        .broadcast_bytes(0, &mut buf)
+        .map_err(|e| anyhow!("agreeing on the exit code: {e}"))?;
+    let leaders = <[u8; 4]>::try_from(buf.as_slice())
+        .map(i32::from_le_bytes)
+        .map_err(|_| anyhow!("internal: the world leader sent no exit code"))?;
+    if job.leader {
+        return match end {
+            Err(e) if agreed => Err(Coded::together(code)(e)),
+            end => end,
+        };
+    }
+    match leaders {
+        exit::OK => Ok(()),
+        exit::INTERRUPTED | exit::RECORD_ERRORS => Err(Coded::together(leaders)(anyhow!(
+            "the job ends with code {leaders}"
+        ))),
+        // The leader failed: its MPI_Abort ends the job; this rank says nothing of its own.
+        c => Err(Coded::together(c)(anyhow!("the world leader failed"))),
+    }
 }
 
 /// Flags batch mode checks itself before touching any file.
@@ -403,19 +445,10 @@ fn finish_code(args: &BatchArgs, interrupted: bool, errors: u64) -> Result<()> {
     Ok(())
 }
 
-/// SIGTERM/SIGINT set the flag; a second one exits at once with the interrupted code.
+/// A stop signal sets the flag; a second one exits at once with the interrupted code.
 fn install_signals() -> Result<Arc<AtomicBool>> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [SIGTERM, SIGINT] {
-        // Registered first, so it sees the flag as it was before this signal.
-        signal_hook::flag::register_conditional_shutdown(
-            sig,
-            exit::INTERRUPTED,
-            Arc::clone(&stop),
-        )?;
-        signal_hook::flag::register(sig, Arc::clone(&stop))?;
-    }
+    signals::on_stop_then_exit(&stop, exit::INTERRUPTED)?;
     Ok(stop)
 }
 

@@ -118,10 +118,10 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         bail!("--api-server must be an http:// or https:// URL, got '{url}'");
     }
-    // Registered first: a SIGTERM during the (long) load must not kill the process half-way.
+    // Registered first: a stop signal during the (long) load must not kill the process half-way.
+    // SIGUSR1/SIGUSR2 too: mpirun forwards those to every rank (see modes::signals).
     let term = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
+    super::signals::on_stop(&term)?;
 
     let cluster = crate::parallel::cluster();
     let world = cluster.world(args.model.tp).map_err(anyhow::Error::msg)?;
