@@ -564,3 +564,67 @@ fn usr1_to_mpirun_ends_in_exit_4_and_a_rerun_completes_every_record_once() {
         );
     }
 }
+
+/// A second `mpirun -np 2 herd batch` on an output a running one writes is refused at once:
+/// exit 2, the other run's host and pid named once (by rank 0), the first run unharmed.
+#[test]
+fn a_second_mpi_run_on_a_busy_output_is_refused() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    long_records(&input, 48, 400);
+    let out = dir.path().join("out.jsonl");
+    let m = model("llama31/meta");
+    let a = [
+        "batch",
+        "--model",
+        &m,
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--max-batch-size",
+        "2",
+        "--ignore-eos",
+    ];
+    let parts: Vec<_> = (0..2)
+        .map(|r| with_suffix(&out, &format!(".part-{r}")))
+        .collect();
+    let mut first = KillOnDrop(
+        mpirun_cmd(2, &a, &[])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mpirun starts"),
+    );
+    let t = Instant::now();
+    while lines_in(&parts) < 1 {
+        assert!(first.0.try_wait().unwrap().is_none(), "finished early");
+        assert!(t.elapsed().as_secs() < 120, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let second = mpirun(2, &a, &[]);
+    assert_eq!(second.code, 2, "{}", second.stderr);
+    let holder: Value =
+        serde_json::from_str(&std::fs::read_to_string(with_suffix(&out, ".lock")).unwrap())
+            .unwrap();
+    let busy = format!(
+        "is being written by another herd batch (host {}, pid {}",
+        holder["host"].as_str().unwrap(),
+        holder["pid"]
+    );
+    assert_eq!(second.stderr.matches(&busy).count(), 1, "{}", second.stderr);
+    assert!(second.secs < 30.0, "refused after {:.1} s", second.secs);
+    assert!(
+        first.0.try_wait().unwrap().is_none(),
+        "the first run goes on"
+    );
+    let ok = Command::new("kill")
+        .args(["-USR1", &first.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    assert_eq!(first.0.wait().unwrap().code(), Some(4));
+}

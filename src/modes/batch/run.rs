@@ -125,6 +125,8 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
     let stop = install_signals()?;
     check_flags(args)?;
     let job = Job::new(args, world.topology())?;
+    // Held (by the world leader) until this function returns, however it returns.
+    let _lock = lock_output(world, &job)?;
     if job.finished_before(args)? {
         return Ok(());
     }
@@ -163,14 +165,7 @@ fn leave_together(world: &dyn World, job: &Job, end: Result<()>) -> Result<()> {
     if !job.leader && !agreed {
         return end;
     }
-    let mut buf = code.to_le_bytes().to_vec();
-    world
-        .world_comm()
-        .broadcast_bytes(0, &mut buf)
-        .map_err(|e| anyhow!("agreeing on the exit code: {e}"))?;
-    let leaders = <[u8; 4]>::try_from(buf.as_slice())
-        .map(i32::from_le_bytes)
-        .map_err(|_| anyhow!("internal: the world leader sent no exit code"))?;
+    let (leaders, _) = from_leader(world, code, String::new())?;
     if job.leader {
         return match end {
             Err(e) if agreed => Err(Coded::together(code)(e)),
@@ -179,12 +174,75 @@ fn leave_together(world: &dyn World, job: &Job, end: Result<()>) -> Result<()> {
     }
     match leaders {
         exit::OK => Ok(()),
-        exit::INTERRUPTED | exit::RECORD_ERRORS => Err(Coded::together(leaders)(anyhow!(
-            "the job ends with code {leaders}"
+        // Rank 0 says why (or, failing, aborts the job with its own message).
+        c => Err(Coded::together(c)(anyhow!(
+            "the world leader ended the job with code {c}"
         ))),
-        // The leader failed: its MPI_Abort ends the job; this rank says nothing of its own.
-        c => Err(Coded::together(c)(anyhow!("the world leader failed"))),
     }
+}
+
+/// World rank 0's code and message on every rank (collective): how the ranks agree on what only
+/// the world leader decides.
+fn from_leader(world: &dyn World, code: i32, msg: String) -> Result<(i32, String)> {
+    let mut buf = code.to_le_bytes().to_vec();
+    buf.extend_from_slice(msg.as_bytes());
+    world
+        .world_comm()
+        .broadcast_bytes(0, &mut buf)
+        .map_err(|e| anyhow!("waiting for the world leader: {e}"))?;
+    let Some((code, msg)) = buf.split_first_chunk::<4>() else {
+        bail!("internal: the world leader sent {} bytes", buf.len());
+    };
+    Ok((
+        i32::from_le_bytes(*code),
+        String::from_utf8_lossy(msg).into_owned(),
+    ))
+}
+
+/// The world leader locks the output for the whole run, and every rank learns whether it could
+/// (collective): a second run on the same output, with any number of ranks, stops on all of
+/// them before any reads or writes a part.
+fn lock_output(world: &dyn World, job: &Job) -> Result<Option<state::OutputLock>> {
+    let path = job.paths.lock();
+    let (mut lock, mut code, mut msg) = (None, exit::OK, String::new());
+    if job.leader {
+        match state::OutputLock::acquire(&path, &lock_holder()) {
+            Ok(state::Lock::Held(l)) => lock = Some(l),
+            Ok(state::Lock::Busy(who)) => {
+                code = exit::USAGE;
+                msg = format!(
+                    "{} is being written by another herd batch ({who}; lock {}): wait for it to \
+                     end or stop it (SIGUSR1 to that pid or to its mpirun; scancel), or choose \
+                     another --output",
+                    job.paths.output.display(),
+                    path.display()
+                );
+            }
+            Ok(state::Lock::Unsupported(e)) => tracing::warn!(
+                "cannot lock {} ({e}): this file system does not do flock (Lustre: mount with \
+                 -o flock); a second run on the same output would not be refused",
+                path.display()
+            ),
+            Err(e) => (code, msg) = (exit::FAILED, format!("{e:#}")),
+        }
+    }
+    let (code, msg) = from_leader(world, code, msg)?;
+    if code != exit::OK {
+        return Err(Coded::together(code)(anyhow!(msg)));
+    }
+    Ok(lock)
+}
+
+/// What the lock file says about its holder, for a second run's message.
+fn lock_holder() -> Value {
+    json!({
+        "host": crate::parallel::cluster().hostname,
+        "pid": std::process::id(),
+        "slurm_job": std::env::var("SLURM_JOB_ID").ok(),
+        "started": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    })
 }
 
 /// Flags batch mode checks itself before touching any file.
