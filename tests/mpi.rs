@@ -628,3 +628,83 @@ fn a_second_mpi_run_on_a_busy_output_is_refused() {
     assert!(ok.success());
     assert_eq!(first.0.wait().unwrap().code(), Some(4));
 }
+
+/// slurm/batch-1node.sbatch with LAUNCHER=mpirun, run by bash as Slurm would (a stand-in
+/// `scontrol` on PATH): the SIGUSR1 that `--signal=B:USR1@120` sends the batch shell reaches every
+/// rank through mpirun, herd exits 4 and the script requeues the job.
+#[test]
+fn the_batch_script_passes_usr1_to_mpirun_and_requeues() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let calls = dir.path().join("scontrol-calls");
+    let scontrol = bin.join("scontrol");
+    std::fs::write(
+        &scontrol,
+        format!("#!/bin/sh\necho \"$*\" >> '{}'\n", calls.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &scontrol,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let input = dir.path().join("in.jsonl");
+    long_records(&input, 48, 400);
+    let out = dir.path().join("out.jsonl");
+    let parts: Vec<_> = (0..2)
+        .map(|r| with_suffix(&out, &format!(".part-{r}")))
+        .collect();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/slurm/batch-1node.sbatch");
+    let mut job = KillOnDrop(
+        Command::new("bash")
+            .arg(script)
+            .env("PATH", path)
+            .env("SLURM_JOB_ID", "77")
+            .env("SLURM_NTASKS", "2")
+            .env("LAUNCHER", "mpirun")
+            .env("MODEL", model("llama31/meta"))
+            .env("INPUT", &input)
+            .env("OUTPUT", &out)
+            .env("HERD", env!("CARGO_BIN_EXE_herd"))
+            .env("HERD_ARGS", "--max-batch-size 2 --ignore-eos")
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("bash runs"),
+    );
+    let t = Instant::now();
+    while lines_in(&parts) < 1 {
+        assert!(job.0.try_wait().unwrap().is_none(), "finished early");
+        assert!(t.elapsed().as_secs() < 120, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let ok = Command::new("kill")
+        .args(["-USR1", &job.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let status = job.0.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(job.0.stdout.as_mut().unwrap(), &mut log).unwrap();
+    std::io::Read::read_to_string(job.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert_eq!(status.code(), Some(4), "{log}");
+    assert!(log.contains("batch interrupted: "), "{log}");
+    assert!(log.contains("requeueing job 77"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(&calls).unwrap_or_default(),
+        "requeue 77\n"
+    );
+}

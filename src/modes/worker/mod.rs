@@ -39,8 +39,8 @@ pub struct WorkerArgs {
     /// Most progress updates per second per job.
     #[arg(long, default_value_t = 5.0)]
     pub progress_rate: f64,
-    /// Seconds running jobs get to finish after SIGTERM before they are aborted (Slurm sends
-    /// SIGKILL 30 s after SIGTERM by default).
+    /// Seconds running jobs get to finish after SIGTERM (or SIGUSR1, SIGUSR2, Ctrl-C) before they
+    /// are aborted (Slurm sends SIGKILL 30 s after SIGTERM by default).
     #[arg(long, default_value_t = 25.0)]
     pub shutdown_grace: f64,
     /// Seconds to keep trying to reach the server at start before giving up.
