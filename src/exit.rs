@@ -10,7 +10,7 @@ pub const FAILED: i32 = 1;
 pub const USAGE: i32 = 2;
 /// The model could not be found or loaded, or failed while running.
 pub const MODEL: i32 = 3;
-/// Interrupted (SIGTERM/SIGINT): what was done is on disk; rerun the same command to resume.
+/// Interrupted (SIGTERM/SIGINT/SIGUSR1/SIGUSR2): what was done is on disk; rerun the same command to resume.
 pub const INTERRUPTED: i32 = 4;
 /// Finished, but some records are error records (only with `--fail-on-error`).
 pub const RECORD_ERRORS: i32 = 5;
@@ -20,6 +20,9 @@ pub const RECORD_ERRORS: i32 = 5;
 pub struct Coded {
     pub code: i32,
     pub error: anyhow::Error,
+    /// Every rank of the world ends this way, having agreed on it: no MPI_Abort, and only
+    /// world rank 0 prints the message.
+    pub together: bool,
 }
 
 impl Coded {
@@ -31,8 +34,24 @@ impl Coded {
             if error.downcast_ref::<Coded>().is_some() {
                 error
             } else {
-                anyhow::Error::new(Coded { code, error })
+                anyhow::Error::new(Coded {
+                    code,
+                    error,
+                    together: false,
+                })
             }
+        }
+    }
+
+    /// An end every rank of the world reaches with the same code, at the same time (e.g.
+    /// batch's interrupted run, or its refused output).
+    pub fn together(code: i32) -> impl Fn(anyhow::Error) -> anyhow::Error {
+        move |error| {
+            anyhow::Error::new(Coded {
+                code,
+                error,
+                together: true,
+            })
         }
     }
 }
@@ -45,6 +64,11 @@ pub fn usage(msg: impl std::fmt::Display) -> anyhow::Error {
 /// The code `error` should end the process with: its own, else [`FAILED`].
 pub fn code_of(error: &anyhow::Error) -> i32 {
     error.downcast_ref::<Coded>().map_or(FAILED, |c| c.code)
+}
+
+/// Whether every rank ends with `error` together (see [`Coded::together`]).
+pub fn is_together(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<Coded>().is_some_and(|c| c.together)
 }
 
 impl std::fmt::Display for Coded {

@@ -543,11 +543,66 @@ fn sigterm_abandons_long_records_after_the_grace_period() {
 }
 
 fn sigterm(child: &Child) {
+    send_signal(child, "TERM");
+}
+
+fn send_signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([&format!("-{sig}"), &child.id().to_string()])
         .status()
         .unwrap();
     assert!(ok.success());
+}
+
+/// SIGUSR1 and SIGUSR2 (what mpirun forwards to every rank, what Slurm can send ahead of a time
+/// limit) stop a run as SIGTERM does: in-flight records finish, exit 4, and a rerun completes.
+#[test]
+fn sigusr1_and_sigusr2_stop_like_sigterm_then_resume_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let inp = seeded_input(dir.path(), 40, 24);
+    let m = llama30();
+    let args = [
+        "--model",
+        &m,
+        "--max-batch-size",
+        "2",
+        "--ignore-eos",
+        "--grace-period",
+        "30",
+    ];
+    let reference = dir.path().join("ref.jsonl");
+    let (code, err) = run(batch_cmd(&inp, &reference, &args));
+    assert_eq!(code, 0, "{err}");
+    let out = dir.path().join("out.jsonl");
+    let part = with_suffix(&out, ".part-0");
+    for (sig, after) in [("USR1", 5), ("USR2", 12)] {
+        let mut child = KillOnDrop(
+            batch_cmd(&inp, &out, &args)
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        wait_for_lines(&part, after, &mut child.0, Duration::from_secs(60));
+        send_signal(&child.0, sig);
+        let status = child.0.wait().unwrap();
+        let stderr = read_stderr(&mut child.0);
+        assert_eq!(status.code(), Some(4), "SIG{sig}: {status:?}: {stderr}");
+        assert!(
+            stderr.contains("rerun the same command to resume"),
+            "{stderr}"
+        );
+        let done = part_lines(&part);
+        assert!(
+            (after..40).contains(&done),
+            "SIG{sig}: {done} records on disk"
+        );
+    }
+    let (code, err) = run(batch_cmd(&inp, &out, &args));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        std::fs::read_to_string(&reference).unwrap()
+    );
 }
 
 fn read_stderr(child: &mut Child) -> String {
@@ -556,6 +611,94 @@ fn read_stderr(child: &mut Child) -> String {
         std::io::Read::read_to_string(e, &mut s).unwrap();
     }
     s
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// A second run on an output that a running batch writes is refused at once (exit 2, naming
+/// the other run's host and pid), on every rank of a multi-rank run before any touches a file;
+/// kill -9 of the holder leaves no stale lock: the next run resumes and completes.
+#[test]
+fn a_second_run_on_a_busy_output_is_refused_and_kill9_leaves_no_stale_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    // Long records: the first run must still be running after the second ones are refused.
+    let inp = seeded_input(dir.path(), 40, 200);
+    let m = llama30();
+    let args = ["--model", &m, "--max-batch-size", "2", "--ignore-eos"];
+    let out = dir.path().join("out.jsonl");
+    let part = with_suffix(&out, ".part-0");
+    let lock = with_suffix(&out, ".lock");
+    let mut first = KillOnDrop(
+        batch_cmd(&inp, &out, &args)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_lines(&part, 3, &mut first.0, Duration::from_secs(60));
+    let pid = first.0.id();
+    let busy = format!(
+        "is being written by another herd batch (host {}, pid {pid}",
+        hostname()
+    );
+
+    // One process.
+    let t = Instant::now();
+    let (code, err) = run(batch_cmd(&inp, &out, &args));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&busy), "{err}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "refused only after {:?}",
+        t.elapsed()
+    );
+    let holder: Value = serde_json::from_str(&std::fs::read_to_string(&lock).unwrap()).unwrap();
+    assert_eq!(holder["pid"], pid);
+
+    // Two ranks (the test world): both refuse, and rank 1 never touched its part.
+    let world = tempfile::tempdir().unwrap();
+    let ranks: Vec<KillOnDrop> = (0..2)
+        .map(|r| {
+            let mut c = batch_cmd(&inp, &out, &args);
+            c.env(
+                "HERD_BATCH_TEST_WORLD",
+                format!("{r},2,{}", world.path().display()),
+            );
+            KillOnDrop(c.stderr(Stdio::piped()).spawn().unwrap())
+        })
+        .collect();
+    for (r, mut c) in ranks.into_iter().enumerate() {
+        let status = c.0.wait().unwrap();
+        let e = read_stderr(&mut c.0);
+        assert_eq!(status.code(), Some(2), "rank {r}: {e}");
+        if r == 0 {
+            assert!(e.contains(&busy), "{e}");
+        }
+    }
+    assert!(!with_suffix(&out, ".part-1").exists());
+    assert!(!with_suffix(&out, ".part-1.state").exists());
+    assert!(
+        first.0.try_wait().unwrap().is_none(),
+        "the first run goes on"
+    );
+
+    // kill -9: the lock file stays behind, but the kernel dropped the lock with the process.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    assert!(lock.exists());
+    let (code, err) = run(batch_cmd(&inp, &out, &args));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("records already done"), "it resumed: {err}");
+    let ids: Vec<Value> = jsonl(&out).iter().map(|r| r["id"].clone()).collect();
+    assert_eq!(
+        ids,
+        (0..40).map(|i| json!(format!("r{i}"))).collect::<Vec<_>>()
+    );
+    assert!(!lock.exists(), "a finished run removes its lock");
 }
 
 #[test]

@@ -38,6 +38,20 @@ struct Out {
 }
 
 fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)]) -> Out {
+    let mut c = mpirun_cmd(np, args, env);
+    let t0 = Instant::now();
+    let out = c
+        .output()
+        .unwrap_or_else(|e| panic!("mpirun does not start ({e}); install openmpi-bin"));
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        secs: t0.elapsed().as_secs_f64(),
+    }
+}
+
+fn mpirun_cmd(np: usize, args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut c = Command::new("mpirun");
     c.args([
         "-np",
@@ -55,16 +69,7 @@ fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)]) -> Out {
     for (k, v) in env {
         c.env(k, v);
     }
-    let t0 = Instant::now();
-    let out = c
-        .output()
-        .unwrap_or_else(|e| panic!("mpirun does not start ({e}); install openmpi-bin"));
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        secs: t0.elapsed().as_secs_f64(),
-    }
+    c
 }
 
 fn solo(args: &[&str]) -> Out {
@@ -407,4 +412,299 @@ fn batch_with_replicas_matches_one_rank() {
             a["id"]
         );
     }
+}
+
+/// Kills the child (mpirun, and so its ranks) if a test fails before waiting for it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Seeded records long enough that a replica always has some in flight.
+fn long_records(path: &std::path::Path, n: usize, max_tokens: usize) {
+    let lines: String = (0..n)
+        .map(|i| {
+            let ids: Vec<usize> = (0..3 + i % 4).map(|j| 1 + (i * 31 + j * 7) % 250).collect();
+            format!(
+                "{}\n",
+                serde_json::json!({"id": format!("r{i}"), "prompt_token_ids": ids,
+                    "max_tokens": max_tokens - i % 3, "seed": i, "temperature": 0.9})
+            )
+        })
+        .collect();
+    std::fs::write(path, lines).unwrap();
+}
+
+fn lines_in(paths: &[std::path::PathBuf]) -> usize {
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .map(|s| s.matches('\n').count())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+fn with_suffix(p: &std::path::Path, s: &str) -> std::path::PathBuf {
+    let mut o = p.as_os_str().to_owned();
+    o.push(s);
+    o.into()
+}
+
+/// `kill -USR1 <mpirun>`: mpirun forwards the signal to every rank (a SIGTERM it would answer by
+/// killing them within seconds); each replica finishes its in-flight records, all ranks leave
+/// together with exit 4 and the summary is printed; the rerun completes every record exactly
+/// once, as an uninterrupted run would have. With 2 replicas of tp 1, and 1 replica of tp 2 (a
+/// tensor-parallel peer must survive the signal too).
+#[test]
+fn usr1_to_mpirun_ends_in_exit_4_and_a_rerun_completes_every_record_once() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let n = 16;
+    long_records(&input, n, 160);
+    let m = model("llama31/meta");
+    let args = |out: &std::path::Path, tp: &'static str| -> Vec<String> {
+        [
+            "batch",
+            "--model",
+            &m,
+            "--tp",
+            tp,
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--max-batch-size",
+            "2",
+            "--ignore-eos",
+            "--grace-period",
+            "60",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let reference = dir.path().join("ref.jsonl");
+    let r = solo(
+        &args(&reference, "1")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let want = std::fs::read_to_string(&reference).unwrap();
+    for tp in ["1", "2"] {
+        let out = dir.path().join(format!("tp{tp}.jsonl"));
+        let a = args(&out, tp);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let parts: Vec<_> = (0..2)
+            .map(|r| with_suffix(&out, &format!(".part-{r}")))
+            .collect();
+        let mut job = KillOnDrop(
+            mpirun_cmd(2, &a, &[])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("mpirun starts"),
+        );
+        let t = Instant::now();
+        while lines_in(&parts) < 2 {
+            assert!(
+                job.0.try_wait().unwrap().is_none(),
+                "tp {tp}: finished early"
+            );
+            assert!(t.elapsed().as_secs() < 120, "tp {tp}: no progress");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let at_signal = lines_in(&parts);
+        let ok = Command::new("kill")
+            .args(["-USR1", &job.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let status = job.0.wait().unwrap();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(job.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(4), "tp {tp}: {status:?}: {stderr}");
+        // The leader's summary made it out: nobody was killed before it.
+        assert!(stderr.contains("batch interrupted: "), "tp {tp}: {stderr}");
+        // The records in flight at the signal were finished, not cut off.
+        let done = lines_in(&parts);
+        assert!(
+            done > at_signal && done < n,
+            "tp {tp}: {at_signal} records on disk at the signal, {done} after"
+        );
+        let o = mpirun(2, &a, &[]);
+        assert_eq!(o.code, 0, "tp {tp}: {}", o.stderr);
+        let got = std::fs::read_to_string(&out).unwrap();
+        let ids: Vec<String> = got
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            (0..n).map(|i| format!("r{i}")).collect::<Vec<_>>(),
+            "tp {tp}"
+        );
+        assert_eq!(
+            got, want,
+            "tp {tp}: the resumed output differs from one uninterrupted run"
+        );
+    }
+}
+
+/// A second `mpirun -np 2 herd batch` on an output a running one writes is refused at once:
+/// exit 2, the other run's host and pid named once (by rank 0), the first run unharmed.
+#[test]
+fn a_second_mpi_run_on_a_busy_output_is_refused() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    long_records(&input, 48, 400);
+    let out = dir.path().join("out.jsonl");
+    let m = model("llama31/meta");
+    let a = [
+        "batch",
+        "--model",
+        &m,
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--max-batch-size",
+        "2",
+        "--ignore-eos",
+    ];
+    let parts: Vec<_> = (0..2)
+        .map(|r| with_suffix(&out, &format!(".part-{r}")))
+        .collect();
+    let mut first = KillOnDrop(
+        mpirun_cmd(2, &a, &[])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mpirun starts"),
+    );
+    let t = Instant::now();
+    while lines_in(&parts) < 1 {
+        assert!(first.0.try_wait().unwrap().is_none(), "finished early");
+        assert!(t.elapsed().as_secs() < 120, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let second = mpirun(2, &a, &[]);
+    assert_eq!(second.code, 2, "{}", second.stderr);
+    let holder: Value =
+        serde_json::from_str(&std::fs::read_to_string(with_suffix(&out, ".lock")).unwrap())
+            .unwrap();
+    let busy = format!(
+        "is being written by another herd batch (host {}, pid {}",
+        holder["host"].as_str().unwrap(),
+        holder["pid"]
+    );
+    assert_eq!(second.stderr.matches(&busy).count(), 1, "{}", second.stderr);
+    assert!(second.secs < 30.0, "refused after {:.1} s", second.secs);
+    assert!(
+        first.0.try_wait().unwrap().is_none(),
+        "the first run goes on"
+    );
+    let ok = Command::new("kill")
+        .args(["-USR1", &first.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    assert_eq!(first.0.wait().unwrap().code(), Some(4));
+}
+
+/// slurm/batch-1node.sbatch with LAUNCHER=mpirun, run by bash as Slurm would (a stand-in
+/// `scontrol` on PATH): the SIGUSR1 that `--signal=B:USR1@120` sends the batch shell reaches every
+/// rank through mpirun, herd exits 4 and the script requeues the job.
+#[test]
+fn the_batch_script_passes_usr1_to_mpirun_and_requeues() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let calls = dir.path().join("scontrol-calls");
+    let scontrol = bin.join("scontrol");
+    std::fs::write(
+        &scontrol,
+        format!("#!/bin/sh\necho \"$*\" >> '{}'\n", calls.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &scontrol,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let input = dir.path().join("in.jsonl");
+    long_records(&input, 48, 400);
+    let out = dir.path().join("out.jsonl");
+    let parts: Vec<_> = (0..2)
+        .map(|r| with_suffix(&out, &format!(".part-{r}")))
+        .collect();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/slurm/batch-1node.sbatch");
+    let mut job = KillOnDrop(
+        Command::new("bash")
+            .arg(script)
+            .env("PATH", path)
+            .env("SLURM_JOB_ID", "77")
+            .env("SLURM_NTASKS", "2")
+            .env("LAUNCHER", "mpirun")
+            .env("MODEL", model("llama31/meta"))
+            .env("INPUT", &input)
+            .env("OUTPUT", &out)
+            .env("HERD", env!("CARGO_BIN_EXE_herd"))
+            .env("HERD_ARGS", "--max-batch-size 2 --ignore-eos")
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("bash runs"),
+    );
+    let t = Instant::now();
+    while lines_in(&parts) < 1 {
+        assert!(job.0.try_wait().unwrap().is_none(), "finished early");
+        assert!(t.elapsed().as_secs() < 120, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let ok = Command::new("kill")
+        .args(["-USR1", &job.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let status = job.0.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(job.0.stdout.as_mut().unwrap(), &mut log).unwrap();
+    std::io::Read::read_to_string(job.0.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert_eq!(status.code(), Some(4), "{log}");
+    assert!(log.contains("batch interrupted: "), "{log}");
+    assert!(log.contains("requeueing job 77"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(&calls).unwrap_or_default(),
+        "requeue 77\n"
+    );
 }

@@ -4,9 +4,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::modes;
 
-// The exit codes live at the crate root, below `cli` and `modes` (both use them); the re-export
-// keeps `cli::exit` paths working.
-pub use crate::exit;
+use crate::exit;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -122,10 +120,13 @@ pub fn run(cli: Cli) -> i32 {
         Ok(()) => exit::OK,
         Err(e) => {
             let c = crate::parallel::cluster();
-            let code = exit::code_of(&e);
+            let (code, together) = (exit::code_of(&e), exit::is_together(&e));
+            if together && c.world_rank != 0 {
+                return code; // rank 0 says why
+            }
             // An interrupted run (every rank got the signal) ends rank by rank with its own code,
             // so the job script sees "resume", not a crash.
-            if c.world_size > 1 && code != exit::INTERRUPTED {
+            if c.world_size > 1 && !together && code != exit::INTERRUPTED {
                 // One rank's fatal error ends the whole job (its peers may wait in a collective).
                 say(&format!(
                     "herd: error: rank {} of {} ({}): {e:#}",

@@ -84,6 +84,10 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let params = args.sampling.params(0.8, 0.9, 40);
     let interrupted = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
+    // SIGTERM, SIGUSR1, SIGUSR2 (docker stop, mpirun, Slurm) end the chat at once with the
+    // interrupted code: a conversation keeps nothing on disk. Without a handler, herd as a
+    // container's process 1 would ignore them until the runtime's SIGKILL.
+    super::signals::quit_on(crate::exit::INTERRUPTED)?;
     let interactive = std::io::stdin().is_terminal();
     let mut rl = rustyline::DefaultEditor::new()?;
     let mut history = History {

@@ -10,6 +10,7 @@ pub mod generate;
 pub mod host;
 pub mod record;
 pub mod setup;
+pub mod signals;
 pub mod worker;
 
 use std::path::Path;

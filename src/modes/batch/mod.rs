@@ -82,7 +82,8 @@ pub struct BatchArgs {
     /// Exit with the record-errors code if any record failed.
     #[arg(long)]
     pub fail_on_error: bool,
-    /// Seconds to finish in-flight records after SIGTERM/SIGINT before abandoning them.
+    /// Seconds to finish in-flight records after a stop signal (SIGTERM, SIGINT, SIGUSR1,
+    /// SIGUSR2; under mpirun send SIGUSR1) before abandoning them.
     #[arg(long, default_value_t = 20.0)]
     pub grace_period: f64,
     /// Seconds between progress lines when stderr is not a terminal (0 = none).

@@ -1,6 +1,7 @@
 //! The batch job: check or start the resume state, stream records through the engine with a
-//! bounded read-ahead, append results to this replica's part, stop cleanly on SIGTERM/SIGINT,
-//! then (world leader) merge the parts and report.
+//! bounded read-ahead, append results to this replica's part, stop cleanly on a stop signal
+//! (SIGTERM, SIGINT, SIGUSR1, SIGUSR2), then (world leader) merge the parts and report, and end
+//! every rank together.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +22,8 @@ use crate::engine::{Engine, Event, RequestOutput};
 use crate::exit::{self, Coded};
 use crate::modes::record::{error_record, result_record, with_metadata};
 use crate::modes::setup::start;
-use crate::parallel::World;
+use crate::modes::signals;
+use crate::parallel::{Topology, World};
 use crate::tokenizer::Tokenizer;
 
 fn usage(e: anyhow::Error) -> anyhow::Error {
@@ -123,35 +125,186 @@ fn replica_state(
     })
 }
 
+/// `herd batch` as one rank of `world`: check the flags, settle what this run is (resume, start
+/// over, or nothing to do), run this rank's share, meet the other ranks, and (world leader) merge
+/// and report; every rank then ends with the leader's code.
 pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
-    let topo = world.topology().clone();
-    let dp = topo.n_replicas;
-    let r = topo.replica;
-    let leader = topo.is_world_leader();
-    let format = match args.input_format {
-        Some(f) => f,
-        None => input::detect_format(&args.input)
-            .with_context(|| format!("reading {}", args.input.display()))
-            .map_err(usage)?,
-    };
-    if format == InputFormat::Csv && args.prompt_column.is_none() {
-        tracing::info!("CSV input: prompts from the `prompt` column (see --prompt-column)");
+    // First, on every rank: a stop signal from now on ends in a clean stop (exit 4); a rank without
+    // a handler would die of it and take the job with it.
+    let stop = install_signals()?;
+    let job = Job::new(args, world.topology())?;
+    // Held (by the world leader) until this function returns, however it returns.
+    let _lock = lock_output(world, &job)?;
+    if job.finished_before(args)? {
+        return Ok(());
     }
-    let out_format = OutputFormat::from_path(&args.output);
-    let paths = Paths {
-        output: args.output.clone(),
+    job.check_resume(args)?;
+    let t0 = Instant::now();
+    let share = if world.topology().is_replica_leader() {
+        run_replica(args, world, &job, &stop, t0)
+    } else {
+        serve_replica(args, world).map(|()| Share::default())
     };
-    if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let ident = identity(args, format, dp)?;
+    // A replica that fails still meets the others at the barrier (they would wait forever), then
+    // reports its error.
+    world
+        .barrier()
+        .map_err(|e| anyhow!("waiting for the other replicas: {e}"))?;
+    let end = share.and_then(|share| {
+        if job.leader {
+            merge_and_report(args, &job, share.total, share.ignored.as_ref())
+        } else {
+            finish_code(args, share.interrupted, share.errors)
+        }
+    });
+    leave_together(world, &job, end)
+}
 
-    // A finished output: nothing to do, unless it was made differently.
-    if let Some(st) = state::read_state(&paths.final_state())? {
+/// Every rank ends with the world leader's code, once the leader has merged and reported: a rank
+/// that exits first with a non-zero code makes mpirun (or srun --kill-on-bad-exit) kill the
+/// others, cutting short their grace period and the leader's summary.
+fn leave_together(world: &dyn World, job: &Job, end: Result<()>) -> Result<()> {
+    let code = match &end {
+        Ok(()) => exit::OK,
+        Err(e) => e.downcast_ref::<Coded>().map_or(exit::FAILED, |c| c.code),
+    };
+    let agreed = matches!(code, exit::OK | exit::INTERRUPTED | exit::RECORD_ERRORS);
+    // A rank's own failure ends the job at once (MPI_Abort), as before.
+    if !job.leader && !agreed {
+        return end;
+    }
+    let (leaders, _) = from_leader(world, code, String::new())?;
+    if job.leader {
+        return match end {
+            Err(e) if agreed => Err(Coded::together(code)(e)),
+            end => end,
+        };
+    }
+    match leaders {
+        exit::OK => Ok(()),
+        // Rank 0 says why (or, failing, aborts the job with its own message).
+        c => Err(Coded::together(c)(anyhow!(
+            "the world leader ended the job with code {c}"
+        ))),
+    }
+}
+
+/// World rank 0's code and message on every rank (collective): how the ranks agree on what only
+/// the world leader decides.
+fn from_leader(world: &dyn World, code: i32, msg: String) -> Result<(i32, String)> {
+    let mut buf = code.to_le_bytes().to_vec();
+    buf.extend_from_slice(msg.as_bytes());
+    world
+        .world_comm()
+        .broadcast_bytes(0, &mut buf)
+        .map_err(|e| anyhow!("waiting for the world leader: {e}"))?;
+    let Some((code, msg)) = buf.split_first_chunk::<4>() else {
+        bail!("internal: the world leader sent {} bytes", buf.len());
+    };
+    Ok((
+        i32::from_le_bytes(*code),
+        String::from_utf8_lossy(msg).into_owned(),
+    ))
+}
+
+/// The world leader locks the output for the whole run, and every rank learns whether it could
+/// (collective): a second run on the same output, with any number of ranks, stops on all of
+/// them before any reads or writes a part.
+fn lock_output(world: &dyn World, job: &Job) -> Result<Option<state::OutputLock>> {
+    let path = job.paths.lock();
+    let (mut lock, mut code, mut msg) = (None, exit::OK, String::new());
+    if job.leader {
+        match state::OutputLock::acquire(&path, &lock_holder()) {
+            Ok(state::Lock::Held(l)) => lock = Some(l),
+            Ok(state::Lock::Busy(who)) => {
+                code = exit::USAGE;
+                msg = format!(
+                    "{} is being written by another herd batch ({who}; lock {}): wait for it to \
+                     end or stop it (SIGUSR1 to that pid or to its mpirun; scancel), or choose \
+                     another --output",
+                    job.paths.output.display(),
+                    path.display()
+                );
+            }
+            Ok(state::Lock::Unsupported(e)) => tracing::warn!(
+                "cannot lock {} ({e}): this file system does not do flock (Lustre: mount with \
+                 -o flock); a second run on the same output would not be refused",
+                path.display()
+            ),
+            Err(e) => (code, msg) = (exit::FAILED, format!("{e:#}")),
+        }
+    }
+    let (code, msg) = from_leader(world, code, msg)?;
+    if code != exit::OK {
+        return Err(Coded::together(code)(anyhow!(msg)));
+    }
+    Ok(lock)
+}
+
+/// What the lock file says about its holder, for a second run's message.
+fn lock_holder() -> Value {
+    json!({
+        "host": crate::parallel::cluster().hostname,
+        "pid": std::process::id(),
+        "slurm_job": std::env::var("SLURM_JOB_ID").ok(),
+        "started": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    })
+}
+
+/// What this run works on, settled before any part is read.
+struct Job {
+    format: InputFormat,
+    out_format: OutputFormat,
+    paths: Paths,
+    /// Everything that decides the records' content (see [`identity`]).
+    ident: Value,
+    /// Replicas, and this rank's.
+    dp: usize,
+    r: usize,
+    /// The world leader merges and reports.
+    leader: bool,
+}
+
+impl Job {
+    fn new(args: &BatchArgs, topo: &Topology) -> Result<Job> {
+        let format = match args.input_format {
+            Some(f) => f,
+            None => input::detect_format(&args.input)
+                .with_context(|| format!("reading {}", args.input.display()))
+                .map_err(usage)?,
+        };
+        if format == InputFormat::Csv && args.prompt_column.is_none() {
+            tracing::info!("CSV input: prompts from the `prompt` column (see --prompt-column)");
+        }
+        if let Some(dir) = args.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        Ok(Job {
+            format,
+            out_format: OutputFormat::from_path(&args.output),
+            paths: Paths {
+                output: args.output.clone(),
+            },
+            ident: identity(args, format, topo.n_replicas)?,
+            dp: topo.n_replicas,
+            r: topo.replica,
+            leader: topo.is_world_leader(),
+        })
+    }
+
+    /// A finished output: true when there is nothing to do; refused if it was made differently;
+    /// removed with --overwrite.
+    fn finished_before(&self, args: &BatchArgs) -> Result<bool> {
+        let paths = &self.paths;
+        let Some(st) = state::read_state(&paths.final_state())? else {
+            return Ok(false);
+        };
         // A finished output is the same whatever number of replicas made it.
-        let diff = state::identity_diff(&st, &ident, &["replicas"]);
+        let diff = state::identity_diff(&st, &self.ident, &["replicas"]);
         if args.overwrite {
-            if leader {
+            if self.leader {
                 let _ = std::fs::remove_file(&paths.output);
                 let _ = std::fs::remove_file(paths.final_state());
             }
@@ -162,134 +315,148 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
                 diff.join("; ")
             )));
         } else if paths.output.exists() {
-            if leader {
+            if self.leader {
                 eprintln!(
                     "batch: {} is already complete ({} records); nothing to do",
                     args.output.display(),
                     st["records"]
                 );
             }
-            return Ok(());
+            return Ok(true);
         }
+        Ok(false)
     }
-    let part_state = state::read_state(&paths.part_state(r))?;
-    if args.overwrite {
-        let _ = std::fs::remove_file(paths.part(r));
-        let _ = std::fs::remove_file(paths.part_state(r));
-        if leader {
-            let _ = std::fs::remove_file(&paths.output);
-        }
-    } else if let Some(st) = &part_state {
-        let diff = state::identity_diff(st, &ident, &[]);
-        if !diff.is_empty() {
+
+    /// This replica's part: start over (--overwrite), resume it if it was made with the same
+    /// settings, or refuse an output this job did not write.
+    fn check_resume(&self, args: &BatchArgs) -> Result<()> {
+        let (paths, r) = (&self.paths, self.r);
+        let part_state = state::read_state(&paths.part_state(r))?;
+        if args.overwrite {
+            let _ = std::fs::remove_file(paths.part(r));
+            let _ = std::fs::remove_file(paths.part_state(r));
+            if self.leader {
+                let _ = std::fs::remove_file(&paths.output);
+            }
+        } else if let Some(st) = &part_state {
+            let diff = state::identity_diff(st, &self.ident, &[]);
+            if !diff.is_empty() {
+                return Err(usage(anyhow!(
+                    "cannot resume {}: it was started with other settings ({}); pass --overwrite to start over",
+                    args.output.display(),
+                    diff.join("; ")
+                )));
+            }
+        } else if paths.output.exists() {
             return Err(usage(anyhow!(
-                "cannot resume {}: it was started with other settings ({}); pass --overwrite to start over",
-                args.output.display(),
-                diff.join("; ")
+                "{} exists and was not written by this batch job; pass --overwrite to replace it, or choose another --output",
+                args.output.display()
             )));
         }
-    } else if paths.output.exists() {
-        return Err(usage(anyhow!(
-            "{} exists and was not written by this batch job; pass --overwrite to replace it, or choose another --output",
-            args.output.display()
-        )));
+        Ok(())
     }
+}
 
-    let mut counts = Counts::default();
-    let mut interrupted = false;
-    let mut total = 0;
-    let mut ignored = None;
-    let t0 = Instant::now();
-    // A replica that fails still meets the others at the barrier (they would wait forever), then
-    // reports its error.
-    let mut failure = None;
-    if topo.is_replica_leader() {
-        // Before the model loads, so that a signal during the load also ends in a clean stop.
-        let stop = install_signals()?;
-        let mut work = || -> Result<Outcome> {
-            let scan = state::scan_part(&paths.part(r), dp)?;
-            if scan.dropped_bytes > 0 {
-                tracing::warn!(
-                    bytes = scan.dropped_bytes,
-                    "dropped a torn last line of {} (an earlier run was killed while writing); it will be redone",
-                    paths.part(r).display()
-                );
-            }
-            counts.records = scan.records;
-            counts.errors = scan.errors;
-            counts.resumed = scan.records;
-            if scan.records > 0 && leader {
-                eprintln!(
-                    "{}: resuming: {} records already done",
-                    progress::label(dp, r),
-                    scan.records
-                );
-            }
-            state::write_state(
-                &paths.part_state(r),
-                &replica_state(&ident, 0, &counts, 0.0, false),
-            )?;
-            let mut engine = engine_for(args, world)?;
-            let mut count = input::count_records(&args.input, format)?;
-            if let Some(range) = args.records {
-                count = range.count_of(count);
-            }
-            let mut progress = Progress::new(
-                owned(count, dp, r),
-                counts.records,
-                leader,
-                args.log_interval,
-                progress::label(dp, r),
-            );
-            let outcome = generate(
-                args,
-                &mut engine,
-                format,
-                scan.done,
-                dp,
-                r,
-                &paths,
-                &mut counts,
-                &mut progress,
-                &stop,
-            );
-            progress.finish();
-            let outcome = outcome?;
-            let complete = !outcome.interrupted && counts.records == owned(outcome.total, dp, r);
-            state::write_state(
-                &paths.part_state(r),
-                &replica_state(
-                    &ident,
-                    outcome.total,
-                    &counts,
-                    t0.elapsed().as_secs_f64(),
-                    complete,
-                ),
-            )?;
-            Ok(outcome)
-        };
-        match work() {
-            Ok(o) => {
-                total = o.total;
-                interrupted = o.interrupted;
-                ignored = Some(o.ignored);
-            }
-            Err(e) => failure = Some(e),
-        }
-    } else if let Err(e) = serve_replica(args, world) {
-        failure = Some(e);
-    }
-    world
-        .barrier()
-        .map_err(|e| anyhow!("waiting for the other replicas: {e}"))?;
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    if !leader {
-        return finish_code(args, interrupted, counts.errors);
-    }
+/// How this rank's share of the job ended (a tensor-parallel peer's: the default).
+#[derive(Default)]
+struct Share {
+    /// Records in the input (the chunk), as this replica's reader counted them.
+    total: u64,
+    interrupted: bool,
+    errors: u64,
+    /// What herd ignored in the records (every replica reads every record).
+    ignored: Option<Tally>,
+}
 
-    // World leader: merge when every replica finished.
+/// A replica leader's share: pick up its part, load the model, generate until the input ends or
+/// a signal stops it, and leave the part's state behind.
+fn run_replica(
+    args: &BatchArgs,
+    world: &dyn World,
+    job: &Job,
+    stop: &Arc<AtomicBool>,
+    t0: Instant,
+) -> Result<Share> {
+    let (paths, dp, r) = (&job.paths, job.dp, job.r);
+    let scan = state::scan_part(&paths.part(r), dp)?;
+    if scan.dropped_bytes > 0 {
+        tracing::warn!(
+            bytes = scan.dropped_bytes,
+            "dropped a torn last line of {} (an earlier run was killed while writing); it will be redone",
+            paths.part(r).display()
+        );
+    }
+    let mut counts = Counts {
+        records: scan.records,
+        errors: scan.errors,
+        resumed: scan.records,
+        ..Counts::default()
+    };
+    if scan.records > 0 && job.leader {
+        eprintln!(
+            "{}: resuming: {} records already done",
+            progress::label(dp, r),
+            scan.records
+        );
+    }
+    state::write_state(
+        &paths.part_state(r),
+        &replica_state(&job.ident, 0, &counts, 0.0, false),
+    )?;
+    let mut engine = engine_for(args, world)?;
+    let mut count = input::count_records(&args.input, job.format)?;
+    if let Some(range) = args.records {
+        count = range.count_of(count);
+    }
+    let mut progress = Progress::new(
+        owned(count, dp, r),
+        counts.records,
+        job.leader,
+        args.log_interval,
+        progress::label(dp, r),
+    );
+    let outcome = generate(
+        args,
+        &mut engine,
+        job.format,
+        scan.done,
+        dp,
+        r,
+        paths,
+        &mut counts,
+        &mut progress,
+        stop,
+    );
+    progress.finish();
+    let outcome = outcome?;
+    let complete = !outcome.interrupted && counts.records == owned(outcome.total, dp, r);
+    state::write_state(
+        &paths.part_state(r),
+        &replica_state(
+            &job.ident,
+            outcome.total,
+            &counts,
+            t0.elapsed().as_secs_f64(),
+            complete,
+        ),
+    )?;
+    Ok(Share {
+        total: outcome.total,
+        interrupted: outcome.interrupted,
+        errors: counts.errors,
+        ignored: Some(outcome.ignored),
+    })
+}
+
+/// World leader, after every replica stopped: merge the parts when all are complete, report,
+/// and end with the job's code.
+fn merge_and_report(
+    args: &BatchArgs,
+    job: &Job,
+    total: u64,
+    ignored: Option<&Tally>,
+) -> Result<()> {
+    let (paths, dp) = (&job.paths, job.dp);
     let mut states = Vec::with_capacity(dp);
     for k in 0..dp {
         let st = state::read_state(&paths.part_state(k))?.ok_or_else(|| {
@@ -308,14 +475,14 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
         let total = states.iter().map(|s| u(s, "total")).max().unwrap_or(total);
         let extra = input::extra_columns(
             &args.input,
-            format,
+            job.format,
             args.prompt_column.as_deref(),
             args.id_column.as_deref(),
         )?;
-        merge(&paths, dp, total, out_format, extra.as_deref())?;
+        merge(paths, dp, total, job.out_format, extra.as_deref())?;
         state::write_state(
             &paths.final_state(),
-            &json!({"identity": ident, "complete": true, "records": total, "errors": errors}),
+            &json!({"identity": job.ident, "complete": true, "records": total, "errors": errors}),
         )?;
         for k in 0..dp {
             let _ = std::fs::remove_file(paths.part(k));
@@ -323,7 +490,6 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
         }
     }
     report(args, &states, all_done, records, errors)?;
-    // This replica read every record of the run (each replica does, for the duplicate check).
     if let Some(t) = ignored {
         t.warn(&args.served_model(), args.strict);
     }
@@ -349,19 +515,10 @@ fn finish_code(args: &BatchArgs, interrupted: bool, errors: u64) -> Result<()> {
     Ok(())
 }
 
-/// SIGTERM/SIGINT set the flag; a second one exits at once with the interrupted code.
+/// A stop signal sets the flag; a second one exits at once with the interrupted code.
 fn install_signals() -> Result<Arc<AtomicBool>> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [SIGTERM, SIGINT] {
-        // Registered first, so it sees the flag as it was before this signal.
-        signal_hook::flag::register_conditional_shutdown(
-            sig,
-            exit::INTERRUPTED,
-            Arc::clone(&stop),
-        )?;
-        signal_hook::flag::register(sig, Arc::clone(&stop))?;
-    }
+    signals::on_stop_then_exit(&stop, exit::INTERRUPTED)?;
     Ok(stop)
 }
 

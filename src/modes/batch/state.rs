@@ -5,6 +5,7 @@
 //! and the records before it count as done. `OUT.part-r.state` remembers what produced the part
 //! (input identity, model, parameters) so a resume with different settings is refused, and
 //! whether the replica finished. After the merge `OUT.state` marks the whole output complete.
+//! `OUT.lock` is held by the run writing the output ([`OutputLock`]).
 //!
 //! Part lines: `{"i":INDEX,"e":0|1,"r":RECORD}` (record number, error flag, the output record).
 
@@ -39,6 +40,10 @@ impl Paths {
     }
     pub fn merge_tmp(&self) -> PathBuf {
         self.with_suffix(".merging")
+    }
+    /// Held by the run writing this output (see [`OutputLock`]).
+    pub fn lock(&self) -> PathBuf {
+        self.with_suffix(".lock")
     }
 }
 
@@ -260,6 +265,127 @@ impl PartWriter {
     }
 }
 
+/// The advisory lock on an output: `OUT.lock`, held with flock(2) by the world leader for the
+/// whole run, the holder written in it for the message a second run gives. The kernel drops the
+/// lock when the process ends, however it ends (kill -9 included): nothing stale is left, and a
+/// lock file without a holder is simply taken over. Removed when the run ends.
+///
+/// Shared file systems: on Linux NFS clients flock is carried out as a POSIX lock on the server
+/// (NLM for NFSv3, part of the protocol in v4), so it holds across nodes (unless mounted with
+/// `nolock` / `local_lock=flock`: then it holds within one node). Lustre needs the `flock` mount
+/// option for that (`localflock`: one node only); without either it refuses locks, and herd
+/// warns and runs without one. BeeGFS and GPFS lock across nodes.
+pub struct OutputLock {
+    file: File,
+    path: PathBuf,
+}
+
+/// What [`OutputLock::acquire`] found.
+pub enum Lock {
+    /// This process holds the lock until the value is dropped.
+    Held(OutputLock),
+    /// Another process holds it; what it wrote about itself ("host H, pid P, ...").
+    Busy(String),
+    /// The file system does not do locks (the error it gave).
+    Unsupported(std::io::Error),
+}
+
+impl OutputLock {
+    /// Try once, without waiting. `holder` (JSON) is written into the file for others to read.
+    pub fn acquire(path: &Path, holder: &Value) -> Result<Lock> {
+        let ctx = || format!("locking {}", path.display());
+        loop {
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .with_context(ctx)?;
+            if let Err(e) = try_flock(&file) {
+                return match e.raw_os_error() {
+                    Some(libc::EWOULDBLOCK) => {
+                        let mut text = String::new();
+                        let _ = file.read_to_string(&mut text);
+                        Ok(Lock::Busy(describe_holder(&text)))
+                    }
+                    Some(libc::ENOSYS | libc::ENOLCK | libc::EOPNOTSUPP) => {
+                        Ok(Lock::Unsupported(e))
+                    }
+                    _ => Err(e).with_context(ctx),
+                };
+            }
+            // A holder that just finished removes the file before its lock goes: what we locked
+            // may no longer be the file at `path`. Lock the one there.
+            if !same_file(&file, path) {
+                continue;
+            }
+            file.set_len(0).with_context(ctx)?;
+            file.write_all(format!("{holder}\n").as_bytes())
+                .with_context(ctx)?;
+            return Ok(Lock::Held(OutputLock {
+                file,
+                path: path.to_path_buf(),
+            }));
+        }
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while still locked, so nobody locks this file after us (see `acquire`).
+        let _ = std::fs::remove_file(&self.path);
+        let _ = self.file.set_len(0);
+    }
+}
+
+fn try_flock(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this File owns; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// "host H, pid P, Slurm job J, running for 5 min" from a lock file's JSON (what the holder
+/// wrote: `host`, `pid`, `slurm_job` when under Slurm, `started` in Unix seconds).
+fn describe_holder(text: &str) -> String {
+    let Ok(v) = serde_json::from_str::<Value>(text.trim()) else {
+        return "it has not written its host and pid yet".into();
+    };
+    let mut s = format!(
+        "host {}, pid {}",
+        v["host"].as_str().unwrap_or("?"),
+        v["pid"]
+    );
+    if let Some(job) = v["slurm_job"].as_str() {
+        s += &format!(", Slurm job {job}");
+    }
+    if let Some(t) = v["started"].as_u64() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(t, |d| d.as_secs());
+        let secs = now.saturating_sub(t);
+        s += &if secs < 120 {
+            format!(", running for {secs} s")
+        } else {
+            format!(", running for {} min", secs / 60)
+        };
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +398,34 @@ mod tests {
         assert_eq!((i, e), (42, true));
         assert_eq!(serde_json::from_str::<Value>(r).unwrap(), rec);
         assert!(parse_part_line("{\"i\":4,\"e\":0,\"r\":{\"id\"").is_none());
+    }
+
+    #[test]
+    fn the_output_lock_is_exclusive_and_a_free_lock_file_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("o.jsonl.lock");
+        // What a killed holder leaves behind: the file, without the lock.
+        std::fs::write(&p, "{\"host\":\"gone\",\"pid\":1}\n").unwrap();
+        let me = json!({"host": "h1", "pid": 42, "slurm_job": "7", "started": 0});
+        let Lock::Held(held) = OutputLock::acquire(&p, &me).unwrap() else {
+            panic!("a lock file nobody holds is free");
+        };
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), me);
+        // flock belongs to the open file: a second open in the same process is refused too.
+        match OutputLock::acquire(&p, &json!({})).unwrap() {
+            Lock::Busy(who) => assert!(
+                who.starts_with("host h1, pid 42, Slurm job 7, running for"),
+                "{who}"
+            ),
+            _ => panic!("the lock is held"),
+        }
+        drop(held);
+        assert!(!p.exists());
+        assert!(matches!(
+            OutputLock::acquire(&p, &me).unwrap(),
+            Lock::Held(_)
+        ));
     }
 
     #[test]

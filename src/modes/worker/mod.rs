@@ -40,8 +40,8 @@ pub struct WorkerArgs {
     /// Most progress updates per second per job.
     #[arg(long, default_value_t = 5.0)]
     pub progress_rate: f64,
-    /// Seconds running jobs get to finish after SIGTERM before they are aborted (Slurm sends
-    /// SIGKILL 30 s after SIGTERM by default).
+    /// Seconds running jobs get to finish after SIGTERM (or SIGUSR1, SIGUSR2, Ctrl-C) before they
+    /// are aborted (Slurm sends SIGKILL 30 s after SIGTERM by default).
     #[arg(long, default_value_t = 25.0)]
     pub shutdown_grace: f64,
     /// Seconds to keep trying to reach the server at start before giving up.
@@ -124,10 +124,10 @@ impl WorkerArgs {
 
 pub fn run(args: WorkerArgs) -> Result<()> {
     let url = args.api_server.trim_end_matches('/').to_string();
-    // Registered first: a SIGTERM during the (long) load must not kill the process half-way.
+    // Registered first: a stop signal during the (long) load must not kill the process half-way.
+    // SIGUSR1/SIGUSR2 too: mpirun forwards those to every rank (see modes::signals).
     let term = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGINT, term.clone())?;
+    super::signals::on_stop(&term)?;
 
     let cluster = crate::parallel::cluster();
     let world = cluster.world(args.model.tp).map_err(anyhow::Error::msg)?;
