@@ -920,3 +920,24 @@ fn record_chunks_concatenate_to_the_whole_run() {
         assert_eq!(code, 2, "{bad}: {err}");
     }
 }
+
+#[test]
+fn quiet_leaves_out_progress_lines_but_keeps_the_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let inp = seeded_input(dir.path(), 6, 3);
+    let m = llama30();
+    for quiet in [false, true] {
+        let out = dir.path().join(format!("out-{quiet}.jsonl"));
+        let mut args = vec!["--model", m.as_str(), "--log-interval", "0.000001"];
+        if quiet {
+            args.push("--quiet");
+        }
+        let (code, err) = run(batch_cmd(&inp, &out, &args));
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(err.contains("/6 records ("), !quiet, "quiet {quiet}: {err}");
+        assert!(
+            err.contains("batch done: 6 records"),
+            "quiet {quiet}: {err}"
+        );
+    }
+}

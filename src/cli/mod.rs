@@ -22,8 +22,8 @@ pub struct Cli {
 /// Logging flags, taken by every command.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct LogArgs {
-    /// Log warnings and errors only (RUST_LOG is ignored). Batch's progress and summary are its
-    /// report, not logs (--log-interval 0: no progress lines).
+    /// Log warnings and errors only (RUST_LOG is ignored), and no progress bar or progress lines;
+    /// batch's one-line summary at the end stays (it is the job's report).
     #[arg(long, global = true, conflicts_with = "log_level")]
     pub quiet: bool,
     /// Log level of every rank: error, warn, info, debug or trace (RUST_LOG is ignored). Without it
@@ -93,6 +93,7 @@ impl Command {
 /// else RUST_LOG, else info on world rank 0 and errors only on the other ranks, so that a job's
 /// log reads like one process's.
 pub fn init_logging(log: &LogArgs) {
+    modes::set_quiet(log.quiet);
     let leader = crate::parallel::cluster().world_rank == 0;
     let default = if leader { "info" } else { "error" };
     let flag = match (&log.log_level, log.quiet) {

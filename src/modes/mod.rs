@@ -17,7 +17,21 @@ use std::path::Path;
 
 use anyhow::Result;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use crate::engine::SamplingParams;
+
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// `--quiet`: besides logs, no progress output (batch's bar and periodic lines); set once by cli.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// Whether `--quiet` was given.
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
 use crate::exit;
 
 /// A model's name for the outside world (the AIME server, OpenAI answers): a checkpoint

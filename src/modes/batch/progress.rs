@@ -39,6 +39,7 @@ pub fn label(dp: usize, r: usize) -> String {
 impl Progress {
     /// `total`: records this replica owns; `enabled`: this rank reports.
     pub fn new(total: u64, done: u64, enabled: bool, log_interval: f64, label: String) -> Progress {
+        let enabled = enabled && !crate::modes::quiet();
         let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let bar = (enabled && tty).then(|| {
             let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
