@@ -17,6 +17,8 @@
 
 #include <algorithm>
 #include <cinttypes>
+#include <ctime>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <string>
@@ -188,30 +190,32 @@ void poison_shared() {
 }
 
 // ---- Fibers ----
+// A fiber that stops (barrier, warp operation, exit, fault) does the scheduler's bookkeeping
+// itself and switches straight to the next ready fiber: one switch per stop. Only a finished or
+// failed block switches back to the launch.
+void handoff(Fiber* f);
+
 void fiber_main(void* p) {
     Fiber* f = (Fiber*)p;
     g_blk.def->call(g_blk.args);
     f->state = emu_rt::EXITED;
-    emu_fiber_switch(&f->sp, g_sched_sp);
+    handoff(f);
     __builtin_trap();  // an exited fiber is never resumed
 }
 
 void fiber_init(Fiber* f, unsigned i) {
     char* top = g_stacks + (size_t)(i + 1) * (STACK + page_size());
+    // emu_fiber_switch pops r15 r14 r13 r12 rbx rbp, then returns into emu_fiber_start with
+    // the stack 16-byte aligned (so the entry sees the ABI's alignment after its call).
     uintptr_t a = ((uintptr_t)top - 64) & ~(uintptr_t)15;
-    uint64_t* sp = (uint64_t*)(a - 64);
-    uint32_t mxcsr;
-    uint16_t fpucw;
-    __asm__ __volatile__("stmxcsr %0" : "=m"(mxcsr));
-    __asm__ __volatile__("fnstcw %0" : "=m"(fpucw));
-    sp[0] = (uint64_t)mxcsr | ((uint64_t)fpucw << 32);
-    sp[1] = 0;                          // r15
-    sp[2] = 0;                          // r14
-    sp[3] = (uint64_t)(void*)&fiber_main;  // r13: entry
-    sp[4] = (uint64_t)f;                // r12: its argument
-    sp[5] = 0;                          // rbx
-    sp[6] = 0;                          // rbp
-    sp[7] = (uint64_t)(void*)&emu_fiber_start;
+    uint64_t* sp = (uint64_t*)(a - 56);
+    sp[0] = 0;                             // r15
+    sp[1] = 0;                             // r14
+    sp[2] = (uint64_t)(void*)&fiber_main;  // r13: entry
+    sp[3] = (uint64_t)f;                   // r12: its argument
+    sp[4] = 0;                             // rbx
+    sp[5] = 0;                             // rbp
+    sp[6] = (uint64_t)(void*)&emu_fiber_start;
     f->sp = sp;
 }
 
@@ -229,8 +233,8 @@ void alloc_stacks() {
     for (unsigned i = 0; i < MAX_THREADS; i++) mprotect(g_stacks + i * per, page_size(), PROT_NONE);
 }
 
-// Back to the scheduler (the fiber's state says why).
-inline void yield(Fiber* f) { emu_fiber_switch(&f->sp, g_sched_sp); }
+// The fiber stops (its state says why) until the scheduler resumes it.
+inline void yield(Fiber* f) { handoff(f); }
 
 std::string where(const char* file, int line) {
     const char* base = strrchr(file, '/');
@@ -334,14 +338,15 @@ void release_barrier() {
 
 // Every lane named in the mask has arrived: compute the results, resume them shuffled.
 void release_warp(unsigned w) {
-    std::vector<Fiber*> lanes(32, nullptr);
+    Fiber* lanes[32] = {};
     const Fiber* first = nullptr;
+    Fiber* base = &g_blk.fibers[w * 32];
     for (unsigned l = 0; l < g_blk.warp_size[w]; l++) {
-        Fiber& f = g_blk.fibers[w * 32 + l];
+        Fiber& f = base[l];
         if (f.state != emu_rt::AT_WARP) continue;
         if (!first) first = &f;
         if (f.mask != first->mask || f.mode != first->mode || f.line != first->line ||
-            strcmp(f.file, first->file) != 0) {
+            (f.file != first->file && strcmp(f.file, first->file) != 0)) {
             char msg[256];
             snprintf(msg, sizeof msg,
                      "divergent warp %u: lane %u waits at a warp operation at %s (mask 0x%08x), lane %u at %s "
@@ -353,7 +358,7 @@ void release_warp(unsigned w) {
         }
         lanes[l] = &f;
     }
-    std::vector<unsigned> order;
+    unsigned order[32], n = 0;
     for (unsigned l = 0; l < 32; l++) {
         Fiber* f = lanes[l];
         if (!f) continue;
@@ -372,12 +377,12 @@ void release_warp(unsigned w) {
         }
         // A source lane outside the mask gives an undefined value on a GPU: poison.
         f->res = (src >= 0 && src < 32 && lanes[src]) ? lanes[src]->val : ~0ull;
-        order.push_back(l);
+        order[n++] = l;
     }
-    shuffle(order);
-    for (unsigned l : order) {
-        lanes[l]->state = emu_rt::READY;
-        g_blk.ready.push_back(w * 32 + l);
+    for (unsigned i = n; i > 1; i--) std::swap(order[i - 1], order[rng().next() % i]);
+    for (unsigned i = 0; i < n; i++) {
+        lanes[order[i]]->state = emu_rt::READY;
+        g_blk.ready.push_back(w * 32 + order[i]);
     }
     g_blk.warp_waiting[w] = 0;
 }
@@ -440,38 +445,49 @@ void run_block(unsigned nthreads) {
         b.ready.push_back(i);
     }
     shuffle(b.ready);
-    while (b.live > 0 && b.error.empty()) {
-        if (b.head == b.ready.size()) {
-            diagnose_deadlock();
+    Fiber& f = b.fibers[b.ready[b.head++]];
+    f.state = emu_rt::RUNNING;
+    emu_rt::g_cur = &f;
+    emu_fiber_switch(&g_sched_sp, f.sp);
+    emu_rt::g_cur = nullptr;
+}
+
+void handoff(Fiber* f) {
+    Block& b = g_blk;
+    switch (f->state) {
+        case emu_rt::EXITED:
+            b.live--;
+            if (b.at_barrier && b.at_barrier == b.live) release_barrier();
+            break;
+        case emu_rt::AT_BARRIER:
+            if (++b.at_barrier == b.live) release_barrier();
+            break;
+        case emu_rt::AT_WARP: {
+            unsigned need = f->mask == 0xffffffffu ? 32 : (unsigned)__builtin_popcount(f->mask);
+            if (++b.warp_waiting[f->warp] == need) release_warp(f->warp);
             break;
         }
-        unsigned i = b.ready[b.head++];
-        if (b.head > 4096 && b.head * 2 > b.ready.size()) {
-            b.ready.erase(b.ready.begin(), b.ready.begin() + b.head);
-            b.head = 0;
-        }
-        Fiber& f = b.fibers[i];
-        f.state = emu_rt::RUNNING;
-        emu_rt::g_cur = &f;
-        emu_fiber_switch(&g_sched_sp, f.sp);
-        emu_rt::g_cur = nullptr;
-        switch (f.state) {
-            case emu_rt::EXITED:
-                b.live--;
-                if (b.at_barrier && b.at_barrier == b.live) release_barrier();
-                break;
-            case emu_rt::AT_BARRIER:
-                if (++b.at_barrier == b.live) release_barrier();
-                break;
-            case emu_rt::AT_WARP:
-                if (++b.warp_waiting[f.warp] == (unsigned)__builtin_popcount(f.mask)) release_warp(f.warp);
-                break;
-            case emu_rt::FAULTED:
-                break;  // b.error is set
-            default:
-                fail("a thread stopped in an unexpected state (scheduler bug)");
-        }
+        case emu_rt::FAULTED:
+            break;  // b.error is set
+        default:
+            fail("a thread stopped in an unexpected state (scheduler bug)");
     }
+    if (b.error.empty() && b.live > 0 && b.head == b.ready.size()) diagnose_deadlock();
+    if (!b.error.empty() || b.live == 0) {
+        // The block is over (or failed): back to the launch; this fiber is abandoned.
+        emu_rt::g_cur = nullptr;
+        emu_fiber_switch(&f->sp, g_sched_sp);
+        __builtin_trap();
+    }
+    unsigned i = b.ready[b.head++];
+    if (b.head > 4096 && b.head * 2 > b.ready.size()) {
+        b.ready.erase(b.ready.begin(), b.ready.begin() + b.head);
+        b.head = 0;
+    }
+    Fiber* n = &b.fibers[i];
+    n->state = emu_rt::RUNNING;
+    emu_rt::g_cur = n;
+    if (n != f) emu_fiber_switch(&f->sp, n->sp);
 }
 
 std::string dims(Dim3 d) {
@@ -480,7 +496,37 @@ std::string dims(Dim3 d) {
 
 }  // namespace
 
+namespace {
+// CUDA_EMU_PROFILE=1: host time per kernel at exit (where the emulator spends its time; never a
+// statement about a GPU).
+struct Profile {
+    std::map<std::string, std::pair<uint64_t, double>> by_kernel;
+    ~Profile() {
+        const char* v = getenv("CUDA_EMU_PROFILE");
+        if (!v || !*v || by_kernel.empty()) return;
+        for (auto& kv : by_kernel)
+            say("profile: %-22s %8" PRIu64 " launches %10.1f ms (CPU time of the emulation)", kv.first.c_str(),
+                kv.second.first, kv.second.second);
+    }
+} g_profile;
+double cpu_ms() {
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+struct Timer {
+    const char* name;
+    double t0 = cpu_ms();
+    ~Timer() {
+        auto& e = g_profile.by_kernel[name];
+        e.first++;
+        e.second += cpu_ms() - t0;
+    }
+};
+}  // namespace
+
 int launch(Function* fn, Dim3 grid, Dim3 block, unsigned dyn_smem, void** params) {
+    Timer timer{fn->def->name};
     const KernelDef* def = fn->def;
     const PtxEntry& e = fn->entry;
     const char* name = def->name;

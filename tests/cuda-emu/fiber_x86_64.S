@@ -1,7 +1,8 @@
-# Fiber context switch for x86-64 System V: save the callee-saved registers, the SSE control
-# word and the x87 control word on the current stack, store the stack pointer, load the other
-# one and restore its registers. A few nanoseconds, no system call (glibc's swapcontext makes a
-# sigprocmask syscall per switch).
+# Fiber context switch for x86-64 System V: save the callee-saved registers on the current
+# stack, store the stack pointer, load the other one and restore its registers. A few
+# nanoseconds, no system call (glibc's swapcontext makes a sigprocmask syscall per switch). The
+# SSE/x87 control words are not switched: every fiber runs with the launching thread's (no
+# kernel changes the rounding mode).
 
     .text
     .globl emu_fiber_switch
@@ -15,14 +16,8 @@ emu_fiber_switch:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
