@@ -87,7 +87,8 @@ static uint64_t env_u64(const char* name, uint64_t dflt) {
 }
 
 const Config& config() {
-    static Config c = [] {
+    // Never destroyed: the exit-time stats writer still reads it.
+    static const Config& c = *new Config([] {
         Config c;
         const char* gb = getenv("CUDA_EMU_MEMORY_GB");
         double g = 4.0;
@@ -105,7 +106,7 @@ const Config& config() {
         const char* s = getenv("CUDA_EMU_STATS");
         if (s) c.stats_path = s;
         return c;
-    }();
+    }());
     return c;
 }
 
