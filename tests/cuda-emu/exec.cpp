@@ -587,6 +587,19 @@ int launch(Function* fn, Dim3 grid, Dim3 block, unsigned dyn_smem, void** params
         ptrs.push_back(p);
     }
 
+    // CUDA_EMU_FAULT=KERNEL[:N]: the Nth launch of KERNEL (default the first) faults as if it had
+    // touched a bad address, to test how the program handles a kernel fault.
+    static const char* inject = getenv("CUDA_EMU_FAULT");
+    static unsigned long inject_n = 0;
+    if (inject && *inject) {
+        std::string spec(inject), kname = spec.substr(0, spec.find(':'));
+        unsigned long nth = spec.find(':') == std::string::npos ? 1 : strtoul(spec.c_str() + spec.find(':') + 1, nullptr, 10);
+        if (kname == name && ++inject_n == nth) {
+            say("kernel %s (%s): illegal address (injected by CUDA_EMU_FAULT=%s)", name, geom.c_str(), inject);
+            set_sticky(ILLEGAL_ADDRESS);
+            return OK;
+        }
+    }
     install_handlers();
     alloc_stacks();
     g_blk.def = def;
