@@ -327,6 +327,51 @@ fn fixtures_on_the_emulated_device_match_the_cpu_backend() {
     }
 }
 
+// ---------------------------------------------------------------- failures herd must report
+
+/// A kernel that faults (CUDA_EMU_FAULT: the third add_rmsnorm launch touches a bad address, as a
+/// bug would) makes the context's error sticky. herd must stop with an error that says so and
+/// names the kernel, not panic at the next allocation with "the memory plan underestimated the
+/// activations" (what it did before).
+#[test]
+fn a_kernel_fault_is_an_error_naming_the_kernel_not_a_panic() {
+    let m = common::fixture("models/llama31/hf")
+        .to_string_lossy()
+        .into_owned();
+    let o = herd_emu(
+        &[
+            "generate",
+            "--model",
+            &m,
+            "--device",
+            "cuda",
+            "--kv-cache-gb",
+            "0.05",
+            "--prompt-token-ids",
+            "1,17,33",
+            "--max-tokens",
+            "2",
+            "--json",
+        ],
+        &[("CUDA_EMU_FAULT", "add_rmsnorm:3")],
+    );
+    assert!(
+        o.code != 0 && o.code != 101,
+        "exit {}:\n{}",
+        o.code,
+        o.all()
+    );
+    assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+    assert!(!o.stderr.contains("memory plan"), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("an illegal memory access was encountered")
+            && o.stderr.contains("the last launched: add_rmsnorm"),
+        "{}",
+        o.stderr
+    );
+}
+
 // ---------------------------------------------------------------- NCCL across MPI ranks
 
 fn mpirun_emu(np: usize, args: &[&str], env: &[(&str, &str)]) -> Out {
