@@ -169,6 +169,15 @@ fn a_kernel_missing_one_syncthreads_fails_the_selftest() {
         "{}",
         o.all()
     );
+    // The model checks see the NaN log-probs too (f64::max used to drop NaN, and only the greedy
+    // token check failed).
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("tiny model [bf16]: top-20 log-probs") && l.contains("FAIL")),
+        "{}",
+        o.all()
+    );
     // Kernels that do not use the removed barrier still pass.
     for ok in [
         "embed_gather",
