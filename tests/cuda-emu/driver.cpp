@@ -111,6 +111,8 @@ const char* kind_name(ParamKind k) {
 
 }  // namespace
 
+int emu::current_device() { return t_current && t_current->refs > 0 ? t_current->device : -1; }
+
 // ---------------------------------------------------------------- init, version, errors
 EXPORT int cuInit(unsigned flags) {
     API(cuInit);

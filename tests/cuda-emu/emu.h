@@ -139,6 +139,9 @@ struct Function {
 // fault (already made sticky and reported).
 int launch(Function* f, Dim3 grid, Dim3 block, unsigned dyn_smem, void** params);
 
+// The device of the calling thread's current context (-1: none), as cudaGetDevice tells NCCL.
+int current_device();
+
 // ---- Host timing for events ----
 double now_ms();
 

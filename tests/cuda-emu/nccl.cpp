@@ -60,6 +60,9 @@ struct Header {
     std::atomic<uint32_t> attached;
     std::atomic<int32_t> failed;  // a rank gave up: the others stop waiting
     OpDesc ops[MAX_RANKS];
+    // Where each rank runs: NCCL refuses two ranks of one communicator on one GPU.
+    int32_t device[MAX_RANKS];
+    char host[MAX_RANKS][64];
 };
 
 struct Comm {
@@ -331,11 +334,26 @@ EXPORT int ncclCommInitRank(Comm** out, int nranks, UniqueId id, int rank) {
     }
     Comm* c = new Comm{rank, nranks, h, (char*)m + sizeof(Header), len};
     c->name = name;
+    h->device[rank] = current_device();
+    gethostname(h->host[rank], sizeof h->host[rank] - 1);
     if (!barrier(c, "ncclCommInitRank")) {
         munmap(m, len);
         delete c;
         return ncclSystemError;
     }
+    // As NCCL: "Duplicate GPU detected" when two ranks share a device on one host (every rank
+    // sees every pair, so all of them fail together).
+    for (int a = 0; a < nranks; a++)
+        for (int b = a + 1; b < nranks; b++) {
+            if (h->device[a] != h->device[b] || strcmp(h->host[a], h->host[b]) != 0) continue;
+            if (rank == a || rank == b)
+                say("%s: Duplicate GPU detected : rank %d and rank %d both on CUDA device %d of %s", fn, a, b,
+                    h->device[a], h->host[a]);
+            if (rank == 0) shm_unlink(name.c_str());
+            munmap(m, len);
+            delete c;
+            return ncclInvalidUsage;
+        }
     // Everyone has it mapped: the name can go (no file is left behind, even after a crash).
     if (rank == 0) shm_unlink(name.c_str());
     g_comms.insert(c);
