@@ -383,6 +383,19 @@ fn a_kernel_fault_is_an_error_naming_the_kernel_not_a_panic() {
 
 // ---------------------------------------------------------------- NCCL across MPI ranks
 
+/// As tests/mpi.rs: a build without MPI fails these tests unless HERD_NO_MPI=1 says this
+/// machine has no MPI (then they say "skipped").
+fn mpi_available() -> bool {
+    if cfg!(feature = "mpi") {
+        return true;
+    }
+    if std::env::var("HERD_NO_MPI").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: HERD_NO_MPI=1");
+        return false;
+    }
+    panic!("needs a build with MPI: cargo test --features mpi (or HERD_NO_MPI=1)");
+}
+
 fn mpirun_emu(np: usize, args: &[&str], env: &[(&str, &str)]) -> Out {
     let np = np.to_string();
     let mut full = vec!["-np", np.as_str(), "--oversubscribe", "--bind-to", "none"];
@@ -449,13 +462,8 @@ fn max_logprob_diff(a: &Value, b: &Value) -> f64 {
 /// all-gather across the ranks through the emulator's shared memory) give the tp 1 result.
 #[test]
 fn tensor_parallel_on_the_emulated_device_equals_one_rank() {
-    // As tests/mpi.rs: a build without MPI fails here unless HERD_NO_MPI=1 says there is none.
-    if !cfg!(feature = "mpi") {
-        if std::env::var("HERD_NO_MPI").is_ok_and(|v| v == "1") {
-            eprintln!("skipped: HERD_NO_MPI=1");
-            return;
-        }
-        panic!("needs a build with MPI: cargo test --features mpi (or HERD_NO_MPI=1)");
+    if !mpi_available() {
+        return;
     }
     for (model, np) in [
         ("llama31/hf", 2usize),
@@ -493,6 +501,31 @@ fn tensor_parallel_on_the_emulated_device_equals_one_rank() {
             );
         }
     }
+}
+
+/// Two ranks of one replica on a node with one GPU would share it; NCCL refuses that with
+/// "Duplicate GPU detected" (ncclInvalidUsage, all herd used to report). herd must say what is
+/// wrong and what to do, on every rank, before NCCL is tried.
+#[test]
+fn two_ranks_of_a_replica_on_one_gpu_are_refused_clearly() {
+    if !mpi_available() {
+        return;
+    }
+    let m = common::fixture("models/llama31/hf")
+        .to_string_lossy()
+        .into_owned();
+    let o = mpirun_emu(
+        2,
+        &generate_args(&m, "2", "bf16"),
+        &[("CUDA_EMU_DEVICES", "1")],
+    );
+    assert_ne!(o.code, 0, "{}", o.all());
+    assert!(
+        o.stderr.contains("would share GPU 0") && o.stderr.contains("one GPU per rank"),
+        "{}",
+        o.all()
+    );
+    assert!(!o.stderr.contains("ncclInvalidUsage"), "{}", o.all());
 }
 
 // ---------------------------------------------------------------- batch mode, call counts

@@ -73,6 +73,31 @@ impl NcclComm {
                 missing[0] as usize
             )));
         }
+        // More ranks on a node than GPUs puts two ranks of this group on one GPU, which NCCL
+        // refuses with "Duplicate GPU detected": say so in herd's terms, on every rank, first.
+        let ordinal = stream.context().ordinal();
+        let node = crate::parallel::cluster().node;
+        let mut ords = vec![0f32; size];
+        let mut nodes = vec![0f32; size];
+        ords[rank] = (ordinal + 1) as f32;
+        nodes[rank] = (node + 1) as f32;
+        host.all_reduce_sum(&mut ords).map_err(comm_err)?;
+        host.all_reduce_sum(&mut nodes).map_err(comm_err)?;
+        for a in 0..size {
+            for b in a + 1..size {
+                if ords[a] == ords[b] && nodes[a] == nodes[b] {
+                    let gpus = super::device_count().unwrap_or(0);
+                    return Err(BackendError::Unsupported(format!(
+                        "tensor-parallel ranks {a} and {b} of this replica would share GPU {} of \
+                         their node ({gpus} GPU(s) there for {} local ranks): NCCL needs one GPU \
+                         per rank. Start at most one rank per GPU on each node (mpirun \
+                         --map-by ppr:{gpus}:node, srun --ntasks-per-node={gpus})",
+                        ords[a] as usize - 1,
+                        crate::parallel::cluster().local_size,
+                    )));
+                }
+            }
+        }
         // The leader sends an empty id when it could not make one: the peers fail with it.
         let mut bytes = Vec::new();
         let mut made = Ok(());
