@@ -376,7 +376,11 @@ EXPORT int ncclCommDestroy(Comm* c) {
 
 EXPORT int ncclCommAbort(Comm* c) {
     API(ncclCommAbort);
-    return destroy(c, "ncclCommAbort");
+    int r = destroy(c, "ncclCommAbort");
+    // NCCL frees the communicator, but reports the CUDA error it met doing so (a faulted
+    // context's streams cannot be synchronized).
+    if (r == ncclSuccess && sticky()) return ncclUnhandledCudaError;
+    return r;
 }
 
 EXPORT int ncclCommFinalize(Comm* c) {
