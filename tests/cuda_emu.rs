@@ -528,6 +528,36 @@ fn two_ranks_of_a_replica_on_one_gpu_are_refused_clearly() {
     assert!(!o.stderr.contains("ncclInvalidUsage"), "{}", o.all());
 }
 
+/// A kernel fault at tp 2: dropping the NCCL communicator after the error used cudarc's Comm,
+/// whose Drop panics when ncclCommAbort reports the CUDA error ("Error when aborting Comm."),
+/// and that panic replaced the real message. The error must be what every rank reports.
+#[test]
+fn a_kernel_fault_at_tp2_is_reported_not_hidden_by_a_panic_in_drop() {
+    if !mpi_available() {
+        return;
+    }
+    let m = common::fixture("models/llama31/hf")
+        .to_string_lossy()
+        .into_owned();
+    let o = mpirun_emu(
+        2,
+        &generate_args(&m, "2", "bf16"),
+        &[
+            ("CUDA_EMU_DEVICES", "2"),
+            ("CUDA_EMU_FAULT", "attn_partial_bf16"),
+        ],
+    );
+    assert_ne!(o.code, 0, "{}", o.all());
+    assert!(!o.stderr.contains("panicked"), "{}", o.all());
+    assert!(
+        o.stderr
+            .contains("an illegal memory access was encountered")
+            && o.stderr.contains("attn_partial_bf16"),
+        "{}",
+        o.all()
+    );
+}
+
 // ---------------------------------------------------------------- batch mode, call counts
 
 struct KillOnDrop(Child);
