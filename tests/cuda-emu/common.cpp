@@ -168,7 +168,8 @@ struct StatsWriter {
             fprintf(f, "%s\"%s\": %llu", first ? "" : ", ", c->name, (unsigned long long)c->n);
             first = false;
         }
-        fprintf(f, "}}\n");
+        fprintf(f, "}, \"peak_device_bytes\": %llu, \"device_bytes\": %llu}\n", (unsigned long long)mem_peak(),
+                (unsigned long long)config().total_bytes);
         fclose(f);
     }
 } g_stats_writer;

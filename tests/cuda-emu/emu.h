@@ -87,6 +87,7 @@ int mem_alloc(uintptr_t* out, size_t bytes, bool pooled);
 int mem_free(uintptr_t ptr, bool pooled);
 void mem_free_all();
 uint64_t mem_used();
+uint64_t mem_peak();  // most device memory in use at once (CUDA_EMU_STATS reports it)
 
 // Checks [p, p + bytes) lies in one live allocation. On failure returns false and fills `why`.
 bool mem_check(uintptr_t p, size_t bytes, std::string* why);

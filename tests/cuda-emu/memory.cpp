@@ -36,6 +36,7 @@ std::map<uintptr_t, Alloc> g_live;  // by base
 std::deque<Alloc> g_quarantine;     // freed, still reserved (PROT_NONE)
 std::map<uintptr_t, Freed> g_freed;  // recently freed ranges, for messages
 uint64_t g_used = 0;
+uint64_t g_peak = 0;
 uint64_t g_serial = 0;
 
 const Alloc* find_live(uintptr_t p) {
@@ -68,6 +69,7 @@ const Freed* find_freed(uintptr_t p) {
 }  // namespace
 
 uint64_t mem_used() { return g_used; }
+uint64_t mem_peak() { return g_peak; }
 
 int mem_alloc(uintptr_t* out, size_t bytes, bool pooled) {
     if (bytes == 0) {
@@ -104,6 +106,7 @@ int mem_alloc(uintptr_t* out, size_t bytes, bool pooled) {
     g_freed.erase(a.base);
     g_live[a.base] = a;
     g_used += bytes;
+    if (g_used > g_peak) g_peak = g_used;
     *out = a.base;
     return OK;
 }
