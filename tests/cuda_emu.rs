@@ -707,4 +707,7 @@ fn stats_count_every_api_call() {
         calls["cuMemcpyDtoHAsync_v2"].as_u64().unwrap_or(0) >= 4,
         "{v}"
     );
+    // The most device memory in use at once, within the device.
+    let peak = v["peak_device_bytes"].as_u64().unwrap_or(0);
+    assert!(peak > 0 && Some(peak) <= v["device_bytes"].as_u64(), "{v}");
 }
