@@ -123,6 +123,17 @@ fn module_load_checks_herds_ptx_against_the_kernels_it_runs() {
     probe("ptx-mismatch", ".entry embed_gather: the PTX parameters");
 }
 
+/// Issue 10's ground: stream capture records launches and copies, a graph replays them (twice,
+/// giving twice the effect), and what CUDA refuses in a capture is refused (the legacy NULL
+/// stream, a copy of pageable memory, a launch on the legacy stream meanwhile).
+#[test]
+fn stream_capture_and_graphs_replay_and_refuse_what_cuda_refuses() {
+    probe(
+        "graph",
+        "the legacy/per-thread default stream cannot be captured",
+    );
+}
+
 #[test]
 fn device_memory_is_bounded() {
     probe("out-of-memory", "cuMemAlloc of 0 bytes");

@@ -26,6 +26,7 @@ const char* result_name(int r) {
         case INVALID_PTX: return "CUDA_ERROR_INVALID_PTX";
         case INVALID_SOURCE: return "CUDA_ERROR_INVALID_SOURCE";
         case INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
+        case ILLEGAL_STATE: return "CUDA_ERROR_ILLEGAL_STATE";
         case NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
         case NOT_READY: return "CUDA_ERROR_NOT_READY";
         case ILLEGAL_ADDRESS: return "CUDA_ERROR_ILLEGAL_ADDRESS";
@@ -33,6 +34,8 @@ const char* result_name(int r) {
         case LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
         case NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
         case STREAM_CAPTURE_UNSUPPORTED: return "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED";
+        case STREAM_CAPTURE_INVALIDATED: return "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED";
+        case STREAM_CAPTURE_IMPLICIT: return "CUDA_ERROR_STREAM_CAPTURE_IMPLICIT";
         default: return "CUDA_ERROR_UNKNOWN";
     }
 }
@@ -51,6 +54,7 @@ const char* result_string(int r) {
         case INVALID_PTX: return "a PTX JIT compilation failed";
         case INVALID_SOURCE: return "device kernel image is invalid";
         case INVALID_HANDLE: return "invalid resource handle";
+        case ILLEGAL_STATE: return "the operation cannot be performed in the present state";
         case NOT_FOUND: return "named symbol not found";
         case NOT_READY: return "device not ready";
         case ILLEGAL_ADDRESS: return "an illegal memory access was encountered";
@@ -58,6 +62,8 @@ const char* result_string(int r) {
         case LAUNCH_FAILED: return "unspecified launch failure";
         case NOT_SUPPORTED: return "operation not supported";
         case STREAM_CAPTURE_UNSUPPORTED: return "operation not permitted when stream is capturing";
+        case STREAM_CAPTURE_INVALIDATED: return "operation failed due to a previous error during capture";
+        case STREAM_CAPTURE_IMPLICIT: return "operation would make the legacy stream depend on a capturing blocking stream";
         default: return "unknown error";
     }
 }

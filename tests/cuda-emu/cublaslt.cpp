@@ -167,6 +167,39 @@ float load(const void* p, uint32_t type, uint64_t i) {
     return f;
 }
 
+// D = alpha op(A) op(B) + beta C: op(A) as rows of k, op(B) as columns of k (both contiguous),
+// f32 accumulation.
+void matmul(const Desc* d, float al, const void* A, const Layout* a, const void* B, const Layout* b, float be,
+            const void* C, const Layout* c, void* D, const Layout* dd, Problem pr) {
+    const uint64_t m = pr.m, n = pr.n, k = pr.k;
+    const bool ta = d->transa != 0, tb = d->transb != 0;
+    std::vector<float> bcols(n * k);
+    for (uint64_t j = 0; j < n; j++)
+        for (uint64_t kk = 0; kk < k; kk++)
+            bcols[j * k + kk] = load(B, b->type, tb ? j + kk * (uint64_t)b->ld : kk + j * (uint64_t)b->ld);
+    const uint64_t TILE = 64;
+    std::vector<float> arows(TILE * k);
+    float* Dp = (float*)D;
+    const float* Cp = (const float*)C;
+    for (uint64_t i0 = 0; i0 < m; i0 += TILE) {
+        uint64_t i1 = i0 + TILE < m ? i0 + TILE : m;
+        for (uint64_t i = i0; i < i1; i++)
+            for (uint64_t kk = 0; kk < k; kk++)
+                arows[(i - i0) * k + kk] = load(A, a->type, ta ? kk + i * (uint64_t)a->ld : i + kk * (uint64_t)a->ld);
+        for (uint64_t j = 0; j < n; j++) {
+            const float* bc = &bcols[j * k];
+            for (uint64_t i = i0; i < i1; i++) {
+                const float* ar = &arows[(i - i0) * k];
+                float s = 0.0f;
+                for (uint64_t kk = 0; kk < k; kk++) s += ar[kk] * bc[kk];
+                float v = al * s;
+                if (be != 0.0f) v += be * Cp[i + j * (uint64_t)c->ld];
+                Dp[i + j * (uint64_t)dd->ld] = v;
+            }
+        }
+    }
+}
+
 }  // namespace
 
 EXPORT int cublasLtCreate(Handle** h) {
@@ -376,33 +409,17 @@ EXPORT int cublasLtMatmul(Handle* h, Desc* d, const void* alpha, const void* A, 
             dd->ld);
         return ST_INVALID_VALUE;
     }
-    // op(A) as rows of k, op(B) as columns of k (both contiguous), f32 accumulation.
-    const uint64_t m = pr.m, n = pr.n, k = pr.k;
-    const bool ta = d->transa != 0, tb = d->transb != 0;
-    std::vector<float> bcols(n * k);
-    for (uint64_t j = 0; j < n; j++)
-        for (uint64_t kk = 0; kk < k; kk++)
-            bcols[j * k + kk] = load(B, b->type, tb ? j + kk * (uint64_t)b->ld : kk + j * (uint64_t)b->ld);
-    const uint64_t TILE = 64;
-    std::vector<float> arows(TILE * k);
-    float* Dp = (float*)D;
-    const float* Cp = (const float*)C;
-    for (uint64_t i0 = 0; i0 < m; i0 += TILE) {
-        uint64_t i1 = i0 + TILE < m ? i0 + TILE : m;
-        for (uint64_t i = i0; i < i1; i++)
-            for (uint64_t kk = 0; kk < k; kk++)
-                arows[(i - i0) * k + kk] = load(A, a->type, ta ? kk + i * (uint64_t)a->ld : i + kk * (uint64_t)a->ld);
-        for (uint64_t j = 0; j < n; j++) {
-            const float* bc = &bcols[j * k];
-            for (uint64_t i = i0; i < i1; i++) {
-                const float* ar = &arows[(i - i0) * k];
-                float s = 0.0f;
-                for (uint64_t kk = 0; kk < k; kk++) s += ar[kk] * bc[kk];
-                float v = al * s;
-                if (be != 0.0f) v += be * Cp[i + j * (uint64_t)c->ld];
-                Dp[i + j * (uint64_t)dd->ld] = v;
-            }
-        }
-    }
-    return ST_SUCCESS;
+    // Run on the stream (now, or at every replay of a captured graph: with copies of the
+    // descriptors, which the caller may destroy once this returns).
+    Layout la = *a, lb = *b, lc = *c, ld = *dd;
+    Desc de = *d;
+    int r = enqueue(stream, fn, [=] {
+        // The operands may be gone by a replay.
+        if (!operand_ok(fn, 'A', A, &la) || !operand_ok(fn, 'B', B, &lb) || !operand_ok(fn, 'D', D, &ld) ||
+            (be != 0.0f && !operand_ok(fn, 'C', C, &lc)))
+            return (int)ILLEGAL_ADDRESS;
+        matmul(&de, al, A, &la, B, &lb, be, C, &lc, D, &ld, pr);
+        return (int)OK;
+    });
+    return r == OK ? ST_SUCCESS : ST_EXECUTION_FAILED;
 }

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <algorithm>
 #include <set>
 #include <string>
 
@@ -21,8 +22,27 @@ struct Ctx {
     int device;
     int refs;
 };
+// A captured graph's operations (shared by the graph and its executables) and the device memory
+// allocated inside the capture (owned until the last of them is destroyed).
+struct GraphData {
+    std::vector<std::function<int()>> ops;
+    std::vector<uintptr_t> allocs;
+    ~GraphData() {
+        for (uintptr_t a : allocs) mem_free(a, true);
+    }
+};
 struct Stream {
     unsigned flags;
+    bool capturing = false;
+    bool invalidated = false;
+    int mode = 0;  // CU_STREAM_CAPTURE_MODE_GLOBAL / THREAD_LOCAL / RELAXED
+    std::shared_ptr<GraphData> graph;
+};
+struct Graph {
+    std::shared_ptr<GraphData> data;
+};
+struct GraphExec {
+    std::shared_ptr<GraphData> data;
 };
 struct Event {
     unsigned flags;
@@ -37,6 +57,8 @@ typedef Stream* CUstream;
 typedef Event* CUevent;
 typedef Module* CUmodule;
 typedef Function* CUfunction;
+typedef Graph* CUgraph;
+typedef GraphExec* CUgraphExec;
 
 #define API(NAME)      \
     EMU_COUNT(#NAME);  \
@@ -52,6 +74,15 @@ std::set<Stream*> g_streams;
 std::set<Event*> g_events;
 std::set<Module*> g_modules;
 std::set<Function*> g_funcs;
+std::set<Graph*> g_graphs;
+std::set<GraphExec*> g_execs;
+std::map<uintptr_t, size_t> g_pinned;  // cuMemHostAlloc ranges
+int g_global_captures = 0;             // streams capturing in global mode
+
+void invalidate_captures() {
+    for (Stream* st : g_streams)
+        if (st->capturing && st->mode != 2) st->invalidated = true;
+}
 
 constexpr unsigned CU_EVENT_DISABLE_TIMING = 0x2;
 
@@ -99,6 +130,50 @@ int check_host_range(const char* fn, const void* p, size_t n) {
     }
     return OK;
 }
+
+}  // namespace
+
+namespace emu {
+
+bool is_pinned(const void* p, size_t n) {
+    auto it = g_pinned.upper_bound((uintptr_t)p);
+    if (it == g_pinned.begin()) return false;
+    --it;
+    return (uintptr_t)p >= it->first && (uintptr_t)p + n <= it->first + it->second;
+}
+
+int sync_gate(const char* fn) {
+    if (g_global_captures > 0) {
+        say("%s while a stream is capturing (mode global): not permitted; the capture is invalidated", fn);
+        invalidate_captures();
+        return STREAM_CAPTURE_UNSUPPORTED;
+    }
+    return OK;
+}
+
+int enqueue(void* stream, const char* fn, std::function<int()> op) {
+    CUstream s = (CUstream)stream;
+    uintptr_t v = (uintptr_t)s;
+    if (v == 0 || v == 1) {
+        // The legacy stream synchronizes with every blocking stream, a capturing one included.
+        if (g_global_captures > 0) {
+            say("%s on the legacy (NULL) stream while another stream is capturing: the legacy stream would "
+                "wait for it (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT); use the capturing stream",
+                fn);
+            invalidate_captures();
+            return STREAM_CAPTURE_IMPLICIT;
+        }
+    } else if (v != 2 && s->capturing) {
+        if (s->invalidated) return STREAM_CAPTURE_INVALIDATED;
+        s->graph->ops.push_back(std::move(op));
+        return OK;
+    }
+    return op();
+}
+
+}  // namespace emu
+
+namespace {
 
 const char* kind_name(ParamKind k) {
     switch (k) {
@@ -257,8 +332,14 @@ EXPORT int cuDevicePrimaryCtxRelease_v2(CUdevice d) {
         return INVALID_CONTEXT;
     }
     if (--g_primary[d].refs == 0) {
-        // The context is destroyed: its memory, streams, events and modules go with it, and a
-        // sticky error is cleared (a fresh context starts clean, as on a GPU).
+        // The context is destroyed: its memory, streams, events, graphs and modules go with it,
+        // and a sticky error is cleared (a fresh context starts clean, as on a GPU).
+        for (auto* e : g_execs) delete e;
+        g_execs.clear();
+        for (auto* g : g_graphs) delete g;
+        g_graphs.clear();
+        for (auto* st : g_streams) st->graph.reset();
+        g_global_captures = 0;
         mem_free_all();
         for (auto* s : g_streams) delete s;
         g_streams.clear();
@@ -303,6 +384,7 @@ EXPORT int cuCtxGetDevice(CUdevice* d) {
 
 EXPORT int cuCtxSynchronize() {
     API(cuCtxSynchronize);
+    CHECK(sync_gate("cuCtxSynchronize"));
     return need_ctx_ok();
 }
 
@@ -319,6 +401,7 @@ EXPORT int cuMemGetInfo_v2(size_t* free_b, size_t* total) {
 EXPORT int cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     API(cuMemAlloc_v2);
     CHECK(need_ctx_ok());
+    CHECK(sync_gate("cuMemAlloc"));
     if (!p) return INVALID_VALUE;
     uintptr_t a;
     CHECK(mem_alloc(&a, bytes, false));
@@ -329,6 +412,7 @@ EXPORT int cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
 EXPORT int cuMemFree_v2(CUdeviceptr p) {
     API(cuMemFree_v2);
     CHECK(need_ctx_ok());
+    CHECK(sync_gate("cuMemFree"));
     if (!p) return OK;
     return mem_free((uintptr_t)p, false);
 }
@@ -342,6 +426,21 @@ EXPORT int cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) {
     }
     if (!p || !stream_ok(s, "cuMemAllocAsync")) return INVALID_VALUE;
     uintptr_t a;
+    uintptr_t v = (uintptr_t)s;
+    if (v > 2 && s->capturing) {
+        // A graph allocation node: the address is fixed when captured and the memory belongs to
+        // the graph; every replay starts from poisoned (fresh) memory.
+        if (s->invalidated) return STREAM_CAPTURE_INVALIDATED;
+        CHECK(mem_alloc(&a, bytes, true));
+        s->graph->allocs.push_back(a);
+        s->graph->ops.push_back([a, bytes] {
+            memset((void*)a, 0xFF, bytes);
+            return (int)OK;
+        });
+        *p = a;
+        return OK;
+    }
+    CHECK(enqueue(s, "cuMemAllocAsync", [] { return (int)OK; }));
     CHECK(mem_alloc(&a, bytes, true));
     *p = a;
     return OK;
@@ -352,7 +451,17 @@ EXPORT int cuMemFreeAsync(CUdeviceptr p, CUstream s) {
     CHECK(need_ctx_ok());
     if (!stream_ok(s, "cuMemFreeAsync")) return INVALID_VALUE;
     if (!p) return OK;
-    return mem_free((uintptr_t)p, true);
+    uintptr_t v = (uintptr_t)s;
+    if (v > 2 && s->capturing) {
+        if (s->invalidated) return STREAM_CAPTURE_INVALIDATED;
+        auto& owned = s->graph->allocs;
+        // Memory allocated in this capture is the graph's (freed with it); memory from before
+        // the capture is freed by every replay, so a second replay is a double free.
+        if (std::find(owned.begin(), owned.end(), (uintptr_t)p) != owned.end()) return OK;
+        s->graph->ops.push_back([p] { return mem_free((uintptr_t)p, true); });
+        return OK;
+    }
+    return enqueue(s, "cuMemFreeAsync", [p] { return mem_free((uintptr_t)p, true); });
 }
 
 EXPORT int cuMemHostAlloc(void** p, size_t bytes, unsigned flags) {
@@ -363,6 +472,7 @@ EXPORT int cuMemHostAlloc(void** p, size_t bytes, unsigned flags) {
     void* m = aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
     if (!m) return OUT_OF_MEMORY;
     memset(m, 0xFF, bytes);
+    g_pinned[(uintptr_t)m] = bytes;
     *p = m;
     return OK;
 }
@@ -372,6 +482,11 @@ EXPORT int cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, 
 EXPORT int cuMemFreeHost(void* p) {
     API(cuMemFreeHost);
     CHECK(need_ctx_ok());
+    CHECK(sync_gate("cuMemFreeHost"));
+    if (p && !g_pinned.erase((uintptr_t)p)) {
+        say("cuMemFreeHost(%p): not memory from cuMemHostAlloc", p);
+        return INVALID_VALUE;
+    }
     free(p);
     return OK;
 }
@@ -379,20 +494,25 @@ EXPORT int cuMemFreeHost(void* p) {
 static int memset_impl(const char* fn, CUdeviceptr p, uint32_t v, size_t elem, size_t n, CUstream s, bool async) {
     CHECK(need_ctx_ok());
     if (async && !stream_ok(s, fn)) return INVALID_HANDLE;
+    if (!async) CHECK(sync_gate(fn));
     if (p % elem) {
         say("%s: pointer 0x%llx is not %zu-byte aligned", fn, p, elem);
         return INVALID_VALUE;
     }
     CHECK(check_dev_range(fn, "destination", p, n * elem));
-    if (elem == 1) {
-        memset((void*)p, (int)(v & 0xff), n);
-    } else if (elem == 2) {
-        uint16_t x = (uint16_t)v;
-        for (size_t i = 0; i < n; i++) memcpy((char*)p + 2 * i, &x, 2);
-    } else {
-        for (size_t i = 0; i < n; i++) memcpy((char*)p + 4 * i, &v, 4);
-    }
-    return OK;
+    return enqueue(s, fn, [=] {
+        // Checked again at a graph replay: the memory may be gone by then.
+        if (int r = check_dev_range(fn, "destination", p, n * elem)) return r;
+        if (elem == 1) {
+            memset((void*)p, (int)(v & 0xff), n);
+        } else if (elem == 2) {
+            uint16_t x = (uint16_t)v;
+            for (size_t i = 0; i < n; i++) memcpy((char*)p + 2 * i, &x, 2);
+        } else {
+            for (size_t i = 0; i < n; i++) memcpy((char*)p + 4 * i, &v, 4);
+        }
+        return (int)OK;
+    });
 }
 
 EXPORT int cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, CUstream s) {
@@ -416,29 +536,57 @@ EXPORT int cuMemsetD32_v2(CUdeviceptr p, unsigned v, size_t n) {
     return memset_impl("cuMemsetD32", p, v, 4, n, nullptr, false);
 }
 
+// A copy to or from pageable host memory waits for the host: it cannot be captured.
+static int host_capture_gate(const char* fn, CUstream s, const void* host, size_t n) {
+    uintptr_t v = (uintptr_t)s;
+    if (v > 2 && s->capturing && !is_pinned(host, n)) {
+        say("%s of pageable host memory on a capturing stream: not permitted (copy through cuMemHostAlloc "
+            "memory); the capture is invalidated",
+            fn);
+        s->invalidated = true;
+        return STREAM_CAPTURE_UNSUPPORTED;
+    }
+    return OK;
+}
+
 static int htod(const char* fn, CUdeviceptr dst, const void* src, size_t n, CUstream s, bool async) {
     CHECK(need_ctx_ok());
     if (async && !stream_ok(s, fn)) return INVALID_HANDLE;
+    if (!async) CHECK(sync_gate(fn));
     CHECK(check_dev_range(fn, "destination", dst, n));
     CHECK(check_host_range(fn, src, n));
-    if (n) memcpy((void*)dst, src, n);
-    return OK;
+    CHECK(host_capture_gate(fn, s, src, n));
+    return enqueue(s, fn, [=] {
+        if (int r = check_dev_range(fn, "destination", dst, n)) return r;
+        if (n) memcpy((void*)dst, src, n);
+        return (int)OK;
+    });
 }
 static int dtoh(const char* fn, void* dst, CUdeviceptr src, size_t n, CUstream s, bool async) {
     CHECK(need_ctx_ok());
     if (async && !stream_ok(s, fn)) return INVALID_HANDLE;
+    if (!async) CHECK(sync_gate(fn));
     CHECK(check_dev_range(fn, "source", src, n));
     CHECK(check_host_range(fn, dst, n));
-    if (n) memcpy(dst, (const void*)src, n);
-    return OK;
+    CHECK(host_capture_gate(fn, s, dst, n));
+    return enqueue(s, fn, [=] {
+        if (int r = check_dev_range(fn, "source", src, n)) return r;
+        if (n) memcpy(dst, (const void*)src, n);
+        return (int)OK;
+    });
 }
 static int dtod(const char* fn, CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s, bool async) {
     CHECK(need_ctx_ok());
     if (async && !stream_ok(s, fn)) return INVALID_HANDLE;
+    if (!async) CHECK(sync_gate(fn));
     CHECK(check_dev_range(fn, "source", src, n));
     CHECK(check_dev_range(fn, "destination", dst, n));
-    if (n) memmove((void*)dst, (const void*)src, n);
-    return OK;
+    return enqueue(s, fn, [=] {
+        if (int r = check_dev_range(fn, "source", src, n)) return r;
+        if (int r = check_dev_range(fn, "destination", dst, n)) return r;
+        if (n) memmove((void*)dst, (const void*)src, n);
+        return (int)OK;
+    });
 }
 
 EXPORT int cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
@@ -496,6 +644,13 @@ EXPORT int cuStreamSynchronize(CUstream s) {
     API(cuStreamSynchronize);
     CHECK(need_ctx_ok());
     if (!stream_ok(s, "cuStreamSynchronize")) return INVALID_HANDLE;
+    uintptr_t v = (uintptr_t)s;
+    if ((v > 2 && s->capturing) || ((v == 0 || v == 1) && g_global_captures > 0)) {
+        say("cuStreamSynchronize of a capturing stream (or the legacy stream during a capture): not permitted; "
+            "the capture is invalidated");
+        invalidate_captures();
+        return STREAM_CAPTURE_UNSUPPORTED;
+    }
     return OK;
 }
 
@@ -544,9 +699,12 @@ EXPORT int cuEventRecord(CUevent e, CUstream s) {
     API(cuEventRecord);
     CHECK(need_ctx_ok());
     if (!event_ok(e, "cuEventRecord") || !stream_ok(s, "cuEventRecord")) return INVALID_HANDLE;
-    e->recorded = true;
-    e->t = now_ms();
-    return OK;
+    return enqueue(s, "cuEventRecord", [e] {
+        if (!g_events.count(e)) return (int)INVALID_HANDLE;
+        e->recorded = true;
+        e->t = now_ms();
+        return (int)OK;
+    });
 }
 
 EXPORT int cuEventSynchronize(CUevent e) {
@@ -730,7 +888,151 @@ EXPORT int cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, u
         say("cuLaunchKernel(%s): the `extra` parameter form is not emulated (pass kernelParams)", f->def->name);
         return INVALID_VALUE;
     }
-    return launch(f, Dim3{gx, gy, gz}, Dim3{bx, by, bz}, smem, params);
+    Dim3 grid{gx, gy, gz}, block{bx, by, bz};
+    uintptr_t v = (uintptr_t)s;
+    if (!(v > 2 && s->capturing)) return enqueue(s, "cuLaunchKernel", [&] { return launch(f, grid, block, smem, params); });
+    // Captured: refused now if it would be refused, run at every replay with the arguments of
+    // now (copied: a captured launch owns them).
+    CHECK(launch_validate(f, grid, block, smem, params));
+    std::vector<std::vector<char>> args;
+    for (size_t i = 0; i < f->def->params.size(); i++)
+        args.emplace_back((const char*)params[i], (const char*)params[i] + f->def->params[i].size);
+    return enqueue(s, "cuLaunchKernel", [f, grid, block, smem, args]() mutable {
+        if (!g_funcs.count(f)) {
+            say("graph replay: a captured kernel's module was unloaded");
+            return (int)INVALID_HANDLE;
+        }
+        std::vector<void*> p;
+        for (auto& a : args) p.push_back(a.data());
+        return launch(f, grid, block, smem, p.data());
+    });
+}
+
+// ---------------------------------------------------------------- stream capture and graphs
+EXPORT int cuStreamBeginCapture_v2(CUstream s, int mode) {
+    API(cuStreamBeginCapture_v2);
+    CHECK(need_ctx_ok());
+    uintptr_t v = (uintptr_t)s;
+    if (v <= 2) {
+        say("cuStreamBeginCapture: the legacy/per-thread default stream cannot be captured; create a stream "
+            "(cuStreamCreate) and launch on it");
+        return STREAM_CAPTURE_UNSUPPORTED;
+    }
+    if (!stream_ok(s, "cuStreamBeginCapture")) return INVALID_HANDLE;
+    if (mode < 0 || mode > 2) return INVALID_VALUE;
+    if (s->capturing) {
+        say("cuStreamBeginCapture: the stream is already capturing");
+        return ILLEGAL_STATE;
+    }
+    s->capturing = true;
+    s->invalidated = false;
+    s->mode = mode;
+    s->graph = std::make_shared<GraphData>();
+    if (mode != 2) g_global_captures++;
+    return OK;
+}
+
+EXPORT int cuStreamEndCapture(CUstream s, CUgraph* out) {
+    API(cuStreamEndCapture);
+    CHECK(need_ctx());
+    if (!out) return INVALID_VALUE;
+    uintptr_t v = (uintptr_t)s;
+    if (v <= 2 || !stream_ok(s, "cuStreamEndCapture") || !s->capturing) {
+        say("cuStreamEndCapture: the stream is not capturing");
+        return ILLEGAL_STATE;
+    }
+    s->capturing = false;
+    if (s->mode != 2) g_global_captures--;
+    auto data = std::move(s->graph);
+    if (s->invalidated) {
+        *out = nullptr;
+        return STREAM_CAPTURE_INVALIDATED;
+    }
+    Graph* g = new Graph{data};
+    g_graphs.insert(g);
+    *out = g;
+    return OK;
+}
+
+EXPORT int cuStreamIsCapturing(CUstream s, int* status) {
+    API(cuStreamIsCapturing);
+    CHECK(need_ctx());
+    if (!status) return INVALID_VALUE;
+    uintptr_t v = (uintptr_t)s;
+    if (v <= 2) {
+        *status = 0;
+        return g_global_captures > 0 && v != 2 ? STREAM_CAPTURE_IMPLICIT : OK;
+    }
+    if (!stream_ok(s, "cuStreamIsCapturing")) return INVALID_HANDLE;
+    *status = !s->capturing ? 0 : s->invalidated ? 2 : 1;  // NONE, ACTIVE, INVALIDATED
+    return OK;
+}
+
+EXPORT int cuGraphInstantiateWithFlags(CUgraphExec* out, CUgraph g, unsigned long long flags) {
+    API(cuGraphInstantiateWithFlags);
+    CHECK(need_ctx_ok());
+    (void)flags;
+    if (!out) return INVALID_VALUE;
+    if (!g_graphs.count(g)) {
+        say("cuGraphInstantiate: %p is not a live graph", (void*)g);
+        return INVALID_HANDLE;
+    }
+    GraphExec* e = new GraphExec{g->data};
+    g_execs.insert(e);
+    *out = e;
+    return OK;
+}
+
+EXPORT int cuGraphUpload(CUgraphExec e, CUstream s) {
+    API(cuGraphUpload);
+    CHECK(need_ctx_ok());
+    if (!g_execs.count(e) || !stream_ok(s, "cuGraphUpload")) return INVALID_HANDLE;
+    return OK;
+}
+
+EXPORT int cuGraphLaunch(CUgraphExec e, CUstream s) {
+    API(cuGraphLaunch);
+    CHECK(need_ctx_ok());
+    if (!g_execs.count(e)) {
+        say("cuGraphLaunch: %p is not a live executable graph", (void*)e);
+        return INVALID_HANDLE;
+    }
+    if (!stream_ok(s, "cuGraphLaunch")) return INVALID_HANDLE;
+    auto data = e->data;
+    return enqueue(s, "cuGraphLaunch", [data] {
+        // A replayed operation that fails is a fault of the running graph: sticky.
+        for (auto& op : data->ops) {
+            if (int r = op()) {
+                say("cuGraphLaunch: a captured operation failed at replay (%s)", result_name(r));
+                set_sticky(r == ILLEGAL_ADDRESS || r == LAUNCH_FAILED ? r : ILLEGAL_ADDRESS);
+                return (int)OK;
+            }
+            if (sticky()) return (int)OK;
+        }
+        return (int)OK;
+    });
+}
+
+EXPORT int cuGraphExecDestroy(CUgraphExec e) {
+    API(cuGraphExecDestroy);
+    CHECK(need_ctx());
+    if (!g_execs.erase(e)) {
+        say("cuGraphExecDestroy: %p is not a live executable graph", (void*)e);
+        return INVALID_HANDLE;
+    }
+    delete e;
+    return OK;
+}
+
+EXPORT int cuGraphDestroy(CUgraph g) {
+    API(cuGraphDestroy);
+    CHECK(need_ctx());
+    if (!g_graphs.erase(g)) {
+        say("cuGraphDestroy: %p is not a live graph", (void*)g);
+        return INVALID_HANDLE;
+    }
+    delete g;
+    return OK;
 }
 
 // NVRTC looks for private driver tables through this (it dlopens libcuda itself): there are

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -24,6 +25,7 @@ enum Result : int {
     INVALID_PTX = 218,
     INVALID_SOURCE = 300,
     INVALID_HANDLE = 400,
+    ILLEGAL_STATE = 401,
     NOT_FOUND = 500,
     NOT_READY = 600,
     ILLEGAL_ADDRESS = 700,
@@ -31,6 +33,8 @@ enum Result : int {
     LAUNCH_FAILED = 719,
     NOT_SUPPORTED = 801,
     STREAM_CAPTURE_UNSUPPORTED = 900,
+    STREAM_CAPTURE_INVALIDATED = 901,
+    STREAM_CAPTURE_IMPLICIT = 906,
     UNKNOWN = 999,
 };
 
@@ -139,6 +143,21 @@ struct Function {
 // (INVALID_VALUE, ... : the launch was refused), or ILLEGAL_ADDRESS / LAUNCH_FAILED after a
 // fault (already made sticky and reported).
 int launch(Function* f, Dim3 grid, Dim3 block, unsigned dyn_smem, void** params);
+// The checks a launch makes before it runs (a refused launch: INVALID_VALUE, ...), alone: stream
+// capture checks at capture time, runs at replay.
+int launch_validate(Function* f, Dim3 grid, Dim3 block, unsigned dyn_smem, void** params);
+
+// ---- Stream capture (CUDA graphs) ----
+// An operation on `stream`: run now, or, when the stream is capturing, recorded into its graph
+// to run at every cuGraphLaunch (a replay error makes the context's error sticky, as a fault in
+// a graph does). Returns what running it returned, OK when recorded, or a capture error
+// (an operation on the legacy stream while another stream captures invalidates that capture).
+int enqueue(void* stream, const char* fn, std::function<int()> op);
+// A call that waits for the device (or may not be captured): refused while a global-mode capture
+// is active, which it invalidates (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED).
+int sync_gate(const char* fn);
+// Is [p, p + n) host memory from cuMemHostAlloc (pinned)?
+bool is_pinned(const void* p, size_t n);
 
 // The device of the calling thread's current context (-1: none), as cudaGetDevice tells NCCL.
 int current_device();

@@ -525,8 +525,7 @@ struct Timer {
 };
 }  // namespace
 
-int launch(Function* fn, Dim3 grid, Dim3 block, unsigned dyn_smem, void** params) {
-    Timer timer{fn->def->name};
+int launch_validate(Function* fn, Dim3 grid, Dim3 block, unsigned dyn_smem, void** params) {
     const KernelDef* def = fn->def;
     const PtxEntry& e = fn->entry;
     const char* name = def->name;
@@ -564,6 +563,17 @@ int launch(Function* fn, Dim3 grid, Dim3 block, unsigned dyn_smem, void** params
         say("cuLaunchKernel(%s): kernelParams is NULL but the kernel takes %zu parameters", name, np);
         return INVALID_VALUE;
     }
+    return OK;
+}
+
+int launch(Function* fn, Dim3 grid, Dim3 block, unsigned dyn_smem, void** params) {
+    Timer timer{fn->def->name};
+    if (int r = launch_validate(fn, grid, block, dyn_smem, params)) return r;
+    const KernelDef* def = fn->def;
+    const char* name = def->name;
+    std::string geom = "grid " + dims(grid) + ", block " + dims(block);
+    uint64_t threads = (uint64_t)block.x * block.y * block.z;
+    size_t np = def->params.size();
     // The parameter bytes, copied now (a launch owns its arguments once it returns).
     std::vector<std::vector<char>> argbuf(np);
     std::vector<void*> args(np);

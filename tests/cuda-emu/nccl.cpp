@@ -16,6 +16,8 @@
 #include <cstring>
 #include <ctime>
 #include <new>
+#include <functional>
+#include <memory>
 #include <set>
 #include <string>
 
@@ -224,6 +226,23 @@ void reduce_chunk(Comm* c, uint32_t dtype, uint32_t op, size_t n, void* out) {
     }
 }
 
+// Run a collective on its stream: now, or at every replay of a captured graph (a failure there
+// is a fault of the graph). NCCL codes pass through; a capture error becomes ncclInvalidUsage.
+int on_stream(void* stream, const char* fn, std::function<int()> op) {
+    // Shared: a recorded collective outlives this call.
+    auto nccl_rc = std::make_shared<int>(ncclSuccess);
+    int r = enqueue(stream, fn, [op, fn, nccl_rc]() mutable {
+        *nccl_rc = op();
+        if (*nccl_rc != ncclSuccess) {
+            say("%s failed (%s)", fn, *nccl_rc == ncclInvalidUsage ? "the ranks disagree" : "see above");
+            return (int)ILLEGAL_ADDRESS;
+        }
+        return (int)OK;
+    });
+    if (r == OK) return *nccl_rc;
+    return *nccl_rc != ncclSuccess ? *nccl_rc : ncclInvalidUsage;
+}
+
 }  // namespace
 
 EXPORT const char* ncclGetErrorString(int r) {
@@ -427,16 +446,18 @@ EXPORT int ncclAllReduce(const void* send, void* recv, size_t count, int dtype, 
     }
     if (!dev_range(fn, "send buffer", send, count * es) || !dev_range(fn, "receive buffer", recv, count * es))
         return ncclInvalidArgument;
-    if (int r = agree(c, OpDesc{0, ALL_REDUCE, (uint32_t)dtype, (uint32_t)op, 0, count}, fn)) return r;
-    size_t per = SLOT / es;
-    for (size_t off = 0; off < count; off += per) {
-        size_t n = count - off < per ? count - off : per;
-        memcpy(c->slots + c->rank * SLOT, (const char*)send + off * es, n * es);
-        if (!barrier(c, fn)) return ncclSystemError;
-        reduce_chunk(c, (uint32_t)dtype, (uint32_t)op, n, (char*)recv + off * es);
-        if (!barrier(c, fn)) return ncclSystemError;
-    }
-    return ncclSuccess;
+    return on_stream(stream, fn, [=] {
+        if (int r = agree(c, OpDesc{0, ALL_REDUCE, (uint32_t)dtype, (uint32_t)op, 0, count}, fn)) return r;
+        size_t per = SLOT / es;
+        for (size_t off = 0; off < count; off += per) {
+            size_t n = count - off < per ? count - off : per;
+            memcpy(c->slots + c->rank * SLOT, (const char*)send + off * es, n * es);
+            if (!barrier(c, fn)) return (int)ncclSystemError;
+            reduce_chunk(c, (uint32_t)dtype, (uint32_t)op, n, (char*)recv + off * es);
+            if (!barrier(c, fn)) return (int)ncclSystemError;
+        }
+        return (int)ncclSuccess;
+    });
 }
 
 EXPORT int ncclAllGather(const void* send, void* recv, size_t count, int dtype, Comm* c, void* stream) {
@@ -453,17 +474,19 @@ EXPORT int ncclAllGather(const void* send, void* recv, size_t count, int dtype, 
     if (!dev_range(fn, "send buffer", send, count * es) ||
         !dev_range(fn, "receive buffer", recv, count * es * (size_t)c->nranks))
         return ncclInvalidArgument;
-    if (int r = agree(c, OpDesc{0, ALL_GATHER, (uint32_t)dtype, 0, 0, count}, fn)) return r;
-    size_t per = SLOT / es;
-    for (size_t off = 0; off < count; off += per) {
-        size_t n = count - off < per ? count - off : per;
-        memcpy(c->slots + c->rank * SLOT, (const char*)send + off * es, n * es);
-        if (!barrier(c, fn)) return ncclSystemError;
-        for (int r = 0; r < c->nranks; r++)
-            memcpy((char*)recv + ((size_t)r * count + off) * es, c->slots + r * SLOT, n * es);
-        if (!barrier(c, fn)) return ncclSystemError;
-    }
-    return ncclSuccess;
+    return on_stream(stream, fn, [=] {
+        if (int r = agree(c, OpDesc{0, ALL_GATHER, (uint32_t)dtype, 0, 0, count}, fn)) return r;
+        size_t per = SLOT / es;
+        for (size_t off = 0; off < count; off += per) {
+            size_t n = count - off < per ? count - off : per;
+            memcpy(c->slots + c->rank * SLOT, (const char*)send + off * es, n * es);
+            if (!barrier(c, fn)) return (int)ncclSystemError;
+            for (int r = 0; r < c->nranks; r++)
+                memcpy((char*)recv + ((size_t)r * count + off) * es, c->slots + r * SLOT, n * es);
+            if (!barrier(c, fn)) return (int)ncclSystemError;
+        }
+        return (int)ncclSuccess;
+    });
 }
 
 EXPORT int ncclBroadcast(const void* send, void* recv, size_t count, int dtype, int root, Comm* c, void* stream) {
@@ -480,14 +503,16 @@ EXPORT int ncclBroadcast(const void* send, void* recv, size_t count, int dtype, 
     if ((c->rank == root && !dev_range(fn, "send buffer", send, count * es)) ||
         !dev_range(fn, "receive buffer", recv, count * es))
         return ncclInvalidArgument;
-    if (int r = agree(c, OpDesc{0, BROADCAST, (uint32_t)dtype, 0, (uint32_t)root, count}, fn)) return r;
-    size_t per = SLOT / es;
-    for (size_t off = 0; off < count; off += per) {
-        size_t n = count - off < per ? count - off : per;
-        if (c->rank == root) memcpy(c->slots, (const char*)send + off * es, n * es);
-        if (!barrier(c, fn)) return ncclSystemError;
-        memcpy((char*)recv + off * es, c->slots, n * es);
-        if (!barrier(c, fn)) return ncclSystemError;
-    }
-    return ncclSuccess;
+    return on_stream(stream, fn, [=] {
+        if (int r = agree(c, OpDesc{0, BROADCAST, (uint32_t)dtype, 0, (uint32_t)root, count}, fn)) return r;
+        size_t per = SLOT / es;
+        for (size_t off = 0; off < count; off += per) {
+            size_t n = count - off < per ? count - off : per;
+            if (c->rank == root) memcpy(c->slots, (const char*)send + off * es, n * es);
+            if (!barrier(c, fn)) return (int)ncclSystemError;
+            memcpy((char*)recv + off * es, c->slots, n * es);
+            if (!barrier(c, fn)) return (int)ncclSystemError;
+        }
+        return (int)ncclSuccess;
+    });
 }

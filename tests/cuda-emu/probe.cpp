@@ -35,6 +35,14 @@ FN(int, cuMemcpyDtoH_v2, void*, CUdeviceptr, size_t)
 FN(int, cuModuleLoadData, H*, const void*)
 FN(int, cuModuleGetFunction, H*, H, const char*)
 FN(int, cuLaunchKernel, H, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, H, void**, void**)
+FN(int, cuStreamCreate, H*, unsigned)
+FN(int, cuStreamSynchronize, H)
+FN(int, cuStreamBeginCapture_v2, H, int)
+FN(int, cuStreamEndCapture, H, H*)
+FN(int, cuGraphInstantiateWithFlags, H*, H, unsigned long long)
+FN(int, cuGraphLaunch, H, H)
+FN(int, cuMemHostAlloc, void**, size_t, unsigned)
+FN(int, cuMemcpyHtoDAsync_v2, CUdeviceptr, const void*, size_t, H)
 FN(int, cublasLtCreate, H*)
 FN(int, cublasLtMatrixLayoutCreate, H*, uint32_t, uint64_t, uint64_t, int64_t)
 FN(int, cublasLtMatmulDescCreate, H*, int32_t, int32_t)
@@ -128,9 +136,9 @@ static CUdeviceptr upload(const std::vector<float>& v) {
 }
 
 // x += y over n floats: add_in_place(float* x, const float* y, u64 n)
-static int add_in_place(CUdeviceptr x, CUdeviceptr y, unsigned long long n, unsigned block = 256) {
+static int add_in_place(CUdeviceptr x, CUdeviceptr y, unsigned long long n, unsigned block = 256, H stream = nullptr) {
     void* args[] = {&x, &y, &n};
-    return cuLaunchKernel(func("add_in_place"), 1, 1, 1, block, 1, 1, 0, nullptr, args, nullptr);
+    return cuLaunchKernel(func("add_in_place"), 1, 1, 1, block, 1, 1, 0, stream, args, nullptr);
 }
 
 int main(int argc, char** argv) {
@@ -152,7 +160,9 @@ int main(int argc, char** argv) {
     LOAD(cuda, cuInit); LOAD(cuda, cuDeviceGet); LOAD(cuda, cuDevicePrimaryCtxRetain); LOAD(cuda, cuCtxSetCurrent);
     LOAD(cuda, cuCtxSynchronize); LOAD(cuda, cuMemAlloc_v2); LOAD(cuda, cuMemFree_v2); LOAD(cuda, cuMemcpyHtoD_v2);
     LOAD(cuda, cuMemcpyDtoH_v2); LOAD(cuda, cuModuleLoadData); LOAD(cuda, cuModuleGetFunction);
-    LOAD(cuda, cuLaunchKernel);
+    LOAD(cuda, cuLaunchKernel); LOAD(cuda, cuStreamCreate); LOAD(cuda, cuStreamSynchronize);
+    LOAD(cuda, cuStreamBeginCapture_v2); LOAD(cuda, cuStreamEndCapture); LOAD(cuda, cuGraphInstantiateWithFlags);
+    LOAD(cuda, cuGraphLaunch); LOAD(cuda, cuMemHostAlloc); LOAD(cuda, cuMemcpyHtoDAsync_v2);
     LOAD(lt, cublasLtCreate); LOAD(lt, cublasLtMatrixLayoutCreate); LOAD(lt, cublasLtMatmulDescCreate);
     LOAD(lt, cublasLtMatmulDescSetAttribute); LOAD(lt, cublasLtMatmulPreferenceCreate);
     LOAD(lt, cublasLtMatmulAlgoGetHeuristic); LOAD(lt, cublasLtMatmul);
@@ -297,6 +307,42 @@ int main(int argc, char** argv) {
         expect("add_rmsnorm with 100 threads (accepted, fails in the kernel)",
                cuLaunchKernel(func("add_rmsnorm"), 1, 1, 1, 100, 1, 1, 0, nullptr, args, nullptr), 0);
         expect("synchronize after the failed kernel (sticky CUDA_ERROR_LAUNCH_FAILED)", cuCtxSynchronize(), 719);
+    } else if (sc == "graph") {
+        // Capture: y = pinned 5s (copied in), x += y twice; replayed twice: x = 3 + 4 * 5.
+        H st, graph, exec;
+        cuStreamCreate(&st, 1);
+        float* pinned;
+        cuMemHostAlloc((void**)&pinned, N * 4, 0);
+        for (int i = 0; i < N; i++) pinned[i] = 5.0f;
+        expect("cuStreamBeginCapture on a created stream", cuStreamBeginCapture_v2(st, 0), 0);
+        expect("captured copy from pinned memory", cuMemcpyHtoDAsync_v2(y, pinned, N * 4, st), 0);
+        expect("captured launch", add_in_place(x, y, N, 256, st), 0);
+        expect("captured launch", add_in_place(x, y, N, 256, st), 0);
+        expect("cuStreamEndCapture", cuStreamEndCapture(st, &graph), 0);
+        cuMemcpyDtoH_v2(out.data(), x, N * 4);
+        if (out[0] != 3.0f) {
+            printf("FAIL  a captured launch ran at capture time (x = %g)\n", out[0]);
+            failures++;
+        }
+        expect("cuGraphInstantiate", cuGraphInstantiateWithFlags(&exec, graph, 0), 0);
+        expect("cuGraphLaunch", cuGraphLaunch(exec, st), 0);
+        expect("cuGraphLaunch again", cuGraphLaunch(exec, st), 0);
+        expect("cuStreamSynchronize", cuStreamSynchronize(st), 0);
+        cuMemcpyDtoH_v2(out.data(), x, N * 4);
+        if (out[0] != 23.0f || out[N - 1] != 23.0f) {
+            printf("FAIL  two replays gave %g (expected 23)\n", out[0]);
+            failures++;
+        }
+        // What a capture refuses.
+        expect("cuStreamBeginCapture on the legacy NULL stream", cuStreamBeginCapture_v2(nullptr, 0), 900);
+        std::vector<float> pageable(N, 1.0f);
+        expect("cuStreamBeginCapture", cuStreamBeginCapture_v2(st, 0), 0);
+        expect("copy from pageable memory while capturing", cuMemcpyHtoDAsync_v2(y, pageable.data(), N * 4, st), 900);
+        expect("cuStreamEndCapture of the invalidated capture", cuStreamEndCapture(st, &graph), 901);
+        expect("cuStreamBeginCapture", cuStreamBeginCapture_v2(st, 0), 0);
+        expect("a launch on the legacy stream while another stream captures", add_in_place(x, y, N), 906);
+        expect("cuStreamEndCapture of the invalidated capture", cuStreamEndCapture(st, &graph), 901);
+        expect("synchronize", cuCtxSynchronize(), 0);
     } else if (sc == "out-of-memory") {
         CUdeviceptr p;
         expect("cuMemAlloc of more than CUDA_EMU_MEMORY_GB", cuMemAlloc_v2(&p, (size_t)1 << 62), 2);
