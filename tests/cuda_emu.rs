@@ -392,6 +392,39 @@ fn a_kernel_fault_is_an_error_naming_the_kernel_not_a_panic() {
     );
 }
 
+/// The memory plan against the emulated device's memory (CUDA_EMU_MEMORY_GB): 40 MB cannot hold
+/// the activations (the cuBLASLt workspace alone is 32 MiB), and herd says so with every number
+/// before loading anything; 60 MB runs.
+#[test]
+fn the_memory_plan_refuses_a_device_too_small_and_fits_one_just_large_enough() {
+    let m = common::fixture("models/llama31/hf")
+        .to_string_lossy()
+        .into_owned();
+    let args = [
+        "generate",
+        "--model",
+        m.as_str(),
+        "--device",
+        "cuda",
+        "--prompt-token-ids",
+        "1,17,33",
+        "--max-tokens",
+        "2",
+        "--json",
+    ];
+    let o = herd_emu(&args, &[("CUDA_EMU_MEMORY_GB", "0.04")]);
+    assert_ne!(o.code, 0, "{}", o.all());
+    assert!(
+        o.stderr.contains("the model does not fit on this GPU")
+            && o.stderr
+                .contains("but the budget is 0.04 GB (90% of 0.04 GB total"),
+        "{}",
+        o.all()
+    );
+    let o = herd_emu(&args, &[("CUDA_EMU_MEMORY_GB", "0.06")]);
+    assert_eq!(o.code, 0, "{}", o.all());
+}
+
 // ---------------------------------------------------------------- NCCL across MPI ranks
 
 /// As tests/mpi.rs: a build without MPI fails these tests unless HERD_NO_MPI=1 says this
