@@ -20,7 +20,9 @@ use crate::checkpoint::{DType, Tensor};
 pub struct CudaAct {
     pub rows: usize,
     pub cols: usize,
-    buf: CudaSlice<f32>,
+    /// `None` when its allocation failed: the error is noted, `check` reports it, and every
+    /// kernel that would use the buffer is skipped.
+    buf: Option<CudaSlice<f32>>,
 }
 
 /// A `[rows, cols]` bf16 weight on the GPU (raw bits).
@@ -124,6 +126,9 @@ pub struct CudaBackend {
     inv_freq: RefCell<Option<(Vec<f32>, CudaSlice<f32>)>>,
     /// First asynchronous failure since the last `check` (sticky, like CUDA's own errors).
     err: RefCell<Option<String>>,
+    /// Kernels launched since the stream last synchronized without error: a kernel fault
+    /// surfaces at a later call, and is in one of these.
+    launched: RefCell<Vec<&'static str>>,
     /// Fill every fresh output with NaN first (self-test: an unwritten element shows up).
     poison: bool,
     numerics: Numerics,
@@ -238,6 +243,7 @@ impl CudaBackend {
             meta: RefCell::new(None),
             inv_freq: RefCell::new(None),
             err: RefCell::new(None),
+            launched: RefCell::new(Vec::new()),
             poison: false,
             numerics: Numerics::Bf16,
             tp: None,
@@ -290,18 +296,22 @@ impl CudaBackend {
         if rows * cols == 0 {
             return Ok(out);
         }
+        let (Some(src), Some(dst)) = (all.buf.as_ref(), out.buf.as_mut()) else {
+            return Err(self.take_err());
+        };
         let (r, c, w) = (rows as i32, cols as i32, world as i32);
         unsafe {
             self.stream
                 .launch_builder(&self.f.gather_cols_reorder)
-                .arg(&all.buf)
-                .arg(&mut out.buf)
+                .arg(src)
+                .arg(dst)
                 .arg(&r)
                 .arg(&c)
                 .arg(&w)
                 .launch(cfg((rows as u32, world as u32, 1), 256))
         }
         .map_err(be)?;
+        self.launched("gather_cols_reorder");
         Ok(out)
     }
 
@@ -327,67 +337,122 @@ impl CudaBackend {
         match r {
             Ok(v) => Some(v),
             Err(e) => {
-                let mut err = self.err.borrow_mut();
-                if err.is_none() {
-                    *err = Some(format!("{what}: {e}"));
-                }
+                self.fail(format!("{what}: {e}"));
                 None
             }
         }
     }
 
+    /// Keep the first failure (later ones are usually its consequences).
+    fn fail(&self, msg: String) {
+        let mut err = self.err.borrow_mut();
+        if err.is_none() {
+            *err = Some(msg);
+        }
+    }
+
+    /// The noted failure as an error (for the fallible methods).
+    fn take_err(&self) -> BackendError {
+        let e = self.err.borrow_mut().take();
+        BackendError::Unsupported(format!(
+            "CUDA: {}",
+            e.unwrap_or_else(|| "a device buffer is missing (no error was noted)".into())
+        ))
+    }
+
+    /// A launch result: a refused launch is noted (a sticky error from an earlier kernel names
+    /// that kernel's candidates); an accepted one is remembered until the next good
+    /// synchronization (its own fault, if any, appears later).
+    fn launch_note<T>(&self, r: Result<T, cudarc::driver::DriverError>, kernel: &'static str) {
+        match r {
+            Ok(_) => self.launched(kernel),
+            Err(e) => self.driver_failed(e, &format!("launching {kernel}")),
+        }
+    }
+
+    fn launched(&self, kernel: &'static str) {
+        let mut l = self.launched.borrow_mut();
+        // Each kernel once, in the order of their latest launch.
+        l.retain(|&k| k != kernel);
+        l.push(kernel);
+    }
+
+    /// A driver call failed: out of memory means the memory plan was wrong; any other error
+    /// (a sticky kernel fault: illegal address, launch failure) comes from a kernel launched
+    /// since the last good synchronization, which the message names.
+    fn driver_failed(&self, e: cudarc::driver::DriverError, what: &str) {
+        use cudarc::driver::sys::CUresult;
+        let msg = if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            format!(
+                "{what}: out of memory; the memory plan under --gpu-memory-utilization \
+                 underestimated the activations: lower it or --max-batch-tokens"
+            )
+        } else {
+            let l = self.launched.borrow();
+            if l.is_empty() {
+                format!("{what}: {e}")
+            } else {
+                format!(
+                    "{what}: {e}: a kernel launched since the last good synchronization failed, \
+                     one of {} (the last launched: {}; with CUDA_LAUNCH_BLOCKING=1 the last \
+                     launched is the one)",
+                    l.join(", "),
+                    l[l.len() - 1]
+                )
+            }
+        };
+        self.fail(msg);
+    }
+
     /// A fresh, uninitialized device buffer of `n` elements (every kernel writes all of its
     /// output, so zeroing would only cost a pass of bandwidth; the self-test poisons outputs
     /// instead to prove it). Stream-ordered allocation (cuMemAllocAsync pool) makes this cheap.
-    /// Out of memory here means the memory plan was wrong, which is a bug: it panics with the
-    /// numbers rather than corrupting a step.
+    /// `None` when the driver refuses: the failure is noted for `check` (never a panic).
     fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &self,
         n: usize,
-    ) -> CudaSlice<T> {
+        what: &str,
+    ) -> Option<CudaSlice<T>> {
         // SAFETY: callers only hand the buffer to kernels that write every element before
         // anything reads it.
-        let r = unsafe { self.stream.alloc::<T>(n.max(1)) };
-        match r {
-            Ok(b) => b,
-            Err(e) => panic!(
-                "CUDA: allocating {} bytes failed ({e}); the memory plan under \
-                 --gpu-memory-utilization underestimated the activations: lower it or \
-                 --max-batch-tokens",
-                n * std::mem::size_of::<T>()
-            ),
+        match unsafe { self.stream.alloc::<T>(n.max(1)) } {
+            Ok(b) => Some(b),
+            Err(e) => {
+                let bytes = n.max(1) * std::mem::size_of::<T>();
+                self.driver_failed(e, &format!("allocating {bytes} bytes for {what}"));
+                None
+            }
         }
     }
 
     fn act(&self, rows: usize, cols: usize) -> CudaAct {
         let buf = if self.poison {
-            match self
-                .stream
-                .clone_htod(&vec![f32::NAN; (rows * cols).max(1)])
-            {
-                Ok(b) => b,
-                Err(e) => panic!("CUDA: poisoned allocation failed: {e}"),
-            }
+            self.upload(
+                &vec![f32::NAN; (rows * cols).max(1)],
+                "a poisoned activation",
+            )
         } else {
-            self.alloc::<f32>(rows * cols)
+            self.alloc::<f32>(rows * cols, "an activation")
         };
         CudaAct { rows, cols, buf }
     }
 
-    /// Upload host data (small per-step tables).
+    /// Upload host data (small per-step tables); `None` (noted) when the driver refuses.
     fn upload<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &self,
         data: &[T],
-    ) -> CudaSlice<T> {
+        what: &str,
+    ) -> Option<CudaSlice<T>> {
         if data.is_empty() {
-            return self.alloc::<T>(1);
+            return self.alloc::<T>(1, what);
         }
         match self.stream.clone_htod(data) {
-            Ok(b) => b,
-            Err(e) => panic!(
-                "CUDA: host-to-device copy of {} bytes failed: {e}",
-                std::mem::size_of_val(data)
-            ),
+            Ok(b) => Some(b),
+            Err(e) => {
+                let bytes = std::mem::size_of_val(data);
+                self.driver_failed(e, &format!("uploading {bytes} bytes of {what}"));
+                None
+            }
         }
     }
 
@@ -397,7 +462,7 @@ impl CudaBackend {
         CudaAct {
             rows,
             cols,
-            buf: self.upload(data),
+            buf: self.upload(data, "an activation"),
         }
     }
 
@@ -408,7 +473,7 @@ impl CudaBackend {
         batch: &AttnBatch,
         block_size: usize,
         f: impl FnOnce(&BatchMeta) -> R,
-    ) -> R {
+    ) -> Option<R> {
         let mut slots = Vec::with_capacity(batch.n_tokens());
         let mut row_table = Vec::with_capacity(batch.n_tokens());
         let mut tables = Vec::new();
@@ -428,51 +493,57 @@ impl CudaBackend {
         let mut meta = self.meta.borrow_mut();
         if meta.as_ref().map(|m| m.host != host).unwrap_or(true) {
             let row_ctx: Vec<u32> = host.0.iter().map(|p| p + 1).collect();
+            *meta = None;
             *meta = Some(BatchMeta {
-                positions: self.upload(&host.0),
-                slots: self.upload(&host.1),
-                row_table: self.upload(&host.2),
-                tables: self.upload(&host.3),
-                row_ctx: self.upload(&row_ctx),
+                positions: self.upload(&host.0, "positions")?,
+                slots: self.upload(&host.1, "KV slots")?,
+                row_table: self.upload(&host.2, "block-table offsets")?,
+                tables: self.upload(&host.3, "block tables")?,
+                row_ctx: self.upload(&row_ctx, "context lengths")?,
                 max_ctx,
                 host,
             });
         }
-        f(meta.as_ref().expect("set above"))
+        meta.as_ref().map(f)
     }
 
-    fn inv_freq_dev<R>(&self, inv_freq: &[f32], f: impl FnOnce(&CudaSlice<f32>) -> R) -> R {
+    fn inv_freq_dev<R>(&self, inv_freq: &[f32], f: impl FnOnce(&CudaSlice<f32>) -> R) -> Option<R> {
         let mut c = self.inv_freq.borrow_mut();
         if c.as_ref()
             .map(|(h, _)| h.as_slice() != inv_freq)
             .unwrap_or(true)
         {
-            *c = Some((inv_freq.to_vec(), self.upload(inv_freq)));
+            *c = None;
+            *c = Some((
+                inv_freq.to_vec(),
+                self.upload(inv_freq, "RoPE frequencies")?,
+            ));
         }
-        f(&c.as_ref().expect("set above").1)
+        c.as_ref().map(|(_, d)| f(d))
     }
 
     /// `x` cast to bf16 (the GEMM's operand): `[m, k]`, or `[2m, k]` (hi rows then lo rows)
     /// when `split`.
-    fn to_bf16(&self, x: &CudaAct, split: bool) -> CudaSlice<u16> {
+    fn to_bf16(&self, x: &CudaAct, split: bool) -> Option<CudaSlice<u16>> {
         let n = x.rows * x.cols;
-        let mut out = self.alloc::<u16>(if split { 2 * n } else { n });
+        let xb = x.buf.as_ref()?;
+        let mut out = self.alloc::<u16>(if split { 2 * n } else { n }, "a bf16 GEMM input")?;
         let n64 = n as u64;
-        let f = if split {
-            &self.f.cast_bf16_split
+        let (f, name) = if split {
+            (&self.f.cast_bf16_split, "cast_bf16_split")
         } else {
-            &self.f.cast_bf16
+            (&self.f.cast_bf16, "cast_bf16")
         };
         let r = unsafe {
             self.stream
                 .launch_builder(f)
-                .arg(&x.buf)
+                .arg(xb)
                 .arg(&mut out)
                 .arg(&n64)
                 .launch(grid_for(n, self.info.sm_count))
         };
-        self.note(r, "cast_bf16");
-        out
+        self.launch_note(r, name);
+        Some(out)
     }
 
     /// Device-to-device copy bandwidth (GB/s, bytes read + written) and bf16 GEMM rate
@@ -605,18 +676,20 @@ impl Backend for CudaBackend {
         if tokens.is_empty() {
             return out;
         }
-        let tok = self.upload(tokens);
+        let (Some(tok), Some(ob)) = (self.upload(tokens, "token ids"), out.buf.as_mut()) else {
+            return out;
+        };
         let dim = table.cols as i32;
         let r = unsafe {
             self.stream
                 .launch_builder(&self.f.embed)
                 .arg(&table.buf)
                 .arg(&tok)
-                .arg(&mut out.buf)
+                .arg(ob)
                 .arg(&dim)
                 .launch(cfg((tokens.len() as u32, 1, 1), 256))
         };
-        self.note(r, "embed_gather");
+        self.launch_note(r, "embed_gather");
         out
     }
 
@@ -628,18 +701,21 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return out;
         }
+        let (Some(xb), Some(ob)) = (x.buf.as_ref(), out.buf.as_mut()) else {
+            return out;
+        };
         let r = unsafe {
             self.stream
                 .launch_builder(&self.f.add_rmsnorm)
-                .arg(&x.buf)
+                .arg(xb)
                 .arg(&null)
                 .arg(w)
-                .arg(&mut out.buf)
+                .arg(ob)
                 .arg(&cols)
                 .arg(&eps)
                 .launch(cfg((x.rows as u32, 1, 1), 512))
         };
-        self.note(r, "rmsnorm");
+        self.launch_note(r, "add_rmsnorm");
         out
     }
 
@@ -649,18 +725,22 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return out;
         }
+        let (Some(xb), Some(yb), Some(ob)) = (x.buf.as_mut(), y.buf.as_ref(), out.buf.as_mut())
+        else {
+            return out;
+        };
         let r = unsafe {
             self.stream
                 .launch_builder(&self.f.add_rmsnorm)
-                .arg(&mut x.buf)
-                .arg(&y.buf)
+                .arg(xb)
+                .arg(yb)
                 .arg(w)
-                .arg(&mut out.buf)
+                .arg(ob)
                 .arg(&cols)
                 .arg(&eps)
                 .launch(cfg((x.rows as u32, 1, 1), 512))
         };
-        self.note(r, "add_rmsnorm");
+        self.launch_note(r, "add_rmsnorm");
         out
     }
 
@@ -673,21 +753,20 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return out;
         }
-        let xb = self.to_bf16(x, split);
-        let r = self.gemm.borrow_mut().bf16_f32(
-            &self.stream,
-            &xb,
-            &w.buf,
-            &mut out.buf,
-            m,
-            w.rows,
-            w.cols,
-        );
-        self.note(r, "matmul");
+        let (Some(xb), Some(ob)) = (self.to_bf16(x, split), out.buf.as_mut()) else {
+            return out;
+        };
+        let r = self
+            .gemm
+            .borrow_mut()
+            .bf16_f32(&self.stream, &xb, &w.buf, ob, m, w.rows, w.cols);
+        if self.note(r, "matmul").is_some() {
+            self.launched("cublasLtMatmul");
+        }
         if split {
             let n = x.rows * w.rows;
             let n64 = n as u64;
-            let (mut hi, mut lo) = out.buf.split_at_mut(n);
+            let (mut hi, mut lo) = ob.split_at_mut(n);
             let r = unsafe {
                 self.stream
                     .launch_builder(&self.f.add_in_place)
@@ -696,7 +775,7 @@ impl Backend for CudaBackend {
                     .arg(&n64)
                     .launch(grid_for(n, self.info.sm_count))
             };
-            self.note(r, "matmul split sum");
+            self.launch_note(r, "add_in_place (split GEMM sum)");
         }
         out
     }
@@ -720,6 +799,10 @@ impl Backend for CudaBackend {
         let n_heads = (q.cols / s.head_dim) as i32;
         let (n_kv, hd) = (s.n_kv_heads as i32, s.head_dim as i32);
         let launch_cfg = cfg((q.rows as u32, 1, 1), 256);
+        let (Some(qb), Some(kb), Some(vb)) = (q.buf.as_mut(), k.buf.as_mut(), v.buf.as_ref())
+        else {
+            return;
+        };
         self.with_meta(batch, s.block_size, |m| {
             self.inv_freq_dev(inv_freq, |inv| {
                 macro_rules! launch {
@@ -729,9 +812,9 @@ impl Backend for CudaBackend {
                         unsafe {
                             self.stream
                                 .launch_builder($f)
-                                .arg(&mut q.buf)
-                                .arg(&mut k.buf)
-                                .arg(&v.buf)
+                                .arg(qb)
+                                .arg(kb)
+                                .arg(vb)
                                 .arg(inv)
                                 .arg(&m.positions)
                                 .arg(&m.slots)
@@ -744,11 +827,15 @@ impl Backend for CudaBackend {
                         }
                     }};
                 }
-                let r = match &mut kv.store {
-                    KvStore::Bf16 { k: kc, v: vc } => launch!(&self.f.rope_bf16, kc, vc),
-                    KvStore::F32 { k: kc, v: vc } => launch!(&self.f.rope_f32, kc, vc),
+                let (r, name) = match &mut kv.store {
+                    KvStore::Bf16 { k: kc, v: vc } => {
+                        (launch!(&self.f.rope_bf16, kc, vc), "rope_store_kv_bf16")
+                    }
+                    KvStore::F32 { k: kc, v: vc } => {
+                        (launch!(&self.f.rope_f32, kc, vc), "rope_store_kv_f32")
+                    }
                 };
-                self.note(r, "rope_store_kv");
+                self.launch_note(r, name);
             })
         });
     }
@@ -768,14 +855,21 @@ impl Backend for CudaBackend {
             return out;
         }
         let per_layer = kv.per_layer();
+        let (Some(qb), Some(ob)) = (q.buf.as_ref(), out.buf.as_mut()) else {
+            return out;
+        };
         self.with_meta(batch, s.block_size, |m| {
             // Split the context so that the grid has at least ~2 blocks per SM, but never
             // give a split fewer than 64 positions (the partials would cost more than they save).
             let blocks = q.rows * n_heads;
             let want = (2 * self.info.sm_count as usize).div_ceil(blocks);
             let splits = want.min(m.max_ctx.div_ceil(64)).clamp(1, 32);
-            let mut acc = self.alloc::<f32>(blocks * splits * hd);
-            let mut ml = self.alloc::<f32>(blocks * splits * 2);
+            let (Some(mut acc), Some(mut ml)) = (
+                self.alloc::<f32>(blocks * splits * hd, "attention partials"),
+                self.alloc::<f32>(blocks * splits * 2, "attention partial maxima"),
+            ) else {
+                return;
+            };
             let range = layer * per_layer..(layer + 1) * per_layer;
             let (nh, nkv, hdi, bs) = (
                 n_heads as i32,
@@ -794,7 +888,7 @@ impl Backend for CudaBackend {
                             .launch_builder($f)
                             .arg(&kc)
                             .arg(&vc)
-                            .arg(&q.buf)
+                            .arg(qb)
                             .arg(&m.row_ctx)
                             .arg(&m.row_table)
                             .arg(&m.tables)
@@ -809,23 +903,29 @@ impl Backend for CudaBackend {
                     }
                 }};
             }
-            let r = match &kv.store {
-                KvStore::Bf16 { k: kc, v: vc } => launch!(&self.f.attn_partial_bf16, kc, vc),
-                KvStore::F32 { k: kc, v: vc } => launch!(&self.f.attn_partial_f32, kc, vc),
+            let (r, name) = match &kv.store {
+                KvStore::Bf16 { k: kc, v: vc } => (
+                    launch!(&self.f.attn_partial_bf16, kc, vc),
+                    "attn_partial_bf16",
+                ),
+                KvStore::F32 { k: kc, v: vc } => (
+                    launch!(&self.f.attn_partial_f32, kc, vc),
+                    "attn_partial_f32",
+                ),
             };
-            self.note(r, "attn_partial");
+            self.launch_note(r, name);
             let sp = splits as i32;
             let r = unsafe {
                 self.stream
                     .launch_builder(&self.f.attn_combine)
                     .arg(&acc)
                     .arg(&ml)
-                    .arg(&mut out.buf)
+                    .arg(ob)
                     .arg(&sp)
                     .arg(&hdi)
                     .launch(cfg((blocks as u32, 1, 1), hd.min(256) as u32))
             };
-            self.note(r, "attn_combine");
+            self.launch_note(r, "attn_combine");
         });
         out
     }
@@ -834,31 +934,38 @@ impl Backend for CudaBackend {
         let mut out = self.act(gate.rows, gate.cols);
         let n = gate.rows * gate.cols;
         let n64 = n as u64;
+        let (Some(gb), Some(ub), Some(ob)) = (gate.buf.as_ref(), up.buf.as_ref(), out.buf.as_mut())
+        else {
+            return out;
+        };
         let r = unsafe {
             self.stream
                 .launch_builder(&self.f.silu_mul)
-                .arg(&gate.buf)
-                .arg(&up.buf)
-                .arg(&mut out.buf)
+                .arg(gb)
+                .arg(ub)
+                .arg(ob)
                 .arg(&n64)
                 .launch(grid_for(n, self.info.sm_count))
         };
-        self.note(r, "silu_mul");
+        self.launch_note(r, "silu_mul");
         out
     }
 
     fn add_in_place(&self, x: &mut CudaAct, y: &CudaAct) {
         let n = x.rows * x.cols;
         let n64 = n as u64;
+        let (Some(xb), Some(yb)) = (x.buf.as_mut(), y.buf.as_ref()) else {
+            return;
+        };
         let r = unsafe {
             self.stream
                 .launch_builder(&self.f.add_in_place)
-                .arg(&mut x.buf)
-                .arg(&y.buf)
+                .arg(xb)
+                .arg(yb)
                 .arg(&n64)
                 .launch(grid_for(n, self.info.sm_count))
         };
-        self.note(r, "add_in_place");
+        self.launch_note(r, "add_in_place");
     }
 
     fn select_rows(&self, x: &CudaAct, rows: &[usize]) -> CudaAct {
@@ -867,18 +974,24 @@ impl Backend for CudaBackend {
             return out;
         }
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let idx = self.upload(&idx);
+        let (Some(idx), Some(xb), Some(ob)) = (
+            self.upload(&idx, "row indices"),
+            x.buf.as_ref(),
+            out.buf.as_mut(),
+        ) else {
+            return out;
+        };
         let cols = x.cols as i32;
         let r = unsafe {
             self.stream
                 .launch_builder(&self.f.select_rows)
-                .arg(&x.buf)
+                .arg(xb)
                 .arg(&idx)
-                .arg(&mut out.buf)
+                .arg(ob)
                 .arg(&cols)
                 .launch(cfg((rows.len() as u32, 1, 1), 256))
         };
-        self.note(r, "select_rows");
+        self.launch_note(r, "select_rows");
         out
     }
 
@@ -893,7 +1006,10 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        tp.all_reduce_sum(&mut x.buf.slice_mut(0..n))
+        let Some(xb) = x.buf.as_mut() else {
+            return Err(self.take_err());
+        };
+        tp.all_reduce_sum(&mut xb.slice_mut(0..n))
     }
 
     /// The vocab-sharded logits `[rows, cols]` of every rank as `[rows, cols * tp]`, rank r's
@@ -907,19 +1023,28 @@ impl Backend for CudaBackend {
         let n = x.rows * x.cols;
         let mut all = self.act(x.rows * world, x.cols);
         if n > 0 {
-            tp.all_gather(&x.buf.slice(0..n), &mut all.buf)?;
+            let (Some(xb), Some(ab)) = (x.buf.as_ref(), all.buf.as_mut()) else {
+                return Err(self.take_err());
+            };
+            tp.all_gather(&xb.slice(0..n), ab)?;
         }
         self.reorder_gathered(&all, world)
     }
 
     fn to_host(&self, x: &CudaAct) -> Vec<f32> {
         let n = x.rows * x.cols;
-        match self.note(self.stream.clone_dtoh(&x.buf), "copy to host") {
-            Some(mut v) => {
+        let Some(xb) = x.buf.as_ref() else {
+            return vec![f32::NAN; n];
+        };
+        match self.stream.clone_dtoh(xb) {
+            Ok(mut v) => {
                 v.truncate(n);
                 v
             }
-            None => vec![f32::NAN; n],
+            Err(e) => {
+                self.driver_failed(e, "copying to the host");
+                vec![f32::NAN; n]
+            }
         }
     }
 
@@ -935,9 +1060,18 @@ impl Backend for CudaBackend {
         Some(self.sample_rows(logits, rows))
     }
 
+    /// The first failure of this step, if any. Kernel faults are asynchronous and sticky: the
+    /// stream is synchronized here so that a fault in this step's kernels is reported with this
+    /// step (naming the kernels it can be in), not at some later, unrelated call.
     fn check(&self) -> Result<(), BackendError> {
-        if let Some(e) = self.err.borrow_mut().take() {
-            return Err(BackendError::Unsupported(format!("CUDA: {e}")));
+        if self.err.borrow().is_none() {
+            match self.stream.synchronize() {
+                Ok(()) => self.launched.borrow_mut().clear(),
+                Err(e) => self.driver_failed(e, "finishing the step's kernels"),
+            }
+        }
+        if self.err.borrow().is_some() {
+            return Err(self.take_err());
         }
         Ok(())
     }
@@ -971,7 +1105,6 @@ impl CudaBackend {
             params.push(r.seed);
             params.push(r.n);
         }
-        let params = self.upload(&params);
         let max_top = rows
             .iter()
             .map(|r| r.top_logprobs)
@@ -979,15 +1112,30 @@ impl CudaBackend {
             .unwrap_or(0)
             .max(1);
         let n = rows.len();
-        let mut tok = self.alloc::<u32>(n);
-        let mut lp = self.alloc::<f32>(n);
-        let mut top_id = self.alloc::<u32>(n * max_top);
-        let mut top_lp = self.alloc::<f32>(n * max_top);
+        let bufs = (
+            logits.buf.as_ref(),
+            self.upload(&params, "sampling parameters"),
+            self.alloc::<u32>(n, "sampled tokens"),
+            self.alloc::<f32>(n, "sampled log-probs"),
+            self.alloc::<u32>(n * max_top, "top token ids"),
+            self.alloc::<f32>(n * max_top, "top log-probs"),
+        );
+        let (
+            Some(lb),
+            Some(params),
+            Some(mut tok),
+            Some(mut lp),
+            Some(mut top_id),
+            Some(mut top_lp),
+        ) = bufs
+        else {
+            return Err(self.take_err());
+        };
         let (vocab, mt) = (logits.cols as i32, max_top as i32);
         unsafe {
             self.stream
                 .launch_builder(&self.f.sample)
-                .arg(&logits.buf)
+                .arg(lb)
                 .arg(&vocab)
                 .arg(&params)
                 .arg(&mt)
@@ -998,10 +1146,29 @@ impl CudaBackend {
                 .launch(cfg((n as u32, 1, 1), 1024))
         }
         .map_err(be)?;
-        let tok = self.stream.clone_dtoh(&tok).map_err(be)?;
-        let lp = self.stream.clone_dtoh(&lp).map_err(be)?;
-        let top_id = self.stream.clone_dtoh(&top_id).map_err(be)?;
-        let top_lp = self.stream.clone_dtoh(&top_lp).map_err(be)?;
+        self.launched("sample_rows");
+        let copy = |what| {
+            move |e| {
+                self.driver_failed(e, what);
+                self.take_err()
+            }
+        };
+        let tok = self
+            .stream
+            .clone_dtoh(&tok)
+            .map_err(copy("copying sampled tokens"))?;
+        let lp = self
+            .stream
+            .clone_dtoh(&lp)
+            .map_err(copy("copying log-probs"))?;
+        let top_id = self
+            .stream
+            .clone_dtoh(&top_id)
+            .map_err(copy("copying top ids"))?;
+        let top_lp = self
+            .stream
+            .clone_dtoh(&top_lp)
+            .map_err(copy("copying top log-probs"))?;
         Ok((0..n)
             .map(|i| Sampled {
                 token: tok[i],

@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
-use cudarc::nccl::{Comm, Id, ReduceOp};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+use cudarc::nccl::{result, sys, Id};
 
 use crate::backend::BackendError;
 use crate::parallel::HostComm;
@@ -43,7 +43,10 @@ fn nccl_err(what: &str, e: cudarc::nccl::result::NcclError) -> BackendError {
 /// One rank's NCCL communicator over its replica, on the backend's stream (collectives are
 /// ordered with the kernels; nothing synchronizes the host).
 pub struct NcclComm {
-    comm: Comm,
+    /// The raw communicator (not cudarc's `Comm`, whose Drop panics when ncclCommAbort reports
+    /// an error, e.g. after a kernel fault: that panic replaced the real error message).
+    comm: sys::ncclComm_t,
+    stream: Arc<CudaStream>,
     rank: usize,
     size: usize,
 }
@@ -73,6 +76,31 @@ impl NcclComm {
                 missing[0] as usize
             )));
         }
+        // More ranks on a node than GPUs puts two ranks of this group on one GPU, which NCCL
+        // refuses with "Duplicate GPU detected": say so in herd's terms, on every rank, first.
+        let ordinal = stream.context().ordinal();
+        let node = crate::parallel::cluster().node;
+        let mut ords = vec![0f32; size];
+        let mut nodes = vec![0f32; size];
+        ords[rank] = (ordinal + 1) as f32;
+        nodes[rank] = (node + 1) as f32;
+        host.all_reduce_sum(&mut ords).map_err(comm_err)?;
+        host.all_reduce_sum(&mut nodes).map_err(comm_err)?;
+        for a in 0..size {
+            for b in a + 1..size {
+                if ords[a] == ords[b] && nodes[a] == nodes[b] {
+                    let gpus = super::device_count().unwrap_or(0);
+                    return Err(BackendError::Unsupported(format!(
+                        "tensor-parallel ranks {a} and {b} of this replica would share GPU {} of \
+                         their node ({gpus} GPU(s) there for {} local ranks): NCCL needs one GPU \
+                         per rank. Start at most one rank per GPU on each node (mpirun \
+                         --map-by ppr:{gpus}:node, srun --ntasks-per-node={gpus})",
+                        ords[a] as usize - 1,
+                        crate::parallel::cluster().local_size,
+                    )));
+                }
+            }
+        }
         // The leader sends an empty id when it could not make one: the peers fail with it.
         let mut bytes = Vec::new();
         let mut made = Ok(());
@@ -100,9 +128,19 @@ impl NcclComm {
             .context()
             .bind_to_thread()
             .map_err(|e| BackendError::Comm(format!("CUDA: binding the context: {e}")))?;
-        let comm = Comm::from_rank(stream.clone(), rank, size, Id::uninit(internal))
-            .map_err(|e| nccl_err("ncclCommInitRank", e))?;
-        Ok(NcclComm { comm, rank, size })
+        let id = sys::ncclUniqueId { internal };
+        let mut comm = std::ptr::null_mut();
+        // SAFETY: `comm` receives the new communicator; the id is 128 bytes from the leader.
+        unsafe {
+            result::comm_init_rank(&mut comm, size as i32, id, rank as i32)
+                .map_err(|e| nccl_err("ncclCommInitRank", e))?;
+        }
+        Ok(NcclComm {
+            comm,
+            stream: stream.clone(),
+            rank,
+            size,
+        })
     }
 
     pub fn rank(&self) -> usize {
@@ -115,9 +153,21 @@ impl NcclComm {
 
     /// Element-wise sum over the replica, in place. Not yet run on a GPU.
     pub fn all_reduce_sum(&self, x: &mut CudaViewMut<'_, f32>) -> Result<(), BackendError> {
-        self.comm
-            .all_reduce_in_place(x, &ReduceOp::Sum)
-            .map_err(|e| nccl_err("ncclAllReduce", e))?;
+        let count = x.len();
+        let (p, _record) = x.device_ptr_mut(&self.stream);
+        // SAFETY: `p` is `count` f32 on this communicator's device, used in place on its stream.
+        unsafe {
+            result::all_reduce(
+                p as *const std::ffi::c_void,
+                p as *mut std::ffi::c_void,
+                count,
+                sys::ncclDataType_t::ncclFloat32,
+                sys::ncclRedOp_t::ncclSum,
+                self.comm,
+                self.stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| nccl_err("ncclAllReduce", e))?;
         Ok(())
     }
 
@@ -137,9 +187,32 @@ impl NcclComm {
             )));
         }
         let mut dst = out.slice_mut(0..x.len() * self.size);
-        self.comm
-            .all_gather(x, &mut dst)
-            .map_err(|e| nccl_err("ncclAllGather", e))?;
+        let (src, _r1) = x.device_ptr(&self.stream);
+        let (dp, _r2) = dst.device_ptr_mut(&self.stream);
+        // SAFETY: `src` holds x.len() f32 and `dp` size times that (checked above), both on
+        // this communicator's device, used on its stream.
+        unsafe {
+            result::all_gather(
+                src as *const std::ffi::c_void,
+                dp as *mut std::ffi::c_void,
+                x.len(),
+                sys::ncclDataType_t::ncclFloat32,
+                self.comm,
+                self.stream.cu_stream() as sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| nccl_err("ncclAllGather", e))?;
         Ok(())
+    }
+}
+
+impl Drop for NcclComm {
+    /// Abort (frees the communicator without waiting for peers that may be gone). Its error is
+    /// only logged: the job is ending, usually because of an error already reported.
+    fn drop(&mut self) {
+        // SAFETY: made by ncclCommInitRank in `new`, aborted once.
+        if let Err(e) = unsafe { result::comm_abort(self.comm) } {
+            tracing::warn!("{}", nccl_err("ncclCommAbort", e));
+        }
     }
 }

@@ -106,6 +106,16 @@ fn compare(name: &str, gpu: &[f32], cpu: &[f32], tol: f64) -> Check {
     }
 }
 
+/// The larger error, NaN winning: `f64::max` returns the other operand when one is NaN, which
+/// let NaN log-probs (a kernel that wrote nothing) pass a tolerance check.
+fn worse(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}
+
 /// Run every kernel check; the lines of a table and whether all passed.
 pub fn run_kernels(gpu: &CudaBackend) -> Vec<Check> {
     let cpu = CpuBackend::default();
@@ -404,9 +414,9 @@ fn sampling_checks(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Check> {
         if tok != g.token || lp.top.iter().map(|t| t.0).ne(g.top.iter().map(|t| t.0)) {
             mismatches += 1;
         }
-        lp_err = lp_err.max((lp.logprob - g.logprob).abs() as f64);
+        lp_err = worse(lp_err, (lp.logprob - g.logprob).abs() as f64);
         for (a, b) in lp.top.iter().zip(&g.top) {
-            lp_err = lp_err.max((a.1 - b.1).abs() as f64);
+            lp_err = worse(lp_err, (a.1 - b.1).abs() as f64);
         }
     }
     vec![
@@ -423,7 +433,7 @@ fn sampling_checks(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Check> {
             rel_err: lp_err,
             max_abs: lp_err,
             tol: 1e-4,
-            pass: lp_err <= 1e-4,
+            pass: lp_err.is_finite() && lp_err <= 1e-4,
             note: String::new(),
         },
     ]
@@ -576,11 +586,11 @@ pub fn compare_models_on<B: Backend>(
         let norm = |l: &[f32]| crate::engine::sampler::log_normalizer(l);
         let (nc, ng) = (norm(&lc), norm(&lg));
         for (a, b) in lc.iter().zip(&lg) {
-            worst_all = worst_all.max(((*a as f64 - nc) - (*b as f64 - ng)).abs());
+            worst_all = worse(worst_all, ((*a as f64 - nc) - (*b as f64 - ng)).abs());
         }
         // What users see: the log-probs of the CPU's 20 most likely tokens.
         for (t, lp) in crate::engine::sampler::top_logprobs(&lc, nc, 20) {
-            worst = worst.max((lp as f64 - (lg[t as usize] as f64 - ng)).abs());
+            worst = worse(worst, (lp as f64 - (lg[t as usize] as f64 - ng)).abs());
         }
         let (tc, tg) = (
             crate::engine::sampler::argmax(&lc),
@@ -780,6 +790,13 @@ mod tests {
             println!("{table}");
             assert!(ok, "{table}");
         }
+    }
+
+    #[test]
+    fn nan_log_probs_fail_the_model_checks() {
+        assert!(worse(0.1, f64::NAN).is_nan());
+        assert!(worse(f64::NAN, 0.1).is_nan());
+        assert_eq!(worse(0.1, 0.2), 0.2);
     }
 
     #[test]
