@@ -61,9 +61,15 @@ pub fn usage(msg: impl std::fmt::Display) -> anyhow::Error {
     Coded::with(USAGE)(anyhow::anyhow!("{msg}"))
 }
 
-/// The code `error` should end the process with: its own, else [`FAILED`].
+/// The code `error` should end the process with: its own; else [`MODEL`] for the model's own
+/// failure (a checkpoint it cannot read, a backend fault in a step, wherever a mode met it);
+/// else [`FAILED`].
 pub fn code_of(error: &anyhow::Error) -> i32 {
-    error.downcast_ref::<Coded>().map_or(FAILED, |c| c.code)
+    match error.downcast_ref::<Coded>() {
+        Some(c) => c.code,
+        None if error.downcast_ref::<crate::model::ModelError>().is_some() => MODEL,
+        None => FAILED,
+    }
 }
 
 /// Whether every rank ends with `error` together (see [`Coded::together`]).

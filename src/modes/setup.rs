@@ -445,6 +445,7 @@ fn load_cuda(
         q_dim,
         kv_dim,
         logit_vocab as u64,
+        numerics == Numerics::Accurate,
     );
     if let Some(gb) = args
         .kv_cache_gb
@@ -465,12 +466,13 @@ fn load_cuda(
         total_bytes: info.total_bytes,
         free_bytes: info.free_bytes,
         utilization: args.gpu_memory_utilization,
-        // Each rank holds 1/tp of the layers plus the whole embedding table (as load_cpu counts).
-        weight_bytes: if shard.tp > 1 {
-            (cfg.n_params() / shard.tp + cfg.vocab_size * cfg.dim) as u64 * 2
-        } else {
-            cfg.n_params() as u64 * 2
-        },
+        weight_bytes: plan::weight_bytes(
+            cfg.n_params() as u64,
+            cfg.vocab_size as u64,
+            cfg.dim as u64,
+            shard.tp as u64,
+            cfg.tie_embeddings,
+        ),
         activation_bytes: activations,
         kv_block_bytes: shape.block_bytes(kv_elem) as u64,
         useful_blocks: useful.min(kv_cap) as u64,

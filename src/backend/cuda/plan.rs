@@ -67,9 +67,29 @@ pub fn plan_memory(p: &MemoryPlanInput) -> Result<MemoryPlan, String> {
     })
 }
 
+/// Bytes of bf16 weights one rank uploads: its 1/tp share of the layers and of the output
+/// projection, plus the whole embedding table (every rank looks tokens up). Tied embeddings are
+/// one tensor on disk but two buffers on the GPU (the lookup table and the output matrix), and
+/// `n_params` counts them once.
+pub fn weight_bytes(n_params: u64, vocab: u64, dim: u64, tp: u64, tied: bool) -> u64 {
+    let emb = vocab * dim;
+    let params = if tp > 1 {
+        // n_params/tp holds the output shard (untied: and 1/tp of the table, a small overcount).
+        n_params / tp + emb
+    } else if tied {
+        n_params + emb
+    } else {
+        n_params
+    };
+    params * 2
+}
+
 /// Activation memory for a step of `tokens` rows (f32 between kernels), `logit_rows` rows of
 /// logits, plus the cuBLASLt workspace and attention partials. Generous: the allocator is
-/// stream-ordered and transient buffers overlap little.
+/// stream-ordered and transient buffers overlap little. `split_gemm` (accurate numerics): every
+/// GEMM runs on twice the rows (the hi and lo bf16 halves of its input) and its output buffer
+/// keeps them, so GEMM inputs, outputs and the logits take twice the bytes.
+#[allow(clippy::too_many_arguments)]
 pub fn activation_bytes(
     tokens: u64,
     logit_rows: u64,
@@ -78,14 +98,16 @@ pub fn activation_bytes(
     q_dim: u64,
     kv_dim: u64,
     vocab: u64,
+    split_gemm: bool,
 ) -> u64 {
+    let rows = if split_gemm { 2 } else { 1 };
     // Live at once, per row: x, h, q, k, v, attn, o (dim-sized), gate, up, act (ffn-sized),
     // the bf16 copy of the largest GEMM input; then the logits.
     let per_row = 4 * (4 * dim + 2 * q_dim + 2 * kv_dim + 3 * ffn_dim) + 2 * ffn_dim;
     let attn_partials = tokens * q_dim * 4 * 2;
-    tokens * per_row
+    rows * tokens * per_row
         + attn_partials
-        + logit_rows * vocab * 4 * 2
+        + rows * logit_rows * vocab * 4 * 2
         + super::gemm::WORKSPACE_BYTES as u64
 }
 
@@ -113,6 +135,26 @@ mod tests {
         let mut few = input();
         few.useful_blocks = 100;
         assert_eq!(plan_memory(&few).expect("fits").kv_blocks, 100);
+    }
+
+    #[test]
+    fn tied_embeddings_count_twice_on_one_gpu() {
+        // Llama 3.2 1B shapes: n_params counts the tied table once.
+        let (n, vocab, dim) = (1_235_814_400u64, 128_256u64, 2048u64);
+        assert_eq!(weight_bytes(n, vocab, dim, 1, false), 2 * n);
+        assert_eq!(weight_bytes(n, vocab, dim, 1, true), 2 * (n + vocab * dim));
+        assert_eq!(
+            weight_bytes(n, vocab, dim, 2, true),
+            2 * (n / 2 + vocab * dim)
+        );
+    }
+
+    #[test]
+    fn accurate_numerics_double_the_gemm_buffers() {
+        let a = |split| activation_bytes(1024, 64, 4096, 14336, 4096, 1024, 128_256, split);
+        let ws = crate::backend::cuda::gemm::WORKSPACE_BYTES as u64;
+        let attn = 1024 * 4096 * 4 * 2;
+        assert_eq!(a(true) - ws - attn, 2 * (a(false) - ws - attn));
     }
 
     #[test]
