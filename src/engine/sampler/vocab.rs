@@ -1,0 +1,279 @@
+//! The passes over a whole row of logits: its maximum, a histogram of the weights by bucket,
+//! gathering one bucket, the first k tokens in rank order. Written as fixed-width lane loops the
+//! compiler vectorizes; on x86_64 with AVX2 and FMA the same bodies are compiled for those too.
+//!
+//! A token's bucket is `floor(-x * 64)` of its log-weight `x = (logit - max) / T <= 0`, so a bucket
+//! spans a factor e^(1/64) of weight, and buckets are contiguous in rank order (the bucket only
+//! grows as the logit falls, and tied logits share one). Tokens with `x <= -48` share the tail
+//! bucket, whose mass is bounded instead of summed: each weighs under e^-48.
+
+use super::ranked::key;
+
+/// Buckets per unit of log-weight.
+const PER_UNIT: f64 = 64.0;
+/// The tail bucket, the last: log-weights at or below -48 (`-TAIL / PER_UNIT`).
+pub(super) const TAIL: usize = 3072;
+pub(super) const BUCKETS: usize = TAIL + 1;
+/// Length of the `mass` buffer of [`histogram`], a power of two (indices are masked, not
+/// checked): the buckets, then the slots where tail tokens add their zeros.
+pub(super) const MASS_LEN: usize = 4096;
+/// 2^-68: a bound on the specified weight of a tail token, e^-47.99 (1 + 2^-52).
+pub(super) const TAIL_WEIGHT: f64 = 3.3881317890172014e-21;
+/// 2^-38: a bound on the relative error of a bucket's mass as [`histogram`] sums it (each token's
+/// `e^x` as [`exp_near`] of its offset from the bucket's centre times the centre's `e^c`) against
+/// the sum of `f64::exp`. The polynomial's truncation is below (2^-7)^5 / 5! ~ 2^-42; the
+/// roundings and `f64::exp`'s own error (< 1 ulp) are far smaller; the tests measure it.
+pub(super) const EXP_ERR: f64 = 3.637978807091713e-12;
+
+/// 1.5 * 2^52: adding it rounds an f64 of magnitude below 2^51 to an integer.
+const MAGIC: f64 = 6755399441055744.0;
+
+#[inline(always)]
+fn madd<const FMA: bool>(a: f64, b: f64, c: f64) -> f64 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `e^(h / 64)` for |h| <= 1/2: Taylor to degree 4 in `d = h / 64` (relative error below
+/// 2^-42), with the division folded into the coefficients. Branch-free, so that it vectorizes.
+#[inline(always)]
+fn exp_near<const FMA: bool>(h: f64) -> f64 {
+    const U: f64 = 1.0 / PER_UNIT;
+    let p = madd::<FMA>(h, U * U * U * U / 24.0, U * U * U / 6.0);
+    let p = madd::<FMA>(p, h, U * U / 2.0);
+    let p = madd::<FMA>(p, h, U);
+    madd::<FMA>(p, h, 1.0)
+}
+
+/// A token's bucket and its weight relative to the bucket's centre, from `s = (max - logit) * 64
+/// / T` (>= 0; the log-weight is `x = -s / 64`): the bucket `b` is `s` rounded to nearest, at
+/// most [`TAIL`] (so monotone in the logit, and [`TAIL`] only for `s >= 3071.5`, `x < -47.99`);
+/// otherwise `x` lies within 1/128 of the centre `c = -b / 64`, and the weight is `e^(x - c)`.
+/// Branch-free (rounding through [`MAGIC`], whose low mantissa bits then hold `b`), so that it
+/// vectorizes.
+#[inline(always)]
+fn bucket<const FMA: bool>(s: f64) -> (u16, f64) {
+    let t = s.min(TAIL as f64) + MAGIC;
+    let near = exp_near::<FMA>((t - MAGIC) - s);
+    (t.to_bits() as u16, near)
+}
+
+/// `e^c` of each bucket's centre `c = -b / 64`, by `f64::exp`.
+fn centre_weights() -> &'static [f64] {
+    static W: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+    W.get_or_init(|| (0..TAIL).map(|b| (-(b as f64) / PER_UNIT).exp()).collect())
+}
+
+/// `s` of a logit, as [`histogram`] computes it: only monotone in the logit, and within a few
+/// ulps of `-64 x` with `x` the specified log-weight (so that the weight stays within bound).
+#[inline(always)]
+fn scaled(v: f32, max: f64, k: f64) -> f64 {
+    (max - v as f64) * k
+}
+
+/// A token's weight as [`histogram`] counts it, with `k = 64 / T` (`None` in the tail, which is
+/// not summed).
+#[cfg(test)]
+pub(super) fn weight_approx<const FMA: bool>(v: f32, max: f64, k: f64) -> Option<f64> {
+    let (b, near) = bucket::<FMA>(scaled(v, max, k));
+    (b < TAIL as u16).then(|| centre_weights()[b as usize] * near)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// The largest logit (what a fold with `f32::max` gives, up to the sign of a zero maximum) and
+/// whether any logit is NaN.
+pub(super) fn max_nan(logits: &[f32]) -> (f32, bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return unsafe { max_nan_avx2(logits) };
+    }
+    max_nan_body(logits)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn max_nan_avx2(logits: &[f32]) -> (f32, bool) {
+    max_nan_body(logits)
+}
+
+#[inline(always)]
+fn max_nan_body(logits: &[f32]) -> (f32, bool) {
+    const W: usize = 16;
+    let mut m = [f32::NEG_INFINITY; W];
+    let mut nan = [0u32; W];
+    let mut chunks = logits.chunks_exact(W);
+    for l in &mut chunks {
+        for j in 0..W {
+            m[j] = if l[j] > m[j] { l[j] } else { m[j] };
+            nan[j] |= l[j].is_nan() as u32;
+        }
+    }
+    let mut best = f32::NEG_INFINITY;
+    let mut any_nan = nan.iter().any(|&v| v != 0);
+    for &v in m.iter().chain(chunks.remainder()) {
+        best = if v > best { v } else { best };
+        any_nan |= v.is_nan();
+    }
+    (best, any_nan)
+}
+
+/// Index of the first logit equal to `v` (`logits.len()` if none).
+pub(super) fn position_of(logits: &[f32], v: f32) -> usize {
+    const W: usize = 16;
+    for (c, l) in logits.chunks(W).enumerate() {
+        if l.iter().fold(false, |acc, &x| acc | (x == v)) {
+            if let Some(j) = l.iter().position(|&x| x == v) {
+                return c * W + j;
+            }
+        }
+    }
+    logits.len()
+}
+
+/// Fill `of_token` with each token's bucket (tail tokens: [`TAIL`] to `TAIL + 7`, spread so that
+/// their additions of zero make no chain of dependent additions) and `mass` (zeroed) with the
+/// approximate mass of each bucket but the tail (in its first [`BUCKETS`]).
+pub(super) fn histogram(
+    logits: &[f32],
+    max: f64,
+    inv_t: f64,
+    of_token: &mut [u16],
+    mass: &mut [f64; MASS_LEN],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return unsafe { histogram_avx2(logits, max, inv_t, of_token, mass) };
+    }
+    histogram_body::<false>(logits, max, inv_t, of_token, mass)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn histogram_avx2(
+    logits: &[f32],
+    max: f64,
+    inv_t: f64,
+    of_token: &mut [u16],
+    mass: &mut [f64; MASS_LEN],
+) {
+    histogram_body::<true>(logits, max, inv_t, of_token, mass)
+}
+
+#[inline(always)]
+fn histogram_body<const FMA: bool>(
+    logits: &[f32],
+    max: f64,
+    inv_t: f64,
+    of_token: &mut [u16],
+    mass: &mut [f64; MASS_LEN],
+) {
+    // An element-wise loop over a chunk (which vectorizes), then the scatter into the buckets. A
+    // bucket sums `e^(x - c)` of its tokens; its mass is that times `e^c`.
+    const C: usize = 256;
+    let k = inv_t * PER_UNIT;
+    let tail_id = TAIL as u16;
+    let mut near = [0f64; C];
+    for (l, ids) in logits.chunks(C).zip(of_token.chunks_mut(C)) {
+        for (j, ((e, id), &v)) in near.iter_mut().zip(ids.iter_mut()).zip(l).enumerate() {
+            let (b, w) = bucket::<FMA>(scaled(v, max, k));
+            let is_tail = b == tail_id;
+            *e = if is_tail { 0.0 } else { w };
+            *id = b + is_tail as u16 * (j & 7) as u16;
+        }
+        for (&e, &id) in near.iter().zip(ids.iter()) {
+            mass[id as usize & (MASS_LEN - 1)] += e;
+        }
+    }
+    for (m, &w) in mass.iter_mut().zip(centre_weights()) {
+        *m *= w;
+    }
+    mass[TAIL..].fill(0.0);
+}
+
+/// The keys of the tokens in bucket `g`, in token order.
+pub(super) fn gather(logits: &[f32], of_token: &[u16], g: u16) -> Vec<u64> {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        return unsafe { gather_avx2(logits, of_token, g) };
+    }
+    gather_body(logits, of_token, g)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gather_avx2(logits: &[f32], of_token: &[u16], g: u16) -> Vec<u64> {
+    gather_body(logits, of_token, g)
+}
+
+#[inline(always)]
+fn gather_body(logits: &[f32], of_token: &[u16], g: u16) -> Vec<u64> {
+    const W: usize = 64;
+    let in_g = |v: u16| v.min(TAIL as u16) == g;
+    let mut keys = Vec::new();
+    let mut chunks = of_token.chunks_exact(W);
+    for (c, ids) in (&mut chunks).enumerate() {
+        if ids.iter().fold(0u16, |acc, &v| acc | in_g(v) as u16) != 0 {
+            for (j, &v) in ids.iter().enumerate() {
+                if in_g(v) {
+                    keys.push(key(logits, c * W + j));
+                }
+            }
+        }
+    }
+    let done = of_token.len() - chunks.remainder().len();
+    for (j, &v) in chunks.remainder().iter().enumerate() {
+        if in_g(v) {
+            keys.push(key(logits, done + j));
+        }
+    }
+    keys
+}
+
+/// The keys of the first `k` tokens in rank order (`0 < k < logits.len()`), in no particular
+/// order; `None` if a logit is NaN. One pass: a buffer that, whenever full, is cut back to its
+/// best k, after which a token must beat the k-th best logit so far to enter (a tie ranks after
+/// it: the newcomer's id is larger). Chunks that hold no such token are skipped at once.
+pub(super) fn top_keys(logits: &[f32], k: usize) -> Option<Vec<u64>> {
+    const W: usize = 16;
+    let cap = (2 * k).max(k + 1024);
+    let mut keys = Vec::with_capacity(cap);
+    // Once the buffer was cut: the logit of the k-th best key.
+    let mut bar: Option<f32> = None;
+    for (c, l) in logits.chunks(W).enumerate() {
+        if let Some(bar) = bar {
+            // `!(v <= bar)` also lets NaN through, to be seen below.
+            if !l.iter().fold(false, |acc, &v| acc | !(v <= bar)) {
+                continue;
+            }
+        }
+        for (j, &v) in l.iter().enumerate() {
+            if v.is_nan() {
+                return None;
+            }
+            if bar.is_some_and(|bar| v <= bar) {
+                continue;
+            }
+            keys.push(key(logits, c * W + j));
+            if keys.len() == cap {
+                keys.select_nth_unstable(k - 1);
+                keys.truncate(k);
+                bar = Some(logits[keys[k - 1] as u32 as usize]);
+            }
+        }
+    }
+    if keys.len() > k {
+        keys.select_nth_unstable(k - 1);
+        keys.truncate(k);
+    }
+    Some(keys)
+}
