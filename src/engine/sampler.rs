@@ -76,29 +76,36 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// log-softmax normalizer: `logsumexp(logits)` in f64.
 pub fn log_normalizer(logits: &[f32]) -> f64 {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    // The maximum as a fold with f32::max finds it (NaN passed over); the sign of a zero maximum
+    // changes neither the sum nor the result.
+    let max = vocab::max_nan(logits).0 as f64;
     let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
     max + sum.ln()
 }
 
-/// The `n` most likely tokens with their log-probs, most likely first (ties: lower id first).
+/// The `n` most likely tokens with their log-probs, most likely first (ties: lower id first), in
+/// rank order as [`sample`] ranks (a NaN logit ranks by its sign bit: above +inf, or below -inf).
 pub fn top_logprobs(logits: &[f32], norm: f64, n: usize) -> Vec<(u32, f32)> {
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let n = n.min(idx.len());
+    let n = n.min(logits.len());
     if n == 0 {
         return Vec::new();
     }
-    let cmp = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .partial_cmp(&logits[*a as usize])
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.cmp(b))
-    };
-    idx.select_nth_unstable_by(n - 1, cmp);
-    idx.truncate(n);
-    idx.sort_by(cmp);
-    idx.into_iter()
-        .map(|i| (i, (logits[i as usize] as f64 - norm) as f32))
+    // One pass collects the first n (None: a NaN logit); else select among all keys.
+    let mut keys = (n < logits.len())
+        .then(|| vocab::top_keys(logits, n))
+        .flatten()
+        .unwrap_or_else(|| {
+            let mut keys: Vec<u64> = (0..logits.len()).map(|i| ranked::key(logits, i)).collect();
+            keys.select_nth_unstable(n - 1);
+            keys.truncate(n);
+            keys
+        });
+    keys.sort_unstable();
+    keys.into_iter()
+        .map(|k| {
+            let i = k as u32;
+            (i, (logits[i as usize] as f64 - norm) as f32)
+        })
         .collect()
 }
 
@@ -235,6 +242,8 @@ fn exact(logits: &[f32], top_k: usize, rule: &Rule) -> u32 {
 fn decide(r: &mut Ranked, total: Span, rule: &Rule) -> Option<u32> {
     if rule.top_p < 1.0 {
         let p = rule.top_p as f64;
+        // The nucleus ends near mass p total, and the token lies near u times that.
+        r.prefetch(&[p * total.hi, rule.u * p * total.hi]);
         // The nucleus ends at the first prefix with `cum / total >= top_p`.
         let keep = |s: Span| tri(s.lo / total.hi >= p, s.hi / total.lo >= p);
         match r.walk(&keep, None) {

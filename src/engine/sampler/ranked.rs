@@ -280,12 +280,39 @@ impl<'a> Ranked<'a> {
         if let Some(i) = self.groups.iter().position(|(h, _)| *h == g) {
             return i;
         }
-        let keys = match buckets {
-            Some(b) => super::vocab::gather(self.w.logits, b.of_token, g as u16),
-            None => Vec::new(),
-        };
-        self.groups.push((g, Group::new(keys)));
+        if let Some(b) = buckets {
+            self.gather_buckets(b, &[g]);
+        } else {
+            self.groups.push((g, Group::new(Vec::new())));
+        }
         self.groups.len() - 1
+    }
+
+    /// Gather, in one pass, the buckets (not gathered yet) where the running computed mass first
+    /// reaches each of `masses`: where walks for those targets will most likely look.
+    pub fn prefetch(&mut self, masses: &[f64]) {
+        let Some(b) = self.buckets.take() else {
+            return;
+        };
+        let mut want: Vec<usize> = Vec::new();
+        for &m in masses {
+            let g = b.cum.partition_point(|&c| c < m).min(b.cum.len() - 1);
+            if !want.contains(&g) && !self.groups.iter().any(|(h, _)| *h == g) {
+                want.push(g);
+            }
+        }
+        self.gather_buckets(&b, &want);
+        self.buckets = Some(b);
+    }
+
+    fn gather_buckets(&mut self, b: &Buckets, groups: &[usize]) {
+        for groups in groups.chunks(super::vocab::GATHER_MAX) {
+            let ids: Vec<u16> = groups.iter().map(|&g| g as u16).collect();
+            let keys = super::vocab::gather(self.w.logits, b.of_token, &ids);
+            for (&g, keys) in groups.iter().zip(keys) {
+                self.groups.push((g, Group::new(keys)));
+            }
+        }
     }
 }
 

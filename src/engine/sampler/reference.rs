@@ -1,10 +1,48 @@
-//! The sampler as it was before the selection-based fast path (commit 06b8087), kept verbatim as
-//! the specification the fast path must match token for token.
+//! The sampler and the log-prob report as they were before the selection-based fast paths (commit
+//! 06b8087), kept verbatim as the specification they must match token for token, bit for bit.
 
 #![cfg(test)]
 
 use super::{descending_key, uniform};
-use crate::engine::request::SamplingParams;
+use crate::engine::request::{SamplingParams, TokenLogprob};
+
+/// log-softmax normalizer: `logsumexp(logits)` in f64.
+pub fn log_normalizer(logits: &[f32]) -> f64 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
+    max + sum.ln()
+}
+
+/// The `n` most likely tokens with their log-probs, most likely first (ties: lower id first).
+pub fn top_logprobs(logits: &[f32], norm: f64, n: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = n.min(idx.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let cmp = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .partial_cmp(&logits[*a as usize])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(b))
+    };
+    idx.select_nth_unstable_by(n - 1, cmp);
+    idx.truncate(n);
+    idx.sort_by(cmp);
+    idx.into_iter()
+        .map(|i| (i, (logits[i as usize] as f64 - norm) as f32))
+        .collect()
+}
+
+/// Log-prob report for a chosen token.
+pub fn token_logprob(logits: &[f32], token: u32, top_n: usize) -> TokenLogprob {
+    let norm = log_normalizer(logits);
+    TokenLogprob {
+        token_id: token,
+        logprob: (logits[token as usize] as f64 - norm) as f32,
+        top: top_logprobs(logits, norm, top_n),
+    }
+}
 
 /// Index of the largest logit; ties go to the lowest id.
 pub fn argmax(logits: &[f32]) -> u32 {

@@ -156,6 +156,9 @@ pub(super) fn histogram(
     histogram_body::<false>(logits, max, inv_t, of_token, mass)
 }
 
+/// [`histogram_body`] with FMA, written out in AVX2: the same operations in the same order, so
+/// the same results bit for bit (the tests compare them), in fewer instructions than the
+/// compiler finds (it packs the bucket ids from 64-bit lanes poorly).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn histogram_avx2(
@@ -165,11 +168,71 @@ unsafe fn histogram_avx2(
     of_token: &mut [u16],
     mass: &mut [f64; MASS_LEN],
 ) {
-    histogram_body::<true>(logits, max, inv_t, of_token, mass)
+    use std::arch::x86_64::*;
+    const U: f64 = 1.0 / PER_UNIT;
+    let k = inv_t * PER_UNIT;
+    let (vmax, vk) = (_mm256_set1_pd(max), _mm256_set1_pd(k));
+    let (top, magic) = (_mm256_set1_pd(TAIL as f64), _mm256_set1_pd(MAGIC));
+    let tail_t = _mm256_set1_pd(TAIL as f64 + MAGIC);
+    let c = [U * U * U * U / 24.0, U * U * U / 6.0, U * U / 2.0, U, 1.0].map(|c| _mm256_set1_pd(c));
+    // Four tokens: (t, whose low bits hold the bucket; the weight near the centre, 0 in the tail).
+    let four = |v: __m128| {
+        let s = _mm256_mul_pd(_mm256_sub_pd(vmax, _mm256_cvtps_pd(v)), vk);
+        let t = _mm256_add_pd(_mm256_min_pd(s, top), magic);
+        let h = _mm256_sub_pd(_mm256_sub_pd(t, magic), s);
+        let mut p = _mm256_fmadd_pd(h, c[0], c[1]);
+        p = _mm256_fmadd_pd(p, h, c[2]);
+        p = _mm256_fmadd_pd(p, h, c[3]);
+        p = _mm256_fmadd_pd(p, h, c[4]);
+        let in_tail = _mm256_cmp_pd(t, tail_t, _CMP_EQ_OQ);
+        (_mm256_castpd_si256(t), _mm256_andnot_pd(in_tail, p))
+    };
+    let low_halves = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    let (tail16, spread) = (
+        _mm_set1_epi16(TAIL as i16),
+        _mm_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7),
+    );
+    const C: usize = 256;
+    let mut near = [0f64; C];
+    for (l, ids) in logits.chunks(C).zip(of_token.chunks_mut(C)) {
+        let full = l.len() / 8 * 8;
+        for j in (0..full).step_by(8) {
+            // SAFETY: j + 8 <= full <= l.len() == ids.len() <= near.len(); unaligned loads and
+            // stores inside the slices.
+            let (t0, e0) = four(_mm_loadu_ps(l.as_ptr().add(j)));
+            let (t1, e1) = four(_mm_loadu_ps(l.as_ptr().add(j + 4)));
+            _mm256_storeu_pd(near.as_mut_ptr().add(j), e0);
+            _mm256_storeu_pd(near.as_mut_ptr().add(j + 4), e1);
+            let b = _mm_packus_epi32(
+                _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(t0, low_halves)),
+                _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(t1, low_halves)),
+            );
+            let b = _mm_add_epi16(b, _mm_and_si128(_mm_cmpeq_epi16(b, tail16), spread));
+            _mm_storeu_si128(ids.as_mut_ptr().add(j) as *mut __m128i, b);
+        }
+        for j in full..l.len() {
+            let (b, w) = bucket::<true>(scaled(l[j], max, k));
+            let is_tail = b == TAIL as u16;
+            near[j] = if is_tail { 0.0 } else { w };
+            ids[j] = b + is_tail as u16 * (j & 7) as u16;
+        }
+        for (&e, &id) in near.iter().zip(ids.iter()) {
+            mass[id as usize & (MASS_LEN - 1)] += e;
+        }
+    }
+    finish_histogram(mass);
+}
+
+/// Each bucket's sum of weights near its centre times the centre's weight; the tail slots zeroed.
+fn finish_histogram(mass: &mut [f64; MASS_LEN]) {
+    for (m, &w) in mass.iter_mut().zip(centre_weights()) {
+        *m *= w;
+    }
+    mass[TAIL..].fill(0.0);
 }
 
 #[inline(always)]
-fn histogram_body<const FMA: bool>(
+pub(super) fn histogram_body<const FMA: bool>(
     logits: &[f32],
     max: f64,
     inv_t: f64,
@@ -193,50 +256,101 @@ fn histogram_body<const FMA: bool>(
             mass[id as usize & (MASS_LEN - 1)] += e;
         }
     }
-    for (m, &w) in mass.iter_mut().zip(centre_weights()) {
-        *m *= w;
-    }
-    mass[TAIL..].fill(0.0);
+    finish_histogram(mass);
 }
 
-/// The keys of the tokens in bucket `g`, in token order.
-pub(super) fn gather(logits: &[f32], of_token: &[u16], g: u16) -> Vec<u64> {
+/// The keys of the tokens in each of the buckets `groups` (at most [`GATHER_MAX`]), in token
+/// order, in one pass.
+pub(super) fn gather(logits: &[f32], of_token: &[u16], groups: &[u16]) -> Vec<Vec<u64>> {
+    let n = groups.len().min(GATHER_MAX);
+    let mut want = [u16::MAX; GATHER_MAX];
+    want[..n].copy_from_slice(&groups[..n]);
+    let mut keys = vec![Vec::new(); n];
     #[cfg(target_arch = "x86_64")]
     if avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return unsafe { gather_avx2(logits, of_token, g) };
+        unsafe { gather_avx2(logits, of_token, &want, &mut keys) };
+        return keys;
     }
-    gather_body(logits, of_token, g)
+    gather_body(logits, of_token, &want, &mut keys);
+    keys
 }
 
+/// Most buckets [`gather`] collects in one pass.
+pub(super) const GATHER_MAX: usize = 4;
+
+/// The bucket of a token from its entry in `of_token` (the tail's spread slots are the tail).
+#[inline(always)]
+fn bucket_of(v: u16) -> u16 {
+    v.min(TAIL as u16)
+}
+
+/// Append token `i` to the keys of its bucket if that is one of `want`.
+#[inline(always)]
+fn gather_one(
+    logits: &[f32],
+    of_token: &[u16],
+    want: &[u16; GATHER_MAX],
+    keys: &mut [Vec<u64>],
+    i: usize,
+) {
+    let b = bucket_of(of_token[i]);
+    if let Some(k) = want.iter().position(|&g| g == b) {
+        keys[k].push(key(logits, i));
+    }
+}
+
+/// `gather_body` with a bit mask of the wanted tokens per 16 entries, so that only those are
+/// visited (the wanted buckets can hold a token in most chunks).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gather_avx2(logits: &[f32], of_token: &[u16], g: u16) -> Vec<u64> {
-    gather_body(logits, of_token, g)
+unsafe fn gather_avx2(
+    logits: &[f32],
+    of_token: &[u16],
+    want: &[u16; GATHER_MAX],
+    keys: &mut [Vec<u64>],
+) {
+    use std::arch::x86_64::*;
+    let tail = _mm256_set1_epi16(TAIL as i16);
+    let w = want.map(|g| _mm256_set1_epi16(g as i16));
+    let n = of_token.len();
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n, an unaligned load of 16 u16 inside the slice.
+        let v = _mm256_loadu_si256(of_token.as_ptr().add(i) as *const __m256i);
+        let v = _mm256_min_epu16(v, tail);
+        let hit = _mm256_or_si256(
+            _mm256_or_si256(_mm256_cmpeq_epi16(v, w[0]), _mm256_cmpeq_epi16(v, w[1])),
+            _mm256_or_si256(_mm256_cmpeq_epi16(v, w[2]), _mm256_cmpeq_epi16(v, w[3])),
+        );
+        // Two bits per entry.
+        let mut m = _mm256_movemask_epi8(hit) as u32;
+        while m != 0 {
+            let j = m.trailing_zeros() as usize / 2;
+            gather_one(logits, of_token, want, keys, i + j);
+            m &= !(3 << (2 * j));
+        }
+        i += 16;
+    }
+    for i in i..n {
+        gather_one(logits, of_token, want, keys, i);
+    }
 }
 
-#[inline(always)]
-fn gather_body(logits: &[f32], of_token: &[u16], g: u16) -> Vec<u64> {
-    const W: usize = 64;
-    let in_g = |v: u16| v.min(TAIL as u16) == g;
-    let mut keys = Vec::new();
+fn gather_body(logits: &[f32], of_token: &[u16], want: &[u16; GATHER_MAX], keys: &mut [Vec<u64>]) {
+    const W: usize = 16;
+    let wanted = |v: u16| want.iter().fold(false, |acc, &g| acc | (bucket_of(v) == g));
     let mut chunks = of_token.chunks_exact(W);
     for (c, ids) in (&mut chunks).enumerate() {
-        if ids.iter().fold(0u16, |acc, &v| acc | in_g(v) as u16) != 0 {
-            for (j, &v) in ids.iter().enumerate() {
-                if in_g(v) {
-                    keys.push(key(logits, c * W + j));
-                }
+        if ids.iter().fold(0u16, |acc, &v| acc | wanted(v) as u16) != 0 {
+            for j in 0..W {
+                gather_one(logits, of_token, want, keys, c * W + j);
             }
         }
     }
-    let done = of_token.len() - chunks.remainder().len();
-    for (j, &v) in chunks.remainder().iter().enumerate() {
-        if in_g(v) {
-            keys.push(key(logits, done + j));
-        }
+    for i in of_token.len() - chunks.remainder().len()..of_token.len() {
+        gather_one(logits, of_token, want, keys, i);
     }
-    keys
 }
 
 /// The keys of the first `k` tokens in rank order (`0 < k < logits.len()`), in no particular
@@ -251,8 +365,8 @@ pub(super) fn top_keys(logits: &[f32], k: usize) -> Option<Vec<u64>> {
     let mut bar: Option<f32> = None;
     for (c, l) in logits.chunks(W).enumerate() {
         if let Some(bar) = bar {
-            // `!(v <= bar)` also lets NaN through, to be seen below.
-            if !l.iter().fold(false, |acc, &v| acc | !(v <= bar)) {
+            // NaN goes through too, to be seen below.
+            if !l.iter().fold(false, |acc, &v| acc | (v > bar) | v.is_nan()) {
                 continue;
             }
         }
