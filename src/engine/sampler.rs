@@ -204,7 +204,6 @@ fn whole_vocab(logits: &[f32], rule: &Rule) -> Option<u32> {
         };
         // The rule's sums (total in token order, prefix sums in rank order) against the real ones.
         let slack = sum_slack(n);
-        let c = c;
         let total = Span {
             lo: (c * (1.0 - buckets.rel) - buckets.abs).max(0.0) * (1.0 - slack),
             hi: (c * (1.0 + buckets.rel) + buckets.abs) * (1.0 + slack),

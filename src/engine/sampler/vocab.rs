@@ -1,17 +1,18 @@
 //! The passes over a whole row of logits: its maximum, a histogram of the weights by bucket,
-//! gathering one bucket, the first k tokens in rank order. Written as fixed-width lane loops the
-//! compiler vectorizes; on x86_64 with AVX2 and FMA the same bodies are compiled for those too.
+//! gathering a few buckets, the first k tokens in rank order. Written as fixed-width lane loops
+//! the compiler vectorizes; on x86_64 with AVX2 and FMA they are compiled for those too, and the
+//! two hottest (the histogram, the gather) are written out in AVX2 intrinsics.
 //!
-//! A token's bucket is `floor(-x * 64)` of its log-weight `x = (logit - max) / T <= 0`, so a bucket
-//! spans a factor e^(1/64) of weight, and buckets are contiguous in rank order (the bucket only
-//! grows as the logit falls, and tied logits share one). Tokens with `x <= -48` share the tail
-//! bucket, whose mass is bounded instead of summed: each weighs under e^-48.
+//! A token's bucket is `-64 x` rounded to nearest, with `x = (logit - max) / T <= 0` its
+//! log-weight: a bucket spans a factor e^(1/64) of weight, and buckets are contiguous in rank
+//! order (the bucket only grows as the logit falls, and tied logits share one). Tokens with
+//! `x < -47.99` share the tail bucket, whose mass is bounded instead of summed.
 
 use super::ranked::key;
 
 /// Buckets per unit of log-weight.
 const PER_UNIT: f64 = 64.0;
-/// The tail bucket, the last: log-weights at or below -48 (`-TAIL / PER_UNIT`).
+/// The tail bucket, the last: `-64 x` rounded to 3072 or more.
 pub(super) const TAIL: usize = 3072;
 pub(super) const BUCKETS: usize = TAIL + 1;
 /// Length of the `mass` buffer of [`histogram`], a power of two (indices are masked, not
@@ -20,9 +21,10 @@ pub(super) const MASS_LEN: usize = 4096;
 /// 2^-68: a bound on the specified weight of a tail token, e^-47.99 (1 + 2^-52).
 pub(super) const TAIL_WEIGHT: f64 = 3.3881317890172014e-21;
 /// 2^-38: a bound on the relative error of a bucket's mass as [`histogram`] sums it (each token's
-/// `e^x` as [`exp_near`] of its offset from the bucket's centre times the centre's `e^c`) against
-/// the sum of `f64::exp`. The polynomial's truncation is below (2^-7)^5 / 5! ~ 2^-42; the
-/// roundings and `f64::exp`'s own error (< 1 ulp) are far smaller; the tests measure it.
+/// `e^x` as [`exp_near`] of its exact offset from the bucket's centre, times the centre's `e^c`)
+/// against the sum of `f64::exp`. The polynomial's truncation is below (2^-7)^5 / 5! e^(1/128)
+/// ~ 2.4e-13 ~ 2^-41.9; the roundings and `f64::exp`'s own error (< 1 ulp) are far smaller; the
+/// tests measure it (2.4e-13).
 pub(super) const EXP_ERR: f64 = 3.637978807091713e-12;
 
 /// 1.5 * 2^52: adding it rounds an f64 of magnitude below 2^51 to an integer.
@@ -67,8 +69,9 @@ fn centre_weights() -> &'static [f64] {
     W.get_or_init(|| (0..TAIL).map(|b| (-(b as f64) / PER_UNIT).exp()).collect())
 }
 
-/// `s` of a logit, as [`histogram`] computes it: only monotone in the logit, and within a few
-/// ulps of `-64 x` with `x` the specified log-weight (so that the weight stays within bound).
+/// `s` of a logit, as [`histogram`] computes it: exactly `-64 x`, with `x` the specified
+/// log-weight `(logit - max) * inv_t` (negating a difference and scaling by 64 commute with
+/// rounding; `k = 64 inv_t` is exact), so the offset `b - s` from the bucket is exact too.
 #[inline(always)]
 fn scaled(v: f32, max: f64, k: f64) -> f64 {
     (max - v as f64) * k
@@ -148,9 +151,12 @@ pub(super) fn histogram(
     of_token: &mut [u16],
     mass: &mut [f64; MASS_LEN],
 ) {
+    // Equal lengths, which the AVX2 body's unchecked loads and stores rely on.
+    let n = logits.len().min(of_token.len());
+    let (logits, of_token) = (&logits[..n], &mut of_token[..n]);
     #[cfg(target_arch = "x86_64")]
     if avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
+        // SAFETY: the CPU has AVX2 and FMA (checked above); the slices have equal lengths.
         return unsafe { histogram_avx2(logits, max, inv_t, of_token, mass) };
     }
     histogram_body::<false>(logits, max, inv_t, of_token, mass)
@@ -158,7 +164,8 @@ pub(super) fn histogram(
 
 /// [`histogram_body`] with FMA, written out in AVX2: the same operations in the same order, so
 /// the same results bit for bit (the tests compare them), in fewer instructions than the
-/// compiler finds (it packs the bucket ids from 64-bit lanes poorly).
+/// compiler finds (it packs the bucket ids from 64-bit lanes poorly). `logits` and `of_token`
+/// must have equal lengths.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn histogram_avx2(
@@ -197,8 +204,8 @@ unsafe fn histogram_avx2(
     for (l, ids) in logits.chunks(C).zip(of_token.chunks_mut(C)) {
         let full = l.len() / 8 * 8;
         for j in (0..full).step_by(8) {
-            // SAFETY: j + 8 <= full <= l.len() == ids.len() <= near.len(); unaligned loads and
-            // stores inside the slices.
+            // SAFETY: j + 8 <= full <= l.len() == ids.len() <= near.len() (equal lengths of
+            // `logits` and `of_token`, chunked alike); unaligned loads and stores inside them.
             let (t0, e0) = four(_mm_loadu_ps(l.as_ptr().add(j)));
             let (t1, e1) = four(_mm_loadu_ps(l.as_ptr().add(j + 4)));
             _mm256_storeu_pd(near.as_mut_ptr().add(j), e0);
