@@ -651,10 +651,10 @@ fn bench_sampler() {
             println!("bench-sampler,{len} {shape} {name},after,{after:.4}");
         }
         // The log-prob report: the normalizer and the top 20.
-        let before = ms_per_call(5, 20, |n| {
+        let before = ms_per_call(5, 50, |n| {
             std::hint::black_box(reference::token_logprob(&logits, n as u32, 20));
         });
-        let after = ms_per_call(5, 20, |n| {
+        let after = ms_per_call(5, 50, |n| {
             std::hint::black_box(token_logprob(&logits, n as u32, 20));
         });
         println!("bench-sampler,{len} {shape} log-probs top-20,before,{before:.4}");
