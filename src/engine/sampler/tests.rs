@@ -282,6 +282,8 @@ fn settings(len: usize) -> Vec<(f32, f32, usize)> {
         (1.0, 1.0, 2),
         (1.3, 0.8, 5),
         (1.0, 0.9, len / 3),
+        (0.8, 0.95, 8192.min(len - 2)),
+        (0.8, 0.95, 8193.min(len - 2)),
         (0.9, 1.0, len - 1),
         (1.0, 0.9, len),
         (1.0, 1.0, len + 5),
@@ -317,12 +319,12 @@ fn check_against_reference(len: usize, rows_per_kind: u64, draws: u64) -> usize 
 
 #[test]
 fn the_fast_paths_choose_the_reference_token_small_vocab() {
-    assert_eq!(check_against_reference(256, 3, 30), 15 * 3 * 21 * 30);
+    assert_eq!(check_against_reference(256, 3, 30), 15 * 3 * 23 * 30);
 }
 
 #[test]
 fn the_fast_paths_choose_the_reference_token_llama3_vocab() {
-    assert_eq!(check_against_reference(128_256, 1, 3), 15 * 21 * 3);
+    assert_eq!(check_against_reference(128_256, 1, 3), 15 * 23 * 3);
 }
 
 #[test]
@@ -605,10 +607,11 @@ fn ms_per_call(runs: usize, rows: u64, mut f: impl FnMut(u64)) -> f64 {
 
 #[test]
 fn sampling_a_llama3_row_selects_instead_of_sorting() {
-    // Issue 11 point 15: ~5 ms per 128k row at T 0.6 / top-p 0.9 before (a sort of the nucleus).
-    // Best of several runs, as other work shares the machine; a ratio, so build-independent.
+    // Issue 11 point 15: ~5 ms per 128k row at T 0.6 / top-p 0.9 before (a sort of the nucleus);
+    // now several times less in any build. Top-k 40 was never the problem: it must not be slower.
+    // Best of several runs, as other work shares the machine; ratios, so build-independent.
     let logits = row("tiny", 128_256, 1);
-    for (t, top_p, top_k) in [(0.6, 0.9, 0), (1.0, 1.0, 40)] {
+    for (t, top_p, top_k, factor) in [(0.6, 0.9, 0, 4.0), (1.0, 1.0, 40, 1.0)] {
         let p = params(t, top_p, top_k);
         let new = ms_per_call(5, 8, |n| {
             sample(&logits, &p, 1, n);
@@ -617,7 +620,7 @@ fn sampling_a_llama3_row_selects_instead_of_sorting() {
             reference::sample(&logits, &p, 1, n);
         });
         assert!(
-            new * 4.0 < old,
+            new * factor < old,
             "T {t} top_p {top_p} top_k {top_k}: {new:.3} ms per row, reference {old:.3} ms"
         );
     }

@@ -363,33 +363,41 @@ fn gather_body(logits: &[f32], of_token: &[u16], want: &[u16; GATHER_MAX], keys:
 /// The keys of the first `k` tokens in rank order (`0 < k < logits.len()`), in no particular
 /// order; `None` if a logit is NaN. One pass: a buffer that, whenever full, is cut back to its
 /// best k, after which a token must beat the k-th best logit so far to enter (a tie ranks after
-/// it: the newcomer's id is larger). Chunks that hold no such token are skipped at once.
+/// it: the newcomer's id is larger). Chunks where none enters are skipped at once; the others
+/// yield a bit mask of the tokens that enter, and only those are visited.
 pub(super) fn top_keys(logits: &[f32], k: usize) -> Option<Vec<u64>> {
     const W: usize = 16;
     let cap = (2 * k).max(k + 1024);
-    let mut keys = Vec::with_capacity(cap);
-    // Once the buffer was cut: the logit of the k-th best key.
-    let mut bar: Option<f32> = None;
+    let mut keys = Vec::with_capacity(cap + W);
+    // Once the buffer was cut: the logit of the k-th best key (until then every token enters).
+    let mut bar = f32::NEG_INFINITY;
+    let mut cut = false;
     for (c, l) in logits.chunks(W).enumerate() {
-        if let Some(bar) = bar {
-            // NaN goes through too, to be seen below.
-            if !l.iter().fold(false, |acc, &v| acc | (v > bar) | v.is_nan()) {
-                continue;
-            }
+        // Most chunks hold no token that enters (NaN goes through, to be seen below).
+        if cut && !l.iter().fold(false, |acc, &v| acc | (v > bar) | v.is_nan()) {
+            continue;
         }
-        for (j, &v) in l.iter().enumerate() {
-            if v.is_nan() {
-                return None;
-            }
-            if bar.is_some_and(|bar| v <= bar) {
-                continue;
-            }
-            keys.push(key(logits, c * W + j));
-            if keys.len() == cap {
-                keys.select_nth_unstable(k - 1);
-                keys.truncate(k);
-                bar = Some(logits[keys[k - 1] as u32 as usize]);
-            }
+        let (mut enter, nan) = l.iter().enumerate().fold((0u32, 0u32), |(e, n), (j, &v)| {
+            (
+                e | (((v > bar) as u32) << j),
+                n | ((v.is_nan() as u32) << j),
+            )
+        });
+        if nan != 0 {
+            return None;
+        }
+        if !cut {
+            enter = (1u32 << l.len()) - 1;
+        }
+        while enter != 0 {
+            keys.push(key(logits, c * W + enter.trailing_zeros() as usize));
+            enter &= enter - 1;
+        }
+        if keys.len() >= cap {
+            keys.select_nth_unstable(k - 1);
+            keys.truncate(k);
+            bar = logits[keys[k - 1] as u32 as usize];
+            cut = true;
         }
     }
     if keys.len() > k {
