@@ -3,8 +3,31 @@
 //! The random number for a request's n-th token is a pure function of (seed, n): a counter-based
 //! generator, so a request's tokens never depend on the batch, on preemption, or on which rank or
 //! device samples (a GPU sampler computes the same number).
+//!
+//! The rule (kept verbatim in `reference.rs`, the specification): candidates are all tokens, or
+//! the `top_k` first in rank order (logit descending, ties to the lower id); weights are
+//! `exp((logit - max) / T)` in f64; `total` is their sum; with `top_p < 1` the nucleus is the
+//! shortest rank-order prefix whose running sum `cum` reaches `cum / total >= top_p`, and the token
+//! is the first whose running sum exceeds `u * cum(nucleus)` (`u * total` without a nucleus).
+//!
+//! Sorting 128k candidates for that walk cost milliseconds per token. The walk only needs the
+//! candidates near where the running sum crosses its target, so the fast paths select instead of
+//! sorting (see `ranked.rs`, `vocab.rs`): a small top-k is collected in one pass; otherwise one
+//! pass buckets every token by weight and sums each bucket's weight with a fast exp, and only the
+//! bucket where a crossing happens is gathered and sorted. Sums the fast paths cannot reproduce
+//! bit for bit (the rule's order of addition) are carried as proven bounds; a decision within a
+//! bound's width of a boundary (about 1e-10 of the mass; rarely ever) goes to the exact path,
+//! which follows the rule to the letter. So the token is the rule's token, always.
 
 use super::request::{SamplingParams, TokenLogprob};
+use ranked::{sum_slack, tri, Buckets, Found, Ranked, Span, Walk};
+
+mod ranked;
+#[cfg(test)]
+mod reference;
+#[cfg(test)]
+mod tests;
+mod vocab;
 
 /// splitmix64 finalizer: a strong 64-bit mix.
 fn mix64(mut z: u64) -> u64 {
@@ -41,130 +64,214 @@ fn descending_key(v: f32) -> u32 {
     !ascending
 }
 
-/// Index of the largest logit; ties go to the lowest id.
+/// Index of the largest logit; ties go to the lowest id. NaN logits are passed over, except a NaN
+/// at index 0, which wins (a comparison with it is never true).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
+    match logits.first() {
+        None => 0,
+        Some(v) if v.is_nan() => 0,
+        Some(_) => vocab::position_of(logits, vocab::max_nan(logits).0) as u32,
     }
-    best as u32
 }
 
 /// log-softmax normalizer: `logsumexp(logits)` in f64.
 pub fn log_normalizer(logits: &[f32]) -> f64 {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    // The maximum as a fold with f32::max finds it (NaN passed over); the sign of a zero maximum
+    // changes neither the sum nor the result.
+    let max = vocab::max_nan(logits).0 as f64;
     let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
     max + sum.ln()
 }
 
-/// The `n` most likely tokens with their log-probs, most likely first (ties: lower id first).
+/// The `n` most likely tokens with their log-probs, most likely first (ties: lower id first), in
+/// rank order as [`sample`] ranks (a NaN logit ranks by its sign bit: above +inf, or below -inf).
 pub fn top_logprobs(logits: &[f32], norm: f64, n: usize) -> Vec<(u32, f32)> {
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    let n = n.min(idx.len());
+    let n = n.min(logits.len());
     if n == 0 {
         return Vec::new();
     }
-    let cmp = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .partial_cmp(&logits[*a as usize])
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(a.cmp(b))
-    };
-    idx.select_nth_unstable_by(n - 1, cmp);
-    idx.truncate(n);
-    idx.sort_by(cmp);
-    idx.into_iter()
-        .map(|i| (i, (logits[i as usize] as f64 - norm) as f32))
+    // One pass collects the first n (None: a NaN logit); else select among all keys.
+    let mut keys = (n < logits.len())
+        .then(|| vocab::top_keys(logits, n))
+        .flatten()
+        .unwrap_or_else(|| {
+            let mut keys: Vec<u64> = (0..logits.len()).map(|i| ranked::key(logits, i)).collect();
+            keys.select_nth_unstable(n - 1);
+            keys.truncate(n);
+            keys
+        });
+    keys.sort_unstable();
+    keys.into_iter()
+        .map(|k| {
+            let i = k as u32;
+            (i, (logits[i as usize] as f64 - norm) as f32)
+        })
         .collect()
 }
 
 /// Choose the next token. `n` is how many tokens this request has generated so far.
 pub fn sample(logits: &[f32], p: &SamplingParams, seed: u64, n: u64) -> u32 {
-    if p.temperature == 0.0 || p.top_k == 1 {
+    if p.temperature == 0.0 || p.top_k == 1 || logits.is_empty() {
         return argmax(logits);
     }
-    let inv_t = 1.0 / p.temperature as f64;
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-    let weight = |i: u32| ((logits[i as usize] as f64 - max) * inv_t).exp();
-    // Candidates in a total order: most likely first, ties to the lower id. As u64 keys
-    // (descending logit in the high half, id in the low half) they sort several times faster
-    // than through a float comparator.
-    let mut keys: Vec<u64> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| ((descending_key(v) as u64) << 32) | i as u64)
-        .collect();
-    if p.top_k > 0 && p.top_k < keys.len() {
-        keys.select_nth_unstable(p.top_k - 1);
-        keys.truncate(p.top_k);
+    let rule = Rule {
+        inv_t: 1.0 / p.temperature as f64,
+        top_p: p.top_p,
+        u: uniform(seed, n),
+    };
+    let len = logits.len();
+    let fast = if !(rule.inv_t > 0.0 && rule.inv_t.is_finite()) || len > u32::MAX as usize {
+        None
+    } else if p.top_k > 0 && p.top_k < len {
+        // Beyond some thousands of candidates, collecting and sorting them costs more than the
+        // exact path's one selection over the keys (measured: k 5000 still faster, 20000 not).
+        (p.top_k <= TOP_K_COLLECT)
+            .then(|| top_k(logits, p.top_k, &rule))
+            .flatten()
+    } else {
+        whole_vocab(logits, &rule)
+    };
+    fast.unwrap_or_else(|| exact(logits, p.top_k, &rule))
+}
+
+/// Largest top-k the one-pass collector takes; a larger one goes to the exact path.
+const TOP_K_COLLECT: usize = 8192;
+
+/// One row's sampling rule.
+struct Rule {
+    inv_t: f64,
+    top_p: f32,
+    /// The uniform number of this token.
+    u: f64,
+}
+
+/// Top-k with `k` below the vocabulary: the k candidates collected in one pass, their weights and
+/// prefix sums computed as specified; only `total`, which the rule sums in the order a selection
+/// left the keys in, is known as bounds. `None`: NaN or infinite logits, or a bound too wide.
+fn top_k(logits: &[f32], k: usize, rule: &Rule) -> Option<u32> {
+    let keys = vocab::top_keys(logits, k)?;
+    let first = *keys.iter().min()?;
+    let max = logits[first as u32 as usize];
+    if !max.is_finite() {
+        return None;
     }
-    let mut idx: Vec<u32> = Vec::new();
-    // Mass of every candidate, and how much of it the sorted prefix must hold before the answer
-    // is known: top_p of it (nucleus), else all of it.
+    // The first candidate holds the row's maximum, the rule's `max`.
+    let max = max as f64;
+    let sum: f64 = keys
+        .iter()
+        .map(|&key| ((logits[key as u32 as usize] as f64 - max) * rule.inv_t).exp())
+        .sum();
+    let slack = sum_slack(k);
+    let total = Span {
+        lo: sum * (1.0 - slack),
+        hi: sum * (1.0 + slack),
+    };
+    decide(&mut Ranked::one(logits, max, rule.inv_t, keys), total, rule)
+}
+
+thread_local! {
+    /// Per-thread buffers of [`whole_vocab`]: token buckets, bucket masses and their running sums.
+    static SCRATCH: std::cell::RefCell<(Vec<u16>, Vec<f64>, Vec<f64>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// Every token a candidate: one pass buckets the tokens by weight and sums each bucket with a
+/// fast exp (`vocab.rs`); a walk gathers and sorts only the buckets where its test may flip.
+/// `None`: NaN or infinite logits, or a decision too close to a boundary for the bounds.
+fn whole_vocab(logits: &[f32], rule: &Rule) -> Option<u32> {
+    let (max, nan) = vocab::max_nan(logits);
+    if nan || !max.is_finite() {
+        return None;
+    }
+    let max = max as f64;
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.try_borrow_mut().ok()?;
+        let (of_token, mass, cum) = &mut *scratch;
+        of_token.resize(logits.len(), 0);
+        mass.clear();
+        mass.resize(vocab::MASS_LEN, 0.0);
+        let mass: &mut [f64; vocab::MASS_LEN] = mass.as_mut_slice().try_into().ok()?;
+        vocab::histogram(logits, max, rule.inv_t, of_token, mass);
+        let mass = &mass[..vocab::BUCKETS];
+        cum.clear();
+        let mut c = 0.0;
+        cum.extend(mass.iter().map(|&m| {
+            c += m;
+            c
+        }));
+        let n = logits.len();
+        let buckets = Buckets {
+            of_token,
+            mass,
+            cum,
+            // The fast exp's error, and the rounding of the bucket sums.
+            rel: vocab::EXP_ERR + sum_slack(n + vocab::BUCKETS),
+            // The tail tokens, none of them summed (at most every token).
+            abs: (n + 1) as f64 * vocab::TAIL_WEIGHT,
+        };
+        // The rule's sums (total in token order, prefix sums in rank order) against the real ones.
+        let slack = sum_slack(n);
+        let total = Span {
+            lo: (c * (1.0 - buckets.rel) - buckets.abs).max(0.0) * (1.0 - slack),
+            hi: (c * (1.0 + buckets.rel) + buckets.abs) * (1.0 + slack),
+        };
+        decide(
+            &mut Ranked::buckets(logits, max, rule.inv_t, buckets, slack),
+            total,
+            rule,
+        )
+    })
+}
+
+/// The rule to the letter: candidates and `total` as specified, then the walk over them sorted
+/// lazily. Rows with NaN or infinite logits, and decisions the fast paths' bounds cannot settle.
+fn exact(logits: &[f32], top_k: usize, rule: &Rule) -> u32 {
+    #[cfg(test)]
+    tests::EXACT_RUNS.with(|c| c.set(c.get() + 1));
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let weight = |i: u32| ((logits[i as usize] as f64 - max) * rule.inv_t).exp();
+    let mut keys: Vec<u64> = (0..logits.len()).map(|i| ranked::key(logits, i)).collect();
+    if top_k > 0 && top_k < keys.len() {
+        keys.select_nth_unstable(top_k - 1);
+        keys.truncate(top_k);
+    }
     let total: f64 = keys.iter().map(|&k| weight(k as u32)).sum();
-    let u = uniform(seed, n);
-    let nucleus = p.top_p < 1.0;
-    // Sorting all 128k candidates costs ~10 ms per token: sort growing prefixes instead (the
-    // answer nearly always lies in the first few hundred). The result equals a full sort's.
-    let len = keys.len();
-    let mut k = 256.min(len);
-    loop {
-        if k < len {
-            keys.select_nth_unstable(k - 1);
+    let mut ranked = Ranked::one(logits, max, rule.inv_t, keys);
+    // With exact spans every test answers yes or no: the walk is never unsure.
+    let token = decide(&mut ranked, Span::exact(total), rule);
+    debug_assert!(token.is_some(), "the exact walk was unsure");
+    token.unwrap_or_else(|| ranked.last_id())
+}
+
+/// The rule's two walks over ranked candidates whose `total` lies in the given span. `None` when a
+/// bound leaves the answer open.
+fn decide(r: &mut Ranked, total: Span, rule: &Rule) -> Option<u32> {
+    if rule.top_p < 1.0 {
+        let p = rule.top_p as f64;
+        // The nucleus ends near mass p total, and the token lies near u times that.
+        r.prefetch(&[p * total.hi, rule.u * p * total.hi]);
+        // The nucleus ends at the first prefix with `cum / total >= top_p`.
+        let keep = |s: Span| tri(s.lo / total.hi >= p, s.hi / total.lo >= p);
+        match r.walk(&keep, None) {
+            Walk::Found(f) => pick(r, f.sum.scale(rule.u), Some(f)),
+            // Rounding left the whole list a hair short of top_p: all of it is the nucleus.
+            Walk::End { sum } => pick(r, sum.scale(rule.u), None),
+            Walk::Stop | Walk::Unsure => None,
         }
-        keys[..k].sort_unstable();
-        idx.clear();
-        idx.extend(keys[..k].iter().map(|&key| key as u32));
-        let probs: Vec<f64> = idx[..k].iter().map(|&i| weight(i)).collect();
-        let mut cum = 0.0;
-        let mut kept = None;
-        if nucleus {
-            // Smallest prefix whose share of the mass reaches top_p (at least one token).
-            for (j, q) in probs.iter().enumerate() {
-                cum += q;
-                if cum / total >= p.top_p as f64 {
-                    kept = Some((j + 1, cum));
-                    break;
-                }
-            }
-        } else if k == len {
-            kept = Some((k, total));
-        } else {
-            // Without a nucleus the walk can stop as soon as the prefix passes the target.
-            let target = u * total;
-            for (j, q) in probs.iter().enumerate() {
-                cum += q;
-                if target < cum {
-                    return idx[j];
-                }
-            }
-        }
-        if let Some((keep, mass)) = kept {
-            let target = u * mass;
-            let mut cum = 0.0;
-            for (j, q) in probs[..keep].iter().enumerate() {
-                cum += q;
-                if target < cum {
-                    return idx[j];
-                }
-            }
-            return idx[keep - 1];
-        }
-        if k == len {
-            // Rounding left the nucleus a hair short of top_p: keep everything.
-            let target = u * cum;
-            let mut c = 0.0;
-            for (j, q) in probs.iter().enumerate() {
-                c += q;
-                if target < c {
-                    return idx[j];
-                }
-            }
-            return idx[k - 1];
-        }
-        k = (k * 8).min(len);
+    } else {
+        pick(r, total.scale(rule.u), None)
+    }
+}
+
+/// The first candidate whose prefix sum exceeds `target`; if none does before the nucleus' last
+/// candidate `keep` (or at all), that candidate (or the last).
+fn pick(r: &mut Ranked, target: Span, keep: Option<Found>) -> Option<u32> {
+    let exceeds = |s: Span| tri(target.hi < s.lo, target.lo < s.hi);
+    match r.walk(&exceeds, keep.map(|f| f.pos)) {
+        Walk::Found(f) => Some(f.id),
+        Walk::Stop => keep.map(|f| f.id),
+        Walk::End { .. } => Some(r.last_id()),
+        Walk::Unsure => None,
     }
 }
 
@@ -175,151 +282,5 @@ pub fn token_logprob(logits: &[f32], token: u32, top_n: usize) -> TokenLogprob {
         token_id: token,
         logprob: (logits[token as usize] as f64 - norm) as f32,
         top: top_logprobs(logits, norm, top_n),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn params(t: f32, top_p: f32, top_k: usize) -> SamplingParams {
-        SamplingParams {
-            temperature: t,
-            top_p,
-            top_k,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn greedy_picks_the_first_maximum() {
-        assert_eq!(argmax(&[0.0, 3.0, 3.0, 1.0]), 1);
-        assert_eq!(sample(&[0.0, 3.0, 1.0], &params(0.0, 1.0, 0), 1, 0), 1);
-    }
-
-    #[test]
-    fn uniform_is_uniform_enough_and_deterministic() {
-        let xs: Vec<f64> = (0..10000).map(|n| uniform(42, n)).collect();
-        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
-        assert!((mean - 0.5).abs() < 0.02, "{mean}");
-        assert!(xs.iter().all(|&x| (0.0..1.0).contains(&x)));
-        assert_eq!(uniform(42, 7), uniform(42, 7));
-        assert_ne!(uniform(42, 7), uniform(43, 7));
-    }
-
-    #[test]
-    fn sampling_follows_the_distribution() {
-        // p = softmax([ln 1, ln 3]) = [0.25, 0.75]
-        let logits = [0f32, 3f32.ln()];
-        let n = 20000;
-        let ones = (0..n)
-            .filter(|&i| sample(&logits, &params(1.0, 1.0, 0), 9, i) == 1)
-            .count();
-        let frac = ones as f64 / n as f64;
-        assert!((frac - 0.75).abs() < 0.02, "{frac}");
-    }
-
-    #[test]
-    fn top_k_and_top_p_cut_the_tail() {
-        let logits = [5.0f32, 4.0, 0.0, -1.0];
-        for i in 0..500 {
-            let t = sample(&logits, &params(1.0, 1.0, 2), 3, i);
-            assert!(t < 2);
-            // p(0) = 0.72, p(1) = 0.27: top_p 0.5 keeps only token 0.
-            assert_eq!(sample(&logits, &params(1.0, 0.5, 0), 3, i), 0);
-        }
-    }
-
-    /// The plain algorithm: sort everything, cut top-k and top-p, walk the cumulative mass.
-    fn sample_by_full_sort(logits: &[f32], p: &SamplingParams, seed: u64, n: u64) -> u32 {
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        idx.sort_by(|a, b| {
-            logits[*b as usize]
-                .partial_cmp(&logits[*a as usize])
-                .unwrap()
-                .then(a.cmp(b))
-        });
-        if p.top_k > 0 {
-            idx.truncate(p.top_k);
-        }
-        let max = logits[idx[0] as usize] as f64;
-        let w: Vec<f64> = idx
-            .iter()
-            .map(|&i| ((logits[i as usize] as f64 - max) / p.temperature as f64).exp())
-            .collect();
-        let total: f64 = w.iter().sum();
-        let mut keep = w.len();
-        if p.top_p < 1.0 {
-            let mut cum = 0.0;
-            for (j, q) in w.iter().enumerate() {
-                cum += q;
-                if cum / total >= p.top_p as f64 {
-                    keep = j + 1;
-                    break;
-                }
-            }
-        }
-        let mass: f64 = w[..keep].iter().sum();
-        let target = uniform(seed, n) * mass;
-        let mut cum = 0.0;
-        for (j, q) in w[..keep].iter().enumerate() {
-            cum += q;
-            if target < cum {
-                return idx[j];
-            }
-        }
-        idx[keep - 1]
-    }
-
-    #[test]
-    fn growing_prefixes_choose_what_a_full_sort_chooses() {
-        // A flat-ish distribution over 5000 tokens, so answers often lie beyond the first prefix.
-        let logits: Vec<f32> = (0..5000u32)
-            .map(|i| ((i * 7919) % 1000) as f32 / 400.0)
-            .collect();
-        for (t, top_p, top_k) in [
-            (1.0, 1.0, 0),
-            (1.0, 0.9, 0),
-            (0.7, 0.95, 0),
-            (1.3, 1.0, 3000),
-            (1.0, 0.5, 40),
-        ] {
-            let p = params(t, top_p, top_k);
-            let mut differ = 0;
-            for n in 0..300 {
-                let (a, b) = (
-                    sample(&logits, &p, 5, n),
-                    sample_by_full_sort(&logits, &p, 5, n),
-                );
-                // Sums taken in another order may move a draw that sits on a boundary.
-                if a != b {
-                    differ += 1;
-                }
-            }
-            assert!(
-                differ <= 1,
-                "t {t} top_p {top_p} top_k {top_k}: {differ} of 300 draws differ"
-            );
-        }
-    }
-
-    #[test]
-    fn descending_keys_order_like_floats() {
-        let v = [3.5f32, -1.0, 0.0, -0.0, 1.0, f32::NEG_INFINITY, -3.5, 1e-30];
-        let mut by_key: Vec<usize> = (0..v.len()).collect();
-        by_key.sort_by_key(|&i| ((descending_key(v[i]) as u64) << 32) | i as u64);
-        let mut by_float: Vec<usize> = (0..v.len()).collect();
-        by_float.sort_by(|&a, &b| v[b].partial_cmp(&v[a]).unwrap().then(a.cmp(&b)));
-        assert_eq!(by_key, by_float);
-    }
-
-    #[test]
-    fn logprobs_are_normalized() {
-        let logits = [1.0f32, 2.0, 3.0];
-        let lp = token_logprob(&logits, 2, 3);
-        let s: f64 = lp.top.iter().map(|(_, l)| (*l as f64).exp()).sum();
-        assert!((s - 1.0).abs() < 1e-6);
-        assert_eq!(lp.top[0].0, 2);
-        assert!((lp.logprob - lp.top[0].1).abs() < 1e-7);
     }
 }
