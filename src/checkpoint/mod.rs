@@ -127,20 +127,32 @@ pub struct QkHeads {
     pub head_dim: usize,
 }
 
+/// Most dimensions a stored tensor may have (Llama's have one or two); more is damage.
+pub(crate) const MAX_DIMS: usize = 8;
+
+/// A name from a file, cut short for an error message (a damaged file may hold megabytes).
+pub(crate) fn short(s: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 200;
+    match s.char_indices().nth(MAX) {
+        None => s.into(),
+        Some((cut, _)) => format!("{}... ({} bytes)", &s[..cut], s.len()).into(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("{path}: {msg}")]
     File { path: PathBuf, msg: String },
-    #[error("{path}: tensor '{tensor}': {msg}")]
+    #[error("{path}: tensor '{}': {msg}", short(.tensor))]
     Tensor {
         path: PathBuf,
         tensor: String,
         msg: String,
     },
-    #[error("tensor '{0}' is missing from the checkpoint")]
+    #[error("tensor '{}' is missing from the checkpoint", short(.0))]
     Missing(String),
     /// A tensor a file-backed source does not hold; `path` is the file (or first shard) looked in.
-    #[error("{path}: tensor '{tensor}' is missing from the checkpoint")]
+    #[error("{path}: tensor '{}' is missing from the checkpoint", short(.tensor))]
     NotFound { path: PathBuf, tensor: String },
     #[error("{0}")]
     Layout(String),

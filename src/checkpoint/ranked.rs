@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::hf::StFile;
 use super::pth::apply_slice;
 use super::view::{concat, View};
-use super::{CheckpointError, DType, Slice, Tensor, TensorSource};
+use super::{short, CheckpointError, DType, Slice, Tensor, TensorSource};
 
 /// Name of the manifest that marks the layout.
 pub const MANIFEST: &str = "herd-tp.json";
@@ -76,8 +76,8 @@ impl RankedSource {
             path: mpath.clone(),
             source,
         })?;
-        let m: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| lerr(&mpath, format!("bad JSON: {e}")))?;
+        let m: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| lerr(&mpath, format!("bad JSON: {}", short(&e.to_string()))))?;
         if m["format"] != "herd-tp" {
             return Err(lerr(&mpath, "not a herd-tp manifest (format != herd-tp)"));
         }
@@ -100,7 +100,7 @@ impl RankedSource {
             .ok_or_else(|| lerr(&mpath, "tensors must be an object"))?;
         let mut tensors = HashMap::new();
         for (name, e) in obj {
-            let bad = |msg: &str| lerr(&mpath, format!("tensor '{name}': {msg}"));
+            let bad = |msg: &str| lerr(&mpath, format!("tensor '{}': {msg}", short(name)));
             let shape: Vec<usize> = e["shape"]
                 .as_array()
                 .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
@@ -131,7 +131,9 @@ impl RankedSource {
             for (f, p) in files.iter().zip(&pieces) {
                 let mut want = shape.clone();
                 if let Some(s) = p {
-                    if s.dim >= want.len() || s.start + s.len > want[s.dim] {
+                    if s.dim >= want.len()
+                        || s.start.checked_add(s.len).map_or(true, |e| e > want[s.dim])
+                    {
                         return Err(bad("piece outside the tensor"));
                     }
                     want[s.dim] = s.len;
@@ -226,8 +228,10 @@ impl TensorSource for RankedSource {
         let mut pos = lo;
         while pos < hi || parts.is_empty() {
             let hit = e.pieces.iter().enumerate().find_map(|(i, p)| {
-                p.filter(|p| p.dim == sd && p.start <= pos && pos < p.start + p.len.max(1))
-                    .map(|p| (i, p))
+                p.filter(|p| {
+                    p.dim == sd && p.start <= pos && pos < p.start.saturating_add(p.len.max(1))
+                })
+                .map(|p| (i, p))
             });
             let Some((i, p)) = hit else {
                 return Err(CheckpointError::Tensor {

@@ -67,6 +67,26 @@ pub(crate) fn looks_like_json(bytes: &[u8]) -> bool {
         .is_some_and(|&b| b == b'{')
 }
 
+/// At most this many characters of a file's contents are quoted in an error.
+const QUOTE_CHARS: usize = 60;
+
+/// Quotes text from a damaged file for an error message: a long line or token is cut short, so
+/// that the error stays readable however long the damage is.
+pub(crate) fn quote(s: &str) -> String {
+    match s.char_indices().nth(QUOTE_CHARS) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &s[..cut], s.len()),
+    }
+}
+
+/// A message that may quote the file (a parser's), cut to a readable length.
+fn clip(msg: String) -> String {
+    match msg.char_indices().nth(4 * QUOTE_CHARS) {
+        None => msg,
+        Some((cut, _)) => format!("{}...", &msg[..cut]),
+    }
+}
+
 fn parse_error(path: &Path, msg: impl Into<String>) -> TokenizerError {
     TokenizerError::Parse {
         path: path.to_path_buf(),
@@ -92,18 +112,24 @@ pub(crate) fn parse_tiktoken(path: &Path, bytes: &[u8]) -> Result<Vocab, Tokeniz
         let (Some(tok), Some(rank), None) = (fields.next(), fields.next(), fields.next()) else {
             return Err(parse_error(
                 path,
-                format!("line {lineno}: expected `<base64 token> <rank>`, got {line:?}"),
+                format!(
+                    "line {lineno}: expected `<base64 token> <rank>`, got {}",
+                    quote(line)
+                ),
             ));
         };
         let tok = b64.decode(tok).map_err(|e| {
             parse_error(
                 path,
-                format!("line {lineno}: bad base64 token {tok:?}: {e}"),
+                format!("line {lineno}: bad base64 token {}: {e}", quote(tok)),
             )
         })?;
-        let rank: u32 = rank
-            .parse()
-            .map_err(|e| parse_error(path, format!("line {lineno}: bad rank {rank:?}: {e}")))?;
+        let rank: u32 = rank.parse().map_err(|e| {
+            parse_error(
+                path,
+                format!("line {lineno}: bad rank {}: {e}", quote(rank)),
+            )
+        })?;
         if !seen_ranks.insert(rank) {
             return Err(parse_error(
                 path,
@@ -178,8 +204,12 @@ pub(crate) fn byte_level_alphabet() -> [char; 256] {
 /// Vocabulary ids are used as merge ranks; that holds for Llama 3's files, which
 /// were converted from the tiktoken ranks. The `merges` list is therefore unused.
 pub(crate) fn parse_hf_json(path: &Path, bytes: &[u8]) -> Result<Vocab, TokenizerError> {
-    let file: HfFile = serde_json::from_slice(bytes)
-        .map_err(|e| parse_error(path, format!("not an HF tokenizer.json: {e}")))?;
+    let file: HfFile = serde_json::from_slice(bytes).map_err(|e| {
+        parse_error(
+            path,
+            format!("not an HF tokenizer.json: {}", clip(e.to_string())),
+        )
+    })?;
     if let Some(kind) = file.model.kind.as_deref().filter(|k| *k != "BPE") {
         return Err(parse_error(
             path,
@@ -202,7 +232,7 @@ pub(crate) fn parse_hf_json(path: &Path, bytes: &[u8]) -> Result<Vocab, Tokenize
         if specials.insert(t.content.clone(), t.id).is_some() {
             return Err(parse_error(
                 path,
-                format!("added_tokens: {:?} listed twice", t.content),
+                format!("added_tokens: {} listed twice", quote(&t.content)),
             ));
         }
     }
@@ -220,7 +250,10 @@ pub(crate) fn parse_hf_json(path: &Path, bytes: &[u8]) -> Result<Vocab, Tokenize
             .ok_or_else(|| {
                 parse_error(
                     path,
-                    format!("model.vocab: {tok:?} (id {id}) is not byte-level BPE text"),
+                    format!(
+                        "model.vocab: {} (id {id}) is not byte-level BPE text",
+                        quote(&tok)
+                    ),
                 )
             })?;
         if !seen_ranks.insert(id) {
@@ -229,7 +262,10 @@ pub(crate) fn parse_hf_json(path: &Path, bytes: &[u8]) -> Result<Vocab, Tokenize
         if ranks.insert(bytes, id).is_some() {
             return Err(parse_error(
                 path,
-                format!("model.vocab: {tok:?} (id {id}) repeats another token's bytes"),
+                format!(
+                    "model.vocab: {} (id {id}) repeats another token's bytes",
+                    quote(&tok)
+                ),
             ));
         }
     }
