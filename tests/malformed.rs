@@ -1258,7 +1258,24 @@ struct DirBase {
 
 impl DirBase {
     fn read(rel: &str) -> DirBase {
-        let dir = fixture(rel);
+        DirBase::read_path(&fixture(rel), rel)
+    }
+
+    /// herd's per-rank layout, written by `herd convert --tp 2` from the fixture `rel`.
+    fn converted(rel: &str) -> DirBase {
+        let out = tempfile::tempdir().expect("tempdir");
+        let dir = out.path().join("tp2");
+        let args = ConvertArgs {
+            model: fixture(rel),
+            output: dir.clone(),
+            tp: 2,
+            format: Format::Safetensors,
+        };
+        convert::run(args).unwrap_or_else(|e| panic!("herd convert {rel}: {e:#}"));
+        DirBase::read_path(&dir, &format!("{rel} converted to tp 2"))
+    }
+
+    fn read_path(dir: &Path, name: &str) -> DirBase {
         let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
             .map(|e| {
@@ -1269,7 +1286,7 @@ impl DirBase {
             .collect();
         files.sort();
         DirBase {
-            name: rel.to_string(),
+            name: name.to_string(),
             files,
         }
     }
@@ -1575,6 +1592,7 @@ fn damaged_hf_checkpoints_fail_cleanly() {
         fuzz_dir(c, &DirBase::read("pth/hf_sharded"), cases_or(200));
         fuzz_dir(c, &DirBase::read("models/llama32tied/hf"), cases_or(60));
         fuzz_dir(c, &DirBase::read("models/llama31/hf"), cases_or(40));
+        fuzz_dir(c, &DirBase::converted("pth/hf"), cases_or(150));
     });
 }
 

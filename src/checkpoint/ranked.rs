@@ -31,6 +31,8 @@ struct Entry {
 
 /// A per-rank checkpoint written by `herd convert`.
 pub struct RankedSource {
+    /// herd-tp.json: the list of tensors.
+    manifest: PathBuf,
     files: Vec<StFile>,
     names: Vec<String>,
     tensors: HashMap<String, Entry>,
@@ -85,7 +87,9 @@ impl RankedSource {
             .as_array()
             .and_then(|a| a.iter().map(|f| f.as_str().map(String::from)).collect())
             .ok_or_else(|| lerr(&mpath, "files must be a list of file names"))?;
-        if names_f.is_empty() || names_f.iter().any(|f| f.contains('/') || f.contains("..")) {
+        // A plain name of a file in this directory (not "", ".", "..", nor a path).
+        let plain = |f: &String| Path::new(f).file_name().is_some_and(|n| n == f.as_str());
+        if names_f.is_empty() || !names_f.iter().all(plain) {
             return Err(lerr(
                 &mpath,
                 "files must be plain file names in this directory",
@@ -160,10 +164,21 @@ impl RankedSource {
         let mut names: Vec<String> = tensors.keys().cloned().collect();
         names.sort();
         Ok(RankedSource {
+            manifest: mpath,
             files,
             names,
             tensors,
         })
+    }
+
+    /// The manifest's entry for `name`; a tensor it does not list is missing from the manifest.
+    fn entry(&self, name: &str) -> Result<&Entry, CheckpointError> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| CheckpointError::NotFound {
+                path: self.manifest.clone(),
+                tensor: name.to_string(),
+            })
     }
 
     fn view(&self, file: usize, name: &str) -> Result<View, CheckpointError> {
@@ -189,23 +204,11 @@ impl TensorSource for RankedSource {
     }
 
     fn shape(&self, name: &str) -> Result<Vec<usize>, CheckpointError> {
-        self.tensors
-            .get(name)
-            .map(|e| e.shape.clone())
-            .ok_or_else(|| CheckpointError::NotFound {
-                path: self.files[0].path.clone(),
-                tensor: name.to_string(),
-            })
+        Ok(self.entry(name)?.shape.clone())
     }
 
     fn load(&self, name: &str, slice: Option<Slice>) -> Result<Tensor, CheckpointError> {
-        let e = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| CheckpointError::NotFound {
-                path: self.files[0].path.clone(),
-                tensor: name.to_string(),
-            })?;
+        let e = self.entry(name)?;
         let path = self.files[0].path.clone();
         // A file holding the whole tensor answers any slice.
         if let Some(i) = e.pieces.iter().position(|p| p.is_none()) {
