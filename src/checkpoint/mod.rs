@@ -420,3 +420,172 @@ pub fn open(dir: &Path, heads: QkHeads) -> Result<Box<dyn TensorSource>, Checkpo
         Layout::Ranked { .. } => Ok(Box::new(RankedSource::open(dir)?)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `detect` makes of a directory holding these (empty) files.
+    fn detect_files(files: &[&str]) -> Result<String, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        for f in files {
+            let p = dir.path().join(f);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+            }
+            let body = if *f == ranked::MANIFEST {
+                r#"{"files": ["rank-00-of-01.safetensors"]}"#
+            } else {
+                ""
+            };
+            std::fs::write(&p, body).map_err(|e| e.to_string())?;
+        }
+        let name = |p: &Path| {
+            p.file_name()
+                .map_or(String::new(), |n| n.to_string_lossy().into())
+        };
+        let names = |ps: &[PathBuf]| ps.iter().map(|p| name(p)).collect::<Vec<_>>().join(" ");
+        match detect(dir.path()) {
+            Ok(Layout::Meta { params, shards }) => {
+                Ok(format!("meta {} {}", name(&params), names(&shards)))
+            }
+            Ok(Layout::Hf { config, files }) => {
+                Ok(format!("hf {} {}", name(&config), names(&files)))
+            }
+            Ok(Layout::Ranked { config, files }) => {
+                Ok(format!("ranked {} {}", name(&config), names(&files)))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn detect_reads_every_layout_and_refuses_mixtures() {
+        let ok: &[(&[&str], &str)] = &[
+            (
+                &["params.json", "consolidated.01.pth", "consolidated.00.pth"],
+                "meta params.json consolidated.00.pth consolidated.01.pth",
+            ),
+            (
+                &["params.json", "merged.2GPUs.00.pth", "merged.2GPUs.01.pth"],
+                "meta params.json merged.2GPUs.00.pth merged.2GPUs.01.pth",
+            ),
+            (
+                &["params.json", "merged.x.00.pth"],
+                "meta params.json merged.x.00.pth",
+            ),
+            (
+                &["config.json", "model.safetensors"],
+                "hf config.json model.safetensors",
+            ),
+            (
+                &[
+                    "config.json",
+                    "model-00002-of-00002.safetensors",
+                    "model-00001-of-00002.safetensors",
+                ],
+                "hf config.json model-00001-of-00002.safetensors model-00002-of-00002.safetensors",
+            ),
+            (
+                &[
+                    "params.json",
+                    "consolidated.00.pth",
+                    "config.json",
+                    "model.safetensors",
+                ],
+                "meta params.json consolidated.00.pth",
+            ),
+            (
+                &[ranked::MANIFEST, "config.json", "params.json"],
+                "ranked params.json rank-00-of-01.safetensors",
+            ),
+            (
+                &[ranked::MANIFEST, "config.json"],
+                "ranked config.json rank-00-of-01.safetensors",
+            ),
+        ];
+        for (files, want) in ok {
+            assert_eq!(detect_files(files).as_deref(), Ok(*want), "{files:?}");
+        }
+        let refused: &[(&[&str], &str)] = &[
+            (
+                &["params.json", "consolidated.00.pth", "merged.1GPUs.00.pth"],
+                "keep one set",
+            ),
+            (
+                &["params.json", "merged.2GPUs.00.pth", "merged.4GPUs.01.pth"],
+                "different sets",
+            ),
+            (
+                &["params.json", "merged.4GPUs.00.pth", "merged.4GPUs.01.pth"],
+                "names 4 shards but 2",
+            ),
+            (
+                &["params.json", "consolidated.00.pth", "consolidated.02.pth"],
+                "shard 1 is missing",
+            ),
+            (
+                &["params.json", "merged.1GPUs.01.pth"],
+                "shard 0 is missing",
+            ),
+            (
+                &[
+                    "config.json",
+                    "model.safetensors",
+                    "model-00001-of-00001.safetensors",
+                ],
+                "keep one",
+            ),
+            (
+                &[
+                    "config.json",
+                    "model-00001-of-00003.safetensors",
+                    "model-00002-of-00003.safetensors",
+                ],
+                "expected 3 shards",
+            ),
+            (
+                &[
+                    "config.json",
+                    "model-00001-of-00002.safetensors",
+                    "model-00002-of-00003.safetensors",
+                ],
+                "expected 2 shards",
+            ),
+            (
+                &[
+                    "config.json",
+                    "model-00002-of-00002.safetensors",
+                    "model-00003-of-00002.safetensors",
+                ],
+                "shard 1 is missing",
+            ),
+            (&[ranked::MANIFEST], "without params.json or config.json"),
+            (
+                &["params.json"],
+                "is not a checkpoint directory: found [params.json]",
+            ),
+            (
+                &["params.json", "consolidated.0x.pth"],
+                "not a checkpoint directory",
+            ),
+            (
+                &["config.json", "model-1-of-x.safetensors"],
+                "not a checkpoint directory",
+            ),
+            (&["consolidated.00.pth"], "not a checkpoint directory"),
+            (
+                &["notes.txt", "original/params.json"],
+                "original/ subfolder looks like a Meta",
+            ),
+        ];
+        for (files, want) in refused {
+            let e = detect_files(files).expect_err(&format!("{files:?} must be refused"));
+            assert!(e.contains(want), "{files:?}: {e}");
+        }
+        let many: Vec<String> = (0..25).map(|i| format!("f{i:02}")).collect();
+        let many: Vec<&str> = many.iter().map(|s| s.as_str()).collect();
+        let e = detect_files(&many).expect_err("not a checkpoint");
+        assert!(e.contains("f19, ... 5 more]"), "{e}");
+    }
+}
