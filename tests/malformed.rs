@@ -161,6 +161,8 @@ fn run_child(test: &str, from: usize, case_seconds: u64) -> ChildRun {
     });
     // (index, label) of the case running now
     let mut current: Option<(usize, String)> = None;
+    // Timeouts in a row while no case runs
+    let mut quiet = 0;
     let mut run = ChildRun {
         fails: Vec::new(),
         summary: None,
@@ -169,6 +171,7 @@ fn run_child(test: &str, from: usize, case_seconds: u64) -> ChildRun {
     loop {
         match rx.recv_timeout(Duration::from_secs(case_seconds)) {
             Ok(line) => {
+                quiet = 0;
                 // libtest may print "test NAME ... " before the child's first line
                 let Some(at) = line.find("@@") else { continue };
                 let line = &line[at..];
@@ -183,11 +186,15 @@ fn run_child(test: &str, from: usize, case_seconds: u64) -> ChildRun {
                     run.summary = Some(s.to_string());
                 }
             }
+            // Between cases the child only prepares the next one: give it longer.
+            Err(mpsc::RecvTimeoutError::Timeout) if current.is_none() && quiet < 4 => quiet += 1,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
                 let _ = child.wait();
                 let Some((i, label)) = current else {
-                    panic!("{test}: the child is silent for {case_seconds} s between cases");
+                    panic!(
+                        "{test}: the child is silent for {quiet} x {case_seconds} s between cases"
+                    );
                 };
                 run.died = Some((
                     i,
@@ -405,6 +412,36 @@ impl Cases {
         if o.ran && !o.failed && o.error.is_none() {
             println!("@@fail [{label}] loaded, but the file is broken: it must be refused");
         }
+    }
+
+    /// A broken file that must end in an error naming it and saying `expect`.
+    fn must_fail_with(
+        &mut self,
+        label: &str,
+        names: &[&str],
+        expect: &str,
+        load: impl FnOnce() -> Result<(), String>,
+    ) {
+        let o = self.case(label, names, load);
+        match o.error {
+            _ if !o.ran || o.failed => {}
+            None => println!("@@fail [{label}] loaded, but the file is broken: it must be refused"),
+            Some(e) if !e.contains(expect) => {
+                println!(
+                    "@@fail [{label}] the error does not say {expect:?}: {}",
+                    one_line(&e, 1000)
+                )
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// False when HERD_FUZZ_ONLY rules out every case whose label starts with `prefix`, so a
+    /// generator need not even make it.
+    fn wants(&self, prefix: &str) -> bool {
+        self.only
+            .as_ref()
+            .map_or(true, |o| prefix.contains(o.as_str()) || o.contains(prefix))
     }
 
     fn finish(self) {
@@ -1276,7 +1313,7 @@ impl DirBase {
     }
 
     fn read_path(dir: &Path, name: &str) -> DirBase {
-        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
             .map(|e| {
                 let e = e.expect("dir entry");
@@ -1345,10 +1382,16 @@ fn damage(rng: &mut Rng, name: &str, b: &mut Vec<u8>) -> String {
 }
 
 /// What an error about damage to `file` may name: the file, or (config damage) the comparison of
-/// the weights with the config, which names the checkpoint's files.
+/// the weights with the config, which names the checkpoint's files and the first tensor that
+/// differs or is missing.
 fn names_for(file: &str) -> Vec<&str> {
     if file == "params.json" || file == "config.json" {
-        vec![file, "the model config needs"]
+        // More layers than the checkpoint has: the first one missing is named.
+        vec![
+            file,
+            "the model config needs",
+            "is missing from the checkpoint",
+        ]
     } else {
         vec![file]
     }
@@ -1369,6 +1412,9 @@ fn fuzz_dir(c: &mut Cases, base: &DirBase, n: usize) {
         panic!("{} does not load undamaged: {e}", base.name);
     }
     for i in 0..n {
+        if !c.wants(&format!("{}#{i}", base.name)) {
+            continue;
+        }
         let mut rng = Rng::new(seed, &base.name, i);
         // Weight the checkpoint files over the small JSON files.
         let weights: Vec<usize> = base
@@ -1492,6 +1538,9 @@ fn fuzz_tokenizer(c: &mut Cases, label: &str, file: &str, base: &[u8], n: usize)
         panic!("{label} does not load undamaged: {e}");
     }
     for i in 0..n {
+        if !c.wants(&format!("{label}#{i}")) {
+            continue;
+        }
         let mut rng = Rng::new(seed, label, i);
         let mut b = base.to_vec();
         let what = if file.ends_with(".json") {
@@ -2247,4 +2296,44 @@ fn harness_reports_what_it_must() {
         summaries.last().is_some_and(|s| s.starts_with("5 cases")),
         "{summaries:?}"
     );
+}
+
+/// tests/fixtures/malformed/: the findings kept as files (cases.json says where each goes, the
+/// error it must end in and how it was found).
+#[test]
+fn regression_corpus_fails_cleanly() {
+    guarded("regression_corpus_fails_cleanly", |c| {
+        let corpus = fixture("malformed");
+        let list = std::fs::read(corpus.join("cases.json")).expect("cases.json");
+        let list: Vec<Value> = serde_json::from_slice(&list).expect("a JSON list");
+        for case in &list {
+            let field = |k: &str| case[k].as_str().map(String::from);
+            let (Some(file), Some(name), Some(expect)) =
+                (field("file"), field("as"), field("expect"))
+            else {
+                panic!("cases.json: {case} needs file, as and expect");
+            };
+            let bytes = std::fs::read(corpus.join(&file)).expect("corpus file");
+            let dir = tempfile::tempdir().expect("tempdir");
+            let label = format!("{file} as {name}");
+            let base = match field("base").as_deref() {
+                None => {
+                    let p = dir.path().join(&name);
+                    std::fs::write(&p, &bytes).expect("write");
+                    c.must_fail_with(&label, &[&name], &expect, || load_tokenizer(&p));
+                    continue;
+                }
+                Some("meta2") => meta2(),
+                Some("tp2") => DirBase::converted("pth/hf"),
+                Some(rel) => DirBase::read(rel),
+            };
+            base.with_file(&name, &bytes).write(dir.path(), None);
+            c.must_fail_with(&label, &[&name], &expect, || load_model_dir(dir.path()));
+        }
+        assert_eq!(
+            list.len() + 1,
+            std::fs::read_dir(&corpus).expect("corpus dir").count(),
+            "every file in tests/fixtures/malformed has its line in cases.json"
+        );
+    });
 }

@@ -305,9 +305,10 @@ fn check_index(ix: &Path, files: &[StFile]) -> Result<(), CheckpointError> {
                 ),
             })?;
         if !f.tensors.contains_key(tensor) {
-            return Err(CheckpointError::NotFound {
+            return Err(CheckpointError::Tensor {
                 path: f.path.clone(),
                 tensor: tensor.clone(),
+                msg: format!("listed in {} but not in this file", ix.display()),
             });
         }
     }

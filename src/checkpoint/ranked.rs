@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::hf::StFile;
 use super::pth::apply_slice;
 use super::view::{concat, View};
-use super::{short, CheckpointError, DType, Slice, Tensor, TensorSource};
+use super::{short, CheckpointError, DType, Slice, Tensor, TensorSource, MAX_DIMS};
 
 /// Name of the manifest that marks the layout.
 pub const MANIFEST: &str = "herd-tp.json";
@@ -27,6 +27,33 @@ struct Entry {
     shape: Vec<usize>,
     /// Per file, what part it holds.
     pieces: Vec<Piece>,
+}
+
+/// The pieces of a tensor, all along one dim, must cover its shape (or one file holds it whole):
+/// the manifest's shape is what the model is checked against.
+fn check_cover(shape: &[usize], pieces: &[Piece]) -> Result<(), String> {
+    if pieces.iter().any(Option::is_none) {
+        return Ok(());
+    }
+    let mut parts: Vec<Slice> = pieces.iter().flatten().copied().collect();
+    let dim = parts.first().map_or(0, |p| p.dim);
+    if parts.iter().any(|p| p.dim != dim) {
+        return Err("pieces split more than one dim".into());
+    }
+    parts.sort_by_key(|p| p.start);
+    let mut covered = 0;
+    for p in &parts {
+        if p.start > covered {
+            break;
+        }
+        covered = covered.max(p.start + p.len);
+    }
+    match shape.get(dim) {
+        Some(&n) if covered == n => Ok(()),
+        _ => Err(format!(
+            "pieces cover 0..{covered} of dim {dim} without gaps, but the shape is {shape:?}"
+        )),
+    }
 }
 
 /// A per-rank checkpoint written by `herd convert`.
@@ -97,7 +124,16 @@ impl RankedSource {
         }
         let files = names_f
             .iter()
-            .map(|f| StFile::open(&dir.join(f)))
+            .map(|f| {
+                StFile::open(&dir.join(f)).map_err(|e| match e {
+                    CheckpointError::Io { source, .. }
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        lerr(&mpath, format!("lists '{}', which is not there", short(f)))
+                    }
+                    e => e,
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let obj = m["tensors"]
             .as_object()
@@ -108,7 +144,8 @@ impl RankedSource {
             let shape: Vec<usize> = e["shape"]
                 .as_array()
                 .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
-                .ok_or_else(|| bad("shape is not a list of sizes"))?;
+                .filter(|s: &Vec<usize>| s.len() <= MAX_DIMS)
+                .ok_or_else(|| bad("shape is not a list of at most 8 sizes"))?;
             let pieces: Vec<Piece> = e["pieces"]
                 .as_array()
                 .ok_or_else(|| bad("pieces is not a list"))?
@@ -152,13 +189,15 @@ impl RankedSource {
                         })
                     }
                     None => {
-                        return Err(CheckpointError::NotFound {
+                        return Err(CheckpointError::Tensor {
                             path: f.path.clone(),
                             tensor: name.clone(),
+                            msg: format!("listed in {MANIFEST} but not in this file"),
                         })
                     }
                 }
             }
+            check_cover(&shape, &pieces).map_err(|m| bad(&m))?;
             tensors.insert(name.clone(), Entry { shape, pieces });
         }
         let mut names: Vec<String> = tensors.keys().cloned().collect();
@@ -262,7 +301,7 @@ impl TensorSource for RankedSource {
 
     fn describe(&self) -> String {
         format!(
-            "herd per-rank tp={} ({}, ...)",
+            "herd per-rank tp={} ({MANIFEST}, {}, ...)",
             self.files.len(),
             rank_file(0, self.files.len())
         )

@@ -209,7 +209,8 @@ impl LlamaConfig {
         if let Some(mt) = v.get("model_type").and_then(Value::as_str) {
             if mt != "llama" {
                 return Err(f.err(format!(
-                    "model_type is '{mt}', herd runs Llama models (model_type 'llama')"
+                    "model_type is {}, herd runs Llama models (model_type 'llama')",
+                    shown(&Value::from(mt))
                 )));
             }
         }

@@ -213,7 +213,10 @@ pub(crate) fn parse_hf_json(path: &Path, bytes: &[u8]) -> Result<Vocab, Tokenize
     if let Some(kind) = file.model.kind.as_deref().filter(|k| *k != "BPE") {
         return Err(parse_error(
             path,
-            format!("model.type is {kind:?}, only byte-level \"BPE\" is supported"),
+            format!(
+                "model.type is {}, only byte-level \"BPE\" is supported",
+                quote(kind)
+            ),
         ));
     }
     let mut to_byte: HashMap<char, u8> = HashMap::with_capacity(256);
