@@ -131,6 +131,10 @@ impl RankedSource {
                     {
                         lerr(&mpath, format!("lists '{}', which is not there", short(f)))
                     }
+                    CheckpointError::Io { source, .. } => lerr(
+                        &mpath,
+                        format!("lists '{}', which cannot be read: {source}", short(f)),
+                    ),
                     e => e,
                 })
             })

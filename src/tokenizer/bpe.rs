@@ -15,6 +15,10 @@ pub(crate) const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{
 /// Meta reserves this many special ids after the base vocabulary.
 pub(crate) const NUM_RESERVED_SPECIAL_TOKENS: usize = 256;
 
+/// Most added (special) tokens a tokenizer.json may have, and their longest text.
+const MAX_SPECIALS: usize = 4096;
+const MAX_SPECIAL_BYTES: usize = 256;
+
 /// Meta encodes at most this many characters (code points) per tiktoken call.
 pub(crate) const MAX_ENCODE_CHARS: usize = 400_000;
 
@@ -225,7 +229,28 @@ pub(crate) fn parse_hf_json(path: &Path, bytes: &[u8]) -> Result<Vocab, Tokenize
     }
     let mut specials: HashMap<String, u32> = HashMap::new();
     let mut special_ids: HashSet<u32> = HashSet::new();
+    // Special tokens become one alternation regex, whose compiled size grows with their number
+    // and length (a 3 MB token took 1 GB): Llama 3 has 256 of at most 30 bytes.
+    if file.added_tokens.len() > MAX_SPECIALS {
+        return Err(parse_error(
+            path,
+            format!(
+                "added_tokens: {} tokens; herd takes at most {MAX_SPECIALS}",
+                file.added_tokens.len()
+            ),
+        ));
+    }
     for t in file.added_tokens {
+        if t.content.len() > MAX_SPECIAL_BYTES {
+            return Err(parse_error(
+                path,
+                format!(
+                    "added_tokens: {} is {} bytes long; herd takes at most {MAX_SPECIAL_BYTES}",
+                    quote(&t.content),
+                    t.content.len()
+                ),
+            ));
+        }
         if !special_ids.insert(t.id) {
             return Err(parse_error(
                 path,

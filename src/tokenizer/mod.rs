@@ -148,13 +148,15 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, TokenizerError> {
         path: path.to_path_buf(),
         source,
     };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let size = file.metadata().map_or(0, |m| m.len());
     let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .map_err(io)?
-        .take(MAX_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(io)?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
+    if size <= MAX_FILE_BYTES {
+        file.take(MAX_FILE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+    }
+    if size > MAX_FILE_BYTES || bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(TokenizerError::Parse {
             path: path.to_path_buf(),
             msg: format!(
