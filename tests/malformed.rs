@@ -2051,6 +2051,8 @@ fn huge_model_files(c: &mut Cases) {
         ("head_dim", json!(TB)),
         ("max_position_embeddings", json!(u64::MAX)),
         ("vocab_size", json!("9".repeat(3 << 20))),
+        ("model_type", json!("x".repeat(3 << 20))),
+        ("rope_scaling", json!({"rope_type": "x".repeat(3 << 20)})),
     ];
     for (key, v) in hf_configs {
         let label = format!("config.json {key} = {}", one_line(&v.to_string(), 24));

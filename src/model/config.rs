@@ -230,7 +230,8 @@ impl LlamaConfig {
                     .unwrap_or("");
                 if kind != "llama3" {
                     return Err(f.err(format!(
-                        "rope_scaling type '{kind}' is not supported (herd supports 'llama3')"
+                        "rope_scaling type {} is not supported (herd supports 'llama3')",
+                        shown(&Value::from(kind))
                     )));
                 }
                 let d = RopeScaling::LLAMA31;
