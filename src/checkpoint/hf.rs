@@ -4,7 +4,7 @@
 
 use super::pth::{apply_slice, check_slice, map_file};
 use super::view::{extent, row_major, View};
-use super::{Bytes, CheckpointError, DType, QkHeads, Slice, Tensor, TensorSource};
+use super::{short, Bytes, CheckpointError, DType, QkHeads, Slice, Tensor, TensorSource, MAX_DIMS};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,7 +24,8 @@ fn st_dtype(s: &str) -> Result<DType, String> {
         "F16" => Ok(DType::F16),
         "F32" => Ok(DType::F32),
         other => Err(format!(
-            "unsupported dtype {other}; herd loads BF16, F16 and F32"
+            "unsupported dtype {}; herd loads BF16, F16 and F32",
+            short(other)
         )),
     }
 }
@@ -52,7 +53,7 @@ impl StFile {
         }
         let header: serde_json::Map<String, serde_json::Value> =
             serde_json::from_slice(&map[8..8 + n])
-                .map_err(|e| ferr(format!("bad safetensors header: {e}")))?;
+                .map_err(|e| ferr(format!("bad safetensors header: {}", short(&e.to_string()))))?;
         let data_start = 8 + n;
         let data_len = map.len() - data_start;
         let mut tensors = HashMap::new();
@@ -78,6 +79,12 @@ impl StFile {
                         .collect::<Option<Vec<usize>>>()
                 })
                 .ok_or_else(|| terr("shape is not a list of sizes"))?;
+            if shape.len() > MAX_DIMS {
+                return Err(terr(&format!(
+                    "{} dimensions; herd loads tensors of at most {MAX_DIMS}",
+                    shape.len()
+                )));
+            }
             let offs = info
                 .get("data_offsets")
                 .and_then(|s| s.as_array())
@@ -204,8 +211,10 @@ impl HfSource {
                     path: files[*i].path.clone(),
                     tensor: hf.clone(),
                     msg: format!(
-                        "duplicate: '{other}' in {} is also '{meta}'",
-                        files[*j].path.display()
+                        "duplicate: '{}' in {} is also '{}'",
+                        short(other),
+                        files[*j].path.display(),
+                        short(&meta)
                     ),
                 });
             }
@@ -271,28 +280,35 @@ fn check_index(ix: &Path, files: &[StFile]) -> Result<(), CheckpointError> {
         path: ix.to_path_buf(),
         source,
     })?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| ferr(format!("bad JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| ferr(format!("bad JSON: {}", short(&e.to_string()))))?;
     let wm = v
         .get("weight_map")
         .and_then(|w| w.as_object())
         .ok_or_else(|| ferr("no weight_map object".into()))?;
     for (tensor, file) in wm {
-        let file = file
-            .as_str()
-            .ok_or_else(|| ferr(format!("weight_map entry '{tensor}' is not a file name")))?;
+        let file = file.as_str().ok_or_else(|| {
+            ferr(format!(
+                "weight_map entry '{}' is not a file name",
+                short(tensor)
+            ))
+        })?;
         let f = files
             .iter()
             .find(|f| f.path.file_name().is_some_and(|n| n == file))
             .ok_or_else(|| CheckpointError::Tensor {
                 path: ix.to_path_buf(),
                 tensor: tensor.clone(),
-                msg: format!("listed in '{file}', which is not among the checkpoint's files"),
+                msg: format!(
+                    "listed in '{}', which is not among the checkpoint's files",
+                    short(file)
+                ),
             })?;
         if !f.tensors.contains_key(tensor) {
-            return Err(CheckpointError::NotFound {
+            return Err(CheckpointError::Tensor {
                 path: f.path.clone(),
                 tensor: tensor.clone(),
+                msg: format!("listed in {} but not in this file", ix.display()),
             });
         }
     }

@@ -120,7 +120,14 @@ impl MetaSource {
             }
             let mut shape = s0;
             if let Some(d) = split {
-                shape[d] = sizes.iter().sum();
+                shape[d] = sizes
+                    .iter()
+                    .try_fold(0usize, |a, &b| a.checked_add(b))
+                    .ok_or_else(|| CheckpointError::Tensor {
+                        path: first.path().to_path_buf(),
+                        tensor: name.clone(),
+                        msg: format!("the shards' sizes along dim {d} overflow: {sizes:?}"),
+                    })?;
             }
             tensors.insert(
                 name.clone(),

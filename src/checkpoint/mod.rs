@@ -127,20 +127,32 @@ pub struct QkHeads {
     pub head_dim: usize,
 }
 
+/// Most dimensions a stored tensor may have (Llama's have one or two); more is damage.
+pub(crate) const MAX_DIMS: usize = 8;
+
+/// A name from a file, cut short for an error message (a damaged file may hold megabytes).
+pub(crate) fn short(s: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 200;
+    match s.char_indices().nth(MAX) {
+        None => s.into(),
+        Some((cut, _)) => format!("{}... ({} bytes)", &s[..cut], s.len()).into(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("{path}: {msg}")]
     File { path: PathBuf, msg: String },
-    #[error("{path}: tensor '{tensor}': {msg}")]
+    #[error("{path}: tensor '{}': {msg}", short(.tensor))]
     Tensor {
         path: PathBuf,
         tensor: String,
         msg: String,
     },
-    #[error("tensor '{0}' is missing from the checkpoint")]
+    #[error("tensor '{}' is missing from the checkpoint", short(.0))]
     Missing(String),
     /// A tensor a file-backed source does not hold; `path` is the file (or first shard) looked in.
-    #[error("{path}: tensor '{tensor}' is missing from the checkpoint")]
+    #[error("{path}: tensor '{}' is missing from the checkpoint", short(.tensor))]
     NotFound { path: PathBuf, tensor: String },
     #[error("{0}")]
     Layout(String),
@@ -231,42 +243,64 @@ fn number_run(
 /// HF: `config.json` + `model.safetensors` or `model-0000N-of-0000M.safetensors`.
 /// A directory holding both is read as Meta (no q/k conversion needed).
 pub fn detect(dir: &Path) -> Result<Layout, CheckpointError> {
-    let rd = std::fs::read_dir(dir).map_err(|source| CheckpointError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let mut names: Vec<String> = Vec::new();
-    for e in rd {
-        let e = e.map_err(|source| CheckpointError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        names.push(e.file_name().to_string_lossy().into_owned());
+    let names = list_dir(dir)?;
+    if names.iter().any(|n| n == ranked::MANIFEST) {
+        return ranked_layout(dir, &names);
     }
-    names.sort();
-    let has = |n: &str| names.iter().any(|x| x == n);
-
-    if has(ranked::MANIFEST) {
-        let config = ["params.json", "config.json"]
-            .into_iter()
-            .find(|c| has(c))
-            .ok_or_else(|| {
-                CheckpointError::Layout(format!(
-                    "{}: {} without params.json or config.json",
-                    dir.display(),
-                    ranked::MANIFEST
-                ))
-            })?;
-        return Ok(Layout::Ranked {
-            config: dir.join(config),
-            files: ranked::files_of(dir),
+    if let Some(shards) = meta_shards(dir, &names)? {
+        return Ok(Layout::Meta {
+            params: dir.join("params.json"),
+            shards,
         });
     }
+    if let Some(files) = hf_files(dir, &names)? {
+        return Ok(Layout::Hf {
+            config: dir.join("config.json"),
+            files,
+        });
+    }
+    Err(not_a_checkpoint(dir, &names))
+}
 
+/// The names of the entries of `dir`, sorted.
+fn list_dir(dir: &Path) -> Result<Vec<String>, CheckpointError> {
+    let io = |source| CheckpointError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io)? {
+        names.push(e.map_err(io)?.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// herd's per-rank layout: the manifest, the source's config and the files the manifest lists.
+fn ranked_layout(dir: &Path, names: &[String]) -> Result<Layout, CheckpointError> {
+    let config = ["params.json", "config.json"]
+        .into_iter()
+        .find(|c| names.iter().any(|n| n == c))
+        .ok_or_else(|| {
+            CheckpointError::Layout(format!(
+                "{}: {} without params.json or config.json",
+                dir.display(),
+                ranked::MANIFEST
+            ))
+        })?;
+    Ok(Layout::Ranked {
+        config: dir.join(config),
+        files: ranked::files_of(dir),
+    })
+}
+
+/// Meta's shards in rank order, when `dir` has `params.json` and `consolidated.NN.pth` or
+/// `merged.<n>GPUs.NN.pth` files (one set, numbered from 00 without gaps).
+fn meta_shards(dir: &Path, names: &[String]) -> Result<Option<Vec<PathBuf>>, CheckpointError> {
     let mut consolidated = Vec::new();
     // merged shards grouped by their middle tag ("8GPUs")
     let mut merged: Vec<(String, usize, String)> = Vec::new();
-    for n in &names {
+    for n in names {
         if let Some(k) = shard_number(n, "consolidated.", ".pth") {
             consolidated.push((k, n.clone()));
         } else if let Some(rest) = n
@@ -280,54 +314,64 @@ pub fn detect(dir: &Path) -> Result<Layout, CheckpointError> {
             }
         }
     }
-    if has("params.json") && (!consolidated.is_empty() || !merged.is_empty()) {
-        if !consolidated.is_empty() && !merged.is_empty() {
-            return Err(CheckpointError::Layout(format!(
-                "{}: both consolidated.NN.pth and merged.*.NN.pth shards; keep one set",
-                dir.display()
-            )));
-        }
-        let shards = if merged.is_empty() {
-            number_run(dir, consolidated, 0, "consolidated.NN.pth")?
-        } else {
-            let tag = merged[0].0.clone();
-            if merged.iter().any(|m| m.0 != tag) {
-                return Err(CheckpointError::Layout(format!(
-                    "{}: merged.*.NN.pth shards of different sets ({})",
-                    dir.display(),
-                    merged
-                        .iter()
-                        .map(|m| m.2.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-            let shards = number_run(
-                dir,
-                merged.into_iter().map(|m| (m.1, m.2)).collect(),
-                0,
-                "merged.*.NN.pth",
-            )?;
-            let expected = tag
-                .strip_suffix("GPUs")
-                .and_then(|n| n.parse::<usize>().ok());
-            if let Some(n) = expected.filter(|&n| n != shards.len()) {
-                return Err(CheckpointError::Layout(format!(
-                    "{}: merged.{tag}.NN.pth names {n} shards but {} are present",
-                    dir.display(),
-                    shards.len()
-                )));
-            }
-            shards
-        };
-        return Ok(Layout::Meta {
-            params: dir.join("params.json"),
-            shards,
-        });
+    let has_params = names.iter().any(|n| n == "params.json");
+    if !has_params || (consolidated.is_empty() && merged.is_empty()) {
+        return Ok(None);
     }
+    if !consolidated.is_empty() && !merged.is_empty() {
+        return Err(CheckpointError::Layout(format!(
+            "{}: both consolidated.NN.pth and merged.*.NN.pth shards; keep one set",
+            dir.display()
+        )));
+    }
+    if merged.is_empty() {
+        number_run(dir, consolidated, 0, "consolidated.NN.pth").map(Some)
+    } else {
+        merged_shards(dir, merged).map(Some)
+    }
+}
 
+/// AIME's `merged.<n>GPUs.NN.pth` shards: one set, numbered from 00, as many as the tag says.
+fn merged_shards(
+    dir: &Path,
+    merged: Vec<(String, usize, String)>,
+) -> Result<Vec<PathBuf>, CheckpointError> {
+    let tag = merged[0].0.clone();
+    if merged.iter().any(|m| m.0 != tag) {
+        return Err(CheckpointError::Layout(format!(
+            "{}: merged.*.NN.pth shards of different sets ({})",
+            dir.display(),
+            merged
+                .iter()
+                .map(|m| m.2.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let shards = number_run(
+        dir,
+        merged.into_iter().map(|m| (m.1, m.2)).collect(),
+        0,
+        "merged.*.NN.pth",
+    )?;
+    let expected = tag
+        .strip_suffix("GPUs")
+        .and_then(|n| n.parse::<usize>().ok());
+    if let Some(n) = expected.filter(|&n| n != shards.len()) {
+        return Err(CheckpointError::Layout(format!(
+            "{}: merged.{tag}.NN.pth names {n} shards but {} are present",
+            dir.display(),
+            shards.len()
+        )));
+    }
+    Ok(shards)
+}
+
+/// HF's safetensors files in shard order, when `dir` has `config.json` and `model.safetensors`
+/// or a complete set of `model-NNNNN-of-MMMMM.safetensors` (not both).
+fn hf_files(dir: &Path, names: &[String]) -> Result<Option<Vec<PathBuf>>, CheckpointError> {
     let mut sharded: Vec<(usize, usize, String)> = Vec::new();
-    for n in &names {
+    for n in names {
         let Some(rest) = n
             .strip_prefix("model-")
             .and_then(|r| r.strip_suffix(".safetensors"))
@@ -340,44 +384,39 @@ pub fn detect(dir: &Path) -> Result<Layout, CheckpointError> {
             }
         }
     }
-    if has("config.json") && (has("model.safetensors") || !sharded.is_empty()) {
-        let files = if sharded.is_empty() {
-            vec![dir.join("model.safetensors")]
-        } else {
-            if has("model.safetensors") {
-                return Err(CheckpointError::Layout(format!(
-                    "{}: both model.safetensors and model-*-of-*.safetensors; keep one",
-                    dir.display()
-                )));
-            }
-            let total = sharded[0].1;
-            let list = || {
-                sharded
-                    .iter()
-                    .map(|s| s.2.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            if sharded.iter().any(|s| s.1 != total) || sharded.len() != total {
-                return Err(CheckpointError::Layout(format!(
-                    "{}: expected {total} shards model-NNNNN-of-{total:05}.safetensors, found {}",
-                    dir.display(),
-                    list()
-                )));
-            }
-            number_run(
-                dir,
-                sharded.iter().map(|s| (s.0, s.2.clone())).collect(),
-                1,
-                "model-NNNNN-of-MMMMM.safetensors",
-            )?
-        };
-        return Ok(Layout::Hf {
-            config: dir.join("config.json"),
-            files,
-        });
+    let has = |name: &str| names.iter().any(|n| n == name);
+    if !has("config.json") || (!has("model.safetensors") && sharded.is_empty()) {
+        return Ok(None);
     }
+    if sharded.is_empty() {
+        return Ok(Some(vec![dir.join("model.safetensors")]));
+    }
+    if has("model.safetensors") {
+        return Err(CheckpointError::Layout(format!(
+            "{}: both model.safetensors and model-*-of-*.safetensors; keep one",
+            dir.display()
+        )));
+    }
+    let total = sharded[0].1;
+    if sharded.iter().any(|s| s.1 != total) || sharded.len() != total {
+        let list: Vec<&str> = sharded.iter().map(|s| s.2.as_str()).collect();
+        return Err(CheckpointError::Layout(format!(
+            "{}: expected {total} shards model-NNNNN-of-{total:05}.safetensors, found {}",
+            dir.display(),
+            list.join(", ")
+        )));
+    }
+    number_run(
+        dir,
+        sharded.into_iter().map(|s| (s.0, s.2)).collect(),
+        1,
+        "model-NNNNN-of-MMMMM.safetensors",
+    )
+    .map(Some)
+}
 
+/// What `dir` holds instead of a checkpoint, and what was expected.
+fn not_a_checkpoint(dir: &Path, names: &[String]) -> CheckpointError {
     let shown: Vec<&str> = names.iter().take(20).map(|s| s.as_str()).collect();
     let more = names.len().saturating_sub(shown.len());
     let hint = if dir.join("original").join("params.json").exists() {
@@ -385,14 +424,14 @@ pub fn detect(dir: &Path) -> Result<Layout, CheckpointError> {
     } else {
         ""
     };
-    Err(CheckpointError::Layout(format!(
+    CheckpointError::Layout(format!(
         "{} is not a checkpoint directory{hint}: found [{}{}]; expected params.json + consolidated.NN.pth \
          (Meta, or AIME merged.<n>GPUs.NN.pth) or config.json + model.safetensors / \
          model-NNNNN-of-MMMMM.safetensors (HF)",
         dir.display(),
         shown.join(", "),
         if more > 0 { format!(", ... {more} more") } else { String::new() }
-    )))
+    ))
 }
 
 /// Opens the checkpoint in `dir`, whatever its layout. `heads` is used by the HF reader to turn
@@ -406,5 +445,174 @@ pub fn open(dir: &Path, heads: QkHeads) -> Result<Box<dyn TensorSource>, Checkpo
             Ok(Box::new(HfSource::open(&files, ix.as_deref(), heads)?))
         }
         Layout::Ranked { .. } => Ok(Box::new(RankedSource::open(dir)?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `detect` makes of a directory holding these (empty) files.
+    fn detect_files(files: &[&str]) -> Result<String, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        for f in files {
+            let p = dir.path().join(f);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+            }
+            let body = if *f == ranked::MANIFEST {
+                r#"{"files": ["rank-00-of-01.safetensors"]}"#
+            } else {
+                ""
+            };
+            std::fs::write(&p, body).map_err(|e| e.to_string())?;
+        }
+        let name = |p: &Path| {
+            p.file_name()
+                .map_or(String::new(), |n| n.to_string_lossy().into())
+        };
+        let names = |ps: &[PathBuf]| ps.iter().map(|p| name(p)).collect::<Vec<_>>().join(" ");
+        match detect(dir.path()) {
+            Ok(Layout::Meta { params, shards }) => {
+                Ok(format!("meta {} {}", name(&params), names(&shards)))
+            }
+            Ok(Layout::Hf { config, files }) => {
+                Ok(format!("hf {} {}", name(&config), names(&files)))
+            }
+            Ok(Layout::Ranked { config, files }) => {
+                Ok(format!("ranked {} {}", name(&config), names(&files)))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn detect_reads_every_layout_and_refuses_mixtures() {
+        let ok: &[(&[&str], &str)] = &[
+            (
+                &["params.json", "consolidated.01.pth", "consolidated.00.pth"],
+                "meta params.json consolidated.00.pth consolidated.01.pth",
+            ),
+            (
+                &["params.json", "merged.2GPUs.00.pth", "merged.2GPUs.01.pth"],
+                "meta params.json merged.2GPUs.00.pth merged.2GPUs.01.pth",
+            ),
+            (
+                &["params.json", "merged.x.00.pth"],
+                "meta params.json merged.x.00.pth",
+            ),
+            (
+                &["config.json", "model.safetensors"],
+                "hf config.json model.safetensors",
+            ),
+            (
+                &[
+                    "config.json",
+                    "model-00002-of-00002.safetensors",
+                    "model-00001-of-00002.safetensors",
+                ],
+                "hf config.json model-00001-of-00002.safetensors model-00002-of-00002.safetensors",
+            ),
+            (
+                &[
+                    "params.json",
+                    "consolidated.00.pth",
+                    "config.json",
+                    "model.safetensors",
+                ],
+                "meta params.json consolidated.00.pth",
+            ),
+            (
+                &[ranked::MANIFEST, "config.json", "params.json"],
+                "ranked params.json rank-00-of-01.safetensors",
+            ),
+            (
+                &[ranked::MANIFEST, "config.json"],
+                "ranked config.json rank-00-of-01.safetensors",
+            ),
+        ];
+        for (files, want) in ok {
+            assert_eq!(detect_files(files).as_deref(), Ok(*want), "{files:?}");
+        }
+        let refused: &[(&[&str], &str)] = &[
+            (
+                &["params.json", "consolidated.00.pth", "merged.1GPUs.00.pth"],
+                "keep one set",
+            ),
+            (
+                &["params.json", "merged.2GPUs.00.pth", "merged.4GPUs.01.pth"],
+                "different sets",
+            ),
+            (
+                &["params.json", "merged.4GPUs.00.pth", "merged.4GPUs.01.pth"],
+                "names 4 shards but 2",
+            ),
+            (
+                &["params.json", "consolidated.00.pth", "consolidated.02.pth"],
+                "shard 1 is missing",
+            ),
+            (
+                &["params.json", "merged.1GPUs.01.pth"],
+                "shard 0 is missing",
+            ),
+            (
+                &[
+                    "config.json",
+                    "model.safetensors",
+                    "model-00001-of-00001.safetensors",
+                ],
+                "keep one",
+            ),
+            (
+                &[
+                    "config.json",
+                    "model-00001-of-00003.safetensors",
+                    "model-00002-of-00003.safetensors",
+                ],
+                "expected 3 shards",
+            ),
+            (
+                &[
+                    "config.json",
+                    "model-00001-of-00002.safetensors",
+                    "model-00002-of-00003.safetensors",
+                ],
+                "expected 2 shards",
+            ),
+            (
+                &[
+                    "config.json",
+                    "model-00002-of-00002.safetensors",
+                    "model-00003-of-00002.safetensors",
+                ],
+                "shard 1 is missing",
+            ),
+            (&[ranked::MANIFEST], "without params.json or config.json"),
+            (
+                &["params.json"],
+                "is not a checkpoint directory: found [params.json]",
+            ),
+            (
+                &["params.json", "consolidated.0x.pth"],
+                "not a checkpoint directory",
+            ),
+            (
+                &["config.json", "model-1-of-x.safetensors"],
+                "not a checkpoint directory",
+            ),
+            (&["consolidated.00.pth"], "not a checkpoint directory"),
+            (
+                &["notes.txt", "original/params.json"],
+                "original/ subfolder looks like a Meta",
+            ),
+        ];
+        for (files, want) in refused {
+            let e = detect_files(files).expect_err(&format!("{files:?} must be refused"));
+            assert!(e.contains(want), "{files:?}: {e}");
+        }
+        let many: Vec<String> = (0..25).map(|i| format!("f{i:02}")).collect();
+        let many: Vec<&str> = many.iter().map(|s| s.as_str()).collect();
+        let e = detect_files(&many).expect_err("not a checkpoint");
+        assert!(e.contains("f19, ... 5 more]"), "{e}");
     }
 }

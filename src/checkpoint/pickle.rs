@@ -55,9 +55,13 @@ pub enum Value {
     Tensor(TensorRef),
 }
 
-/// Upper bound on values created (counting copies made by memo gets), so a hostile pickle
-/// cannot blow up memory by repeatedly duplicating a container.
-const MAX_NODES: usize = 2_000_000;
+/// Upper bound on values created (counting every copy: memo puts and gets, DUP; a string
+/// counts once per 16 bytes), so a hostile pickle cannot blow up memory by repeatedly
+/// duplicating a container or a long string.
+const MAX_NODES: usize = 500_000;
+
+/// Upper bound on MARKs open at once (each one an unfinished container).
+const MAX_MARKS: usize = 4 * MAX_DEPTH;
 
 /// Upper bound on container nesting, so recursion over values (and their drop) stays shallow.
 const MAX_DEPTH: usize = 64;
@@ -104,6 +108,7 @@ fn kind(v: &Value) -> String {
     }
 }
 
+/// What copying `v` costs against [`MAX_NODES`].
 fn size_of_value(v: &Value) -> usize {
     match v {
         Value::Tuple(items) | Value::List(items) => {
@@ -115,6 +120,8 @@ fn size_of_value(v: &Value) -> usize {
                 .map(|(k, v)| size_of_value(k) + size_of_value(v))
                 .sum::<usize>()
         }
+        Value::Str(s) => 1 + s.len() / 16,
+        Value::Bytes(b) => 1 + b.len() / 16,
         _ => 1,
     }
 }
@@ -214,27 +221,39 @@ impl<'a> Vm<'a> {
         Ok(self.stack.split_off(at))
     }
 
+    /// Counts `units` of new values before they are made, so the budget bounds memory too.
+    fn charge(&mut self, units: usize) -> Result<(), String> {
+        self.nodes = self.nodes.saturating_add(units);
+        if self.nodes > MAX_NODES {
+            return Err("pickle builds too many values".into());
+        }
+        Ok(())
+    }
+
+    /// A copy of the top of the stack, paid for.
+    fn copy_top(&mut self) -> Result<Value, String> {
+        let units = size_of_value(self.top_mut()?);
+        self.charge(units)?;
+        Ok(self.top_mut()?.clone())
+    }
+
     fn memo_put(&mut self, idx: u32) -> Result<(), String> {
-        let v = self
-            .stack
-            .last()
-            .ok_or("memo put on an empty stack")?
-            .clone();
+        if self.stack.is_empty() {
+            return Err("memo put on an empty stack".into());
+        }
+        let v = self.copy_top()?;
         self.memo.insert(idx, v);
         Ok(())
     }
 
     fn memo_get(&mut self, idx: u32) -> Result<(), String> {
-        let v = self
+        let units = self
             .memo
             .get(&idx)
+            .map(size_of_value)
             .ok_or_else(|| format!("memo get of unset index {idx}"))?;
-        // Count the copy before making it, so the budget bounds memory too.
-        self.nodes += size_of_value(v);
-        if self.nodes > MAX_NODES {
-            return Err("pickle builds too many values".into());
-        }
-        let v = v.clone();
+        self.charge(units)?;
+        let v = self.memo[&idx].clone();
         self.push(v)
     }
 
@@ -257,7 +276,12 @@ impl<'a> Vm<'a> {
                     self.u64()?;
                 }
                 b'.' => return self.pop(),
-                b'(' => self.marks.push(self.stack.len()),
+                b'(' => {
+                    if self.marks.len() >= MAX_MARKS {
+                        return Err(format!("more than {MAX_MARKS} MARKs open at once"));
+                    }
+                    self.marks.push(self.stack.len())
+                }
                 b'}' => self.push(Value::Dict(Vec::new()))?,
                 b']' => self.push(Value::List(Vec::new()))?,
                 b')' => self.push(Value::Tuple(Vec::new()))?,
@@ -434,7 +458,7 @@ impl<'a> Vm<'a> {
                     self.pop()?;
                 }
                 b'2' => {
-                    let v = self.top_mut()?.clone();
+                    let v = self.copy_top()?;
                     self.push(v)?
                 }
                 _ => return Err(format!("unsupported pickle opcode 0x{op:02x} at byte {at}")),

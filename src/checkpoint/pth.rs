@@ -3,7 +3,7 @@
 
 use super::pickle::{self, StorageType, TensorRef, Value};
 use super::view::{extent, View};
-use super::{CheckpointError, DType, Slice, Tensor, TensorSource};
+use super::{short, CheckpointError, DType, Slice, Tensor, TensorSource, MAX_DIMS};
 use std::collections::HashMap;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -83,7 +83,7 @@ impl PthFile {
                     _ => {
                         return Err(ferr(format!(
                             "zip entry '{}' extends past the end of the file (truncated?)",
-                            f.name()
+                            short(f.name())
                         )))
                     }
                 };
@@ -108,7 +108,8 @@ impl PthFile {
                 return Err(ferr(format!(
                     "several pickles in one archive: {}",
                     many.iter()
-                        .map(|s| s.as_str())
+                        .take(4)
+                        .map(|s| short(s))
                         .collect::<Vec<_>>()
                         .join(", ")
                 )))
@@ -155,6 +156,16 @@ impl PthFile {
             };
             // Non-tensor values (step counters, config) are not weights.
             let Value::Tensor(t) = v else { continue };
+            if t.size.len() > MAX_DIMS {
+                return Err(CheckpointError::Tensor {
+                    path: path.to_path_buf(),
+                    tensor: name,
+                    msg: format!(
+                        "{} dimensions; herd loads tensors of at most {MAX_DIMS}",
+                        t.size.len()
+                    ),
+                });
+            }
             let shape = t
                 .size
                 .iter()
@@ -236,15 +247,27 @@ fn make_view(
             ))
         }
     };
-    let key = &t.storage.key;
-    let ename = format!("{prefix}data/{key}");
+    let ename = format!("{prefix}data/{}", t.storage.key);
+    let key = short(&t.storage.key);
     let &(start, len, stored) = entries
         .get(&ename)
-        .ok_or_else(|| format!("storage entry '{ename}' is missing from the archive"))?;
+        .ok_or_else(|| format!("storage entry '{prefix}data/{key}' is missing from the archive"))?;
     if !stored {
-        return Err(format!("storage entry '{ename}' is compressed"));
+        return Err(format!("storage entry '{prefix}data/{key}' is compressed"));
     }
     let numel = usize::try_from(t.storage.numel).map_err(|_| "storage too large".to_string())?;
+    // More elements than the storage holds means a broadcast (stride 0) or overlapping view:
+    // gathering it would allocate by the header's sizes, not by the bytes in the file.
+    let elements = shape
+        .iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b))
+        .ok_or("shape overflows")?;
+    if elements > numel {
+        return Err(format!(
+            "shape {shape:?} has {elements} elements but its storage '{key}' holds {numel}; \
+             herd loads dense tensors, not broadcast views"
+        ));
+    }
     let need = numel
         .checked_mul(dtype.size())
         .ok_or("storage size overflow")?;

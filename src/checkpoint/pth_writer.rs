@@ -76,11 +76,7 @@ pub fn state_dict_pickle(tensors: &[(String, Tensor)]) -> Vec<u8> {
         p.op(b'Q'); // BINPERSID
         p.int(0); // storage offset
         p.tuple(&t.shape);
-        let mut stride = vec![1usize; t.shape.len()];
-        for d in (0..t.shape.len().saturating_sub(1)).rev() {
-            stride[d] = stride[d + 1] * t.shape[d + 1];
-        }
-        p.tuple(&stride);
+        p.tuple(&super::view::row_major(&t.shape));
         p.op(0x89); // NEWFALSE: requires_grad
         p.global("collections", "OrderedDict");
         p.op(b')');

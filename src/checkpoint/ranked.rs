@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::hf::StFile;
 use super::pth::apply_slice;
 use super::view::{concat, View};
-use super::{CheckpointError, DType, Slice, Tensor, TensorSource};
+use super::{short, CheckpointError, DType, Slice, Tensor, TensorSource, MAX_DIMS};
 
 /// Name of the manifest that marks the layout.
 pub const MANIFEST: &str = "herd-tp.json";
@@ -29,8 +29,37 @@ struct Entry {
     pieces: Vec<Piece>,
 }
 
+/// The pieces of a tensor, all along one dim, must cover its shape (or one file holds it whole):
+/// the manifest's shape is what the model is checked against.
+fn check_cover(shape: &[usize], pieces: &[Piece]) -> Result<(), String> {
+    if pieces.iter().any(Option::is_none) {
+        return Ok(());
+    }
+    let mut parts: Vec<Slice> = pieces.iter().flatten().copied().collect();
+    let dim = parts.first().map_or(0, |p| p.dim);
+    if parts.iter().any(|p| p.dim != dim) {
+        return Err("pieces split more than one dim".into());
+    }
+    parts.sort_by_key(|p| p.start);
+    let mut covered = 0;
+    for p in &parts {
+        if p.start > covered {
+            break;
+        }
+        covered = covered.max(p.start + p.len);
+    }
+    match shape.get(dim) {
+        Some(&n) if covered == n => Ok(()),
+        _ => Err(format!(
+            "pieces cover 0..{covered} of dim {dim} without gaps, but the shape is {shape:?}"
+        )),
+    }
+}
+
 /// A per-rank checkpoint written by `herd convert`.
 pub struct RankedSource {
+    /// herd-tp.json: the list of tensors.
+    manifest: PathBuf,
     files: Vec<StFile>,
     names: Vec<String>,
     tensors: HashMap<String, Entry>,
@@ -76,8 +105,8 @@ impl RankedSource {
             path: mpath.clone(),
             source,
         })?;
-        let m: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| lerr(&mpath, format!("bad JSON: {e}")))?;
+        let m: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| lerr(&mpath, format!("bad JSON: {}", short(&e.to_string()))))?;
         if m["format"] != "herd-tp" {
             return Err(lerr(&mpath, "not a herd-tp manifest (format != herd-tp)"));
         }
@@ -85,7 +114,9 @@ impl RankedSource {
             .as_array()
             .and_then(|a| a.iter().map(|f| f.as_str().map(String::from)).collect())
             .ok_or_else(|| lerr(&mpath, "files must be a list of file names"))?;
-        if names_f.is_empty() || names_f.iter().any(|f| f.contains('/') || f.contains("..")) {
+        // A plain name of a file in this directory (not "", ".", "..", nor a path).
+        let plain = |f: &String| Path::new(f).file_name().is_some_and(|n| n == f.as_str());
+        if names_f.is_empty() || !names_f.iter().all(plain) {
             return Err(lerr(
                 &mpath,
                 "files must be plain file names in this directory",
@@ -93,18 +124,32 @@ impl RankedSource {
         }
         let files = names_f
             .iter()
-            .map(|f| StFile::open(&dir.join(f)))
+            .map(|f| {
+                StFile::open(&dir.join(f)).map_err(|e| match e {
+                    CheckpointError::Io { source, .. }
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        lerr(&mpath, format!("lists '{}', which is not there", short(f)))
+                    }
+                    CheckpointError::Io { source, .. } => lerr(
+                        &mpath,
+                        format!("lists '{}', which cannot be read: {source}", short(f)),
+                    ),
+                    e => e,
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let obj = m["tensors"]
             .as_object()
             .ok_or_else(|| lerr(&mpath, "tensors must be an object"))?;
         let mut tensors = HashMap::new();
         for (name, e) in obj {
-            let bad = |msg: &str| lerr(&mpath, format!("tensor '{name}': {msg}"));
+            let bad = |msg: &str| lerr(&mpath, format!("tensor '{}': {msg}", short(name)));
             let shape: Vec<usize> = e["shape"]
                 .as_array()
                 .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
-                .ok_or_else(|| bad("shape is not a list of sizes"))?;
+                .filter(|s: &Vec<usize>| s.len() <= MAX_DIMS)
+                .ok_or_else(|| bad("shape is not a list of at most 8 sizes"))?;
             let pieces: Vec<Piece> = e["pieces"]
                 .as_array()
                 .ok_or_else(|| bad("pieces is not a list"))?
@@ -131,7 +176,9 @@ impl RankedSource {
             for (f, p) in files.iter().zip(&pieces) {
                 let mut want = shape.clone();
                 if let Some(s) = p {
-                    if s.dim >= want.len() || s.start + s.len > want[s.dim] {
+                    if s.dim >= want.len()
+                        || s.start.checked_add(s.len).map_or(true, |e| e > want[s.dim])
+                    {
                         return Err(bad("piece outside the tensor"));
                     }
                     want[s.dim] = s.len;
@@ -146,22 +193,35 @@ impl RankedSource {
                         })
                     }
                     None => {
-                        return Err(CheckpointError::NotFound {
+                        return Err(CheckpointError::Tensor {
                             path: f.path.clone(),
                             tensor: name.clone(),
+                            msg: format!("listed in {MANIFEST} but not in this file"),
                         })
                     }
                 }
             }
+            check_cover(&shape, &pieces).map_err(|m| bad(&m))?;
             tensors.insert(name.clone(), Entry { shape, pieces });
         }
         let mut names: Vec<String> = tensors.keys().cloned().collect();
         names.sort();
         Ok(RankedSource {
+            manifest: mpath,
             files,
             names,
             tensors,
         })
+    }
+
+    /// The manifest's entry for `name`; a tensor it does not list is missing from the manifest.
+    fn entry(&self, name: &str) -> Result<&Entry, CheckpointError> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| CheckpointError::NotFound {
+                path: self.manifest.clone(),
+                tensor: name.to_string(),
+            })
     }
 
     fn view(&self, file: usize, name: &str) -> Result<View, CheckpointError> {
@@ -187,23 +247,11 @@ impl TensorSource for RankedSource {
     }
 
     fn shape(&self, name: &str) -> Result<Vec<usize>, CheckpointError> {
-        self.tensors
-            .get(name)
-            .map(|e| e.shape.clone())
-            .ok_or_else(|| CheckpointError::NotFound {
-                path: self.files[0].path.clone(),
-                tensor: name.to_string(),
-            })
+        Ok(self.entry(name)?.shape.clone())
     }
 
     fn load(&self, name: &str, slice: Option<Slice>) -> Result<Tensor, CheckpointError> {
-        let e = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| CheckpointError::NotFound {
-                path: self.files[0].path.clone(),
-                tensor: name.to_string(),
-            })?;
+        let e = self.entry(name)?;
         let path = self.files[0].path.clone();
         // A file holding the whole tensor answers any slice.
         if let Some(i) = e.pieces.iter().position(|p| p.is_none()) {
@@ -226,8 +274,10 @@ impl TensorSource for RankedSource {
         let mut pos = lo;
         while pos < hi || parts.is_empty() {
             let hit = e.pieces.iter().enumerate().find_map(|(i, p)| {
-                p.filter(|p| p.dim == sd && p.start <= pos && pos < p.start + p.len.max(1))
-                    .map(|p| (i, p))
+                p.filter(|p| {
+                    p.dim == sd && p.start <= pos && pos < p.start.saturating_add(p.len.max(1))
+                })
+                .map(|p| (i, p))
             });
             let Some((i, p)) = hit else {
                 return Err(CheckpointError::Tensor {
@@ -255,7 +305,7 @@ impl TensorSource for RankedSource {
 
     fn describe(&self) -> String {
         format!(
-            "herd per-rank tp={} ({}, ...)",
+            "herd per-rank tp={} ({MANIFEST}, {}, ...)",
             self.files.len(),
             rank_file(0, self.files.len())
         )

@@ -19,9 +19,10 @@ pub(crate) struct View {
 
 /// Row-major strides of `shape`.
 pub(crate) fn row_major(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1; shape.len()];
+    let mut s = vec![1usize; shape.len()];
+    // Saturating: a shape with a zero dimension holds nothing, whatever its other sizes.
     for i in (0..shape.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * shape[i + 1];
+        s[i] = s[i + 1].saturating_mul(shape[i + 1]);
     }
     s
 }
@@ -35,6 +36,11 @@ pub(crate) fn extent(
     avail: usize,
 ) -> Result<usize, String> {
     if shape.contains(&0) {
+        if offset > avail {
+            return Err(format!(
+                "offset {offset} is past the end of the storage ({avail} elements)"
+            ));
+        }
         return Ok(0);
     }
     let mut last = offset;
@@ -61,7 +67,8 @@ impl View {
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> View {
         debug_assert!(start + len <= self.shape[dim]);
         let mut v = self.clone();
-        if len > 0 {
+        // An empty view's strides were never checked against the storage: leave its offset.
+        if len > 0 && self.numel() > 0 {
             v.offset += start * self.strides[dim] * self.dtype.size();
         }
         v.shape[dim] = len;

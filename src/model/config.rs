@@ -68,14 +68,23 @@ pub enum ConfigError {
     UnknownPreset(String),
 }
 
-/// FFN width exactly as Meta's `FeedForward.__init__` computes it.
+/// FFN width exactly as Meta's `FeedForward.__init__` computes it (saturating, so that absurd
+/// inputs reach [`LlamaConfig`]'s size check instead of overflowing; `multiple_of` 0 counts as 1).
 pub fn meta_ffn_dim(dim: usize, multiple_of: usize, ffn_dim_multiplier: Option<f64>) -> usize {
-    let mut hidden = 2 * (4 * dim) / 3;
+    let mut hidden = dim.saturating_mul(8) / 3;
     if let Some(m) = ffn_dim_multiplier {
         hidden = (m * hidden as f64) as usize;
     }
-    multiple_of * hidden.div_ceil(multiple_of)
+    let multiple_of = multiple_of.max(1);
+    multiple_of.saturating_mul(hidden.div_ceil(multiple_of))
 }
+
+/// Largest value accepted for any size in a config, and for the layer count: far beyond any
+/// Llama (405B: dim 16384, 126 layers, 128256 tokens, 131072 positions). Larger values can only be
+/// damage; they would overflow shape arithmetic or size allocations before the weights are read.
+const MAX_SIZE: usize = 1 << 24;
+const MAX_LAYERS: usize = 1 << 12;
+const MAX_PARAMS: u128 = 1 << 48;
 
 fn read_json(path: &Path) -> Result<Value, ConfigError> {
     let p = path.display().to_string();
@@ -515,6 +524,9 @@ impl LlamaConfig {
         }
         let n_kv_heads = f.opt_usize("n_kv_heads")?.unwrap_or(n_heads);
         let multiple_of = f.opt_usize("multiple_of")?.unwrap_or(256);
+        if multiple_of == 0 {
+            return Err(f.err("multiple_of must be positive".into()));
+        }
         let ffn_dim = meta_ffn_dim(dim, multiple_of, f.opt_f64("ffn_dim_multiplier")?);
         let scaled = f.opt_bool("use_scaled_rope")?.unwrap_or(false);
         let rope_scaling = if scaled {
@@ -614,6 +626,34 @@ impl LlamaConfig {
                 self.n_heads, self.n_kv_heads
             ));
         }
+        let sizes = [
+            ("dim", self.dim),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("ffn_dim", self.ffn_dim),
+            ("max_seq_len", self.max_seq_len),
+        ];
+        for (name, v) in sizes {
+            if v > MAX_SIZE {
+                return Err(format!(
+                    "{name} {v} is beyond any model herd loads (at most {MAX_SIZE}); damaged file?"
+                ));
+            }
+        }
+        if self.n_layers > MAX_LAYERS {
+            return Err(format!(
+                "n_layers {} is beyond any model herd loads (at most {MAX_LAYERS}); damaged file?",
+                self.n_layers
+            ));
+        }
+        if self.n_params_wide() > MAX_PARAMS {
+            return Err(format!(
+                "these sizes make {} parameters, beyond any model herd loads (at most {MAX_PARAMS}); damaged file?",
+                self.n_params_wide()
+            ));
+        }
         if self.head_dim == 0 || self.head_dim % 2 != 0 {
             return Err(format!(
                 "head_dim ({}) must be even and positive",
@@ -681,11 +721,17 @@ impl LlamaConfig {
 
     /// Number of parameters (for bandwidth and FLOP estimates).
     pub fn n_params(&self) -> usize {
-        let attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads);
-        let ffn = 3 * self.dim * self.ffn_dim;
-        let per_layer = attn + ffn + 2 * self.dim;
-        let emb = self.vocab_size * self.dim;
-        per_layer * self.n_layers + emb * if self.tie_embeddings { 1 } else { 2 } + self.dim
+        usize::try_from(self.n_params_wide()).unwrap_or(usize::MAX)
+    }
+
+    /// [`Self::n_params`] without overflow, for checking a config read from a file.
+    fn n_params_wide(&self) -> u128 {
+        let w = |x: usize| x as u128;
+        let attn = w(self.dim) * w(self.head_dim) * (2 * w(self.n_heads) + 2 * w(self.n_kv_heads));
+        let ffn = 3 * w(self.dim) * w(self.ffn_dim);
+        let per_layer = attn + ffn + 2 * w(self.dim);
+        let emb = w(self.vocab_size) * w(self.dim);
+        per_layer * w(self.n_layers) + emb * if self.tie_embeddings { 1 } else { 2 } + w(self.dim)
     }
 
     /// RoPE inverse frequencies (one per rotated pair), with Llama 3.1 scaling when configured.

@@ -316,11 +316,23 @@ pub fn run(args: ConvertArgs) -> Result<()> {
                 let mut tensors: Vec<(String, Tensor)> = Vec::new();
                 for n in &names {
                     let shape = src.tensors.shape(n)?;
-                    let s = split_dim(n).filter(|_| tp > 1).map(|d| Slice {
-                        dim: d,
-                        start: r * shape[d] / tp,
-                        len: shape[d] / tp,
-                    });
+                    let s = match split_dim(n).filter(|_| tp > 1) {
+                        None => None,
+                        // A damaged checkpoint may hold fewer dims than the split needs.
+                        Some(d) => {
+                            let Some(&size) = shape.get(d) else {
+                                bail!(
+                                    "{}: tensor '{n}' has shape {shape:?}, with no dim {d} to split",
+                                    src.tensors.describe()
+                                );
+                            };
+                            Some(Slice {
+                                dim: d,
+                                start: (r as u128 * size as u128 / tp as u128) as usize,
+                                len: size / tp,
+                            })
+                        }
+                    };
                     tensors.push((n.clone(), src.tensors.load(n, s)?));
                 }
                 bytes += tensors

@@ -15,6 +15,10 @@ pub(crate) const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{
 /// Meta reserves this many special ids after the base vocabulary.
 pub(crate) const NUM_RESERVED_SPECIAL_TOKENS: usize = 256;
 
+/// Most added (special) tokens a tokenizer.json may have, and their longest text.
+const MAX_SPECIALS: usize = 4096;
+const MAX_SPECIAL_BYTES: usize = 256;
+
 /// Meta encodes at most this many characters (code points) per tiktoken call.
 pub(crate) const MAX_ENCODE_CHARS: usize = 400_000;
 
@@ -67,6 +71,26 @@ pub(crate) fn looks_like_json(bytes: &[u8]) -> bool {
         .is_some_and(|&b| b == b'{')
 }
 
+/// At most this many characters of a file's contents are quoted in an error.
+const QUOTE_CHARS: usize = 60;
+
+/// Quotes text from a damaged file for an error message: a long line or token is cut short, so
+/// that the error stays readable however long the damage is.
+pub(crate) fn quote(s: &str) -> String {
+    match s.char_indices().nth(QUOTE_CHARS) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &s[..cut], s.len()),
+    }
+}
+
+/// A message that may quote the file (a parser's), cut to a readable length.
+fn clip(msg: String) -> String {
+    match msg.char_indices().nth(4 * QUOTE_CHARS) {
+        None => msg,
+        Some((cut, _)) => format!("{}...", &msg[..cut]),
+    }
+}
+
 fn parse_error(path: &Path, msg: impl Into<String>) -> TokenizerError {
     TokenizerError::Parse {
         path: path.to_path_buf(),
@@ -92,18 +116,24 @@ pub(crate) fn parse_tiktoken(path: &Path, bytes: &[u8]) -> Result<Vocab, Tokeniz
         let (Some(tok), Some(rank), None) = (fields.next(), fields.next(), fields.next()) else {
             return Err(parse_error(
                 path,
-                format!("line {lineno}: expected `<base64 token> <rank>`, got {line:?}"),
+                format!(
+                    "line {lineno}: expected `<base64 token> <rank>`, got {}",
+                    quote(line)
+                ),
             ));
         };
         let tok = b64.decode(tok).map_err(|e| {
             parse_error(
                 path,
-                format!("line {lineno}: bad base64 token {tok:?}: {e}"),
+                format!("line {lineno}: bad base64 token {}: {e}", quote(tok)),
             )
         })?;
-        let rank: u32 = rank
-            .parse()
-            .map_err(|e| parse_error(path, format!("line {lineno}: bad rank {rank:?}: {e}")))?;
+        let rank: u32 = rank.parse().map_err(|e| {
+            parse_error(
+                path,
+                format!("line {lineno}: bad rank {}: {e}", quote(rank)),
+            )
+        })?;
         if !seen_ranks.insert(rank) {
             return Err(parse_error(
                 path,
@@ -178,12 +208,19 @@ pub(crate) fn byte_level_alphabet() -> [char; 256] {
 /// Vocabulary ids are used as merge ranks; that holds for Llama 3's files, which
 /// were converted from the tiktoken ranks. The `merges` list is therefore unused.
 pub(crate) fn parse_hf_json(path: &Path, bytes: &[u8]) -> Result<Vocab, TokenizerError> {
-    let file: HfFile = serde_json::from_slice(bytes)
-        .map_err(|e| parse_error(path, format!("not an HF tokenizer.json: {e}")))?;
+    let file: HfFile = serde_json::from_slice(bytes).map_err(|e| {
+        parse_error(
+            path,
+            format!("not an HF tokenizer.json: {}", clip(e.to_string())),
+        )
+    })?;
     if let Some(kind) = file.model.kind.as_deref().filter(|k| *k != "BPE") {
         return Err(parse_error(
             path,
-            format!("model.type is {kind:?}, only byte-level \"BPE\" is supported"),
+            format!(
+                "model.type is {}, only byte-level \"BPE\" is supported",
+                quote(kind)
+            ),
         ));
     }
     let mut to_byte: HashMap<char, u8> = HashMap::with_capacity(256);
@@ -192,7 +229,28 @@ pub(crate) fn parse_hf_json(path: &Path, bytes: &[u8]) -> Result<Vocab, Tokenize
     }
     let mut specials: HashMap<String, u32> = HashMap::new();
     let mut special_ids: HashSet<u32> = HashSet::new();
+    // Special tokens become one alternation regex, whose compiled size grows with their number
+    // and length (a 3 MB token took 1 GB): Llama 3 has 256 of at most 30 bytes.
+    if file.added_tokens.len() > MAX_SPECIALS {
+        return Err(parse_error(
+            path,
+            format!(
+                "added_tokens: {} tokens; herd takes at most {MAX_SPECIALS}",
+                file.added_tokens.len()
+            ),
+        ));
+    }
     for t in file.added_tokens {
+        if t.content.len() > MAX_SPECIAL_BYTES {
+            return Err(parse_error(
+                path,
+                format!(
+                    "added_tokens: {} is {} bytes long; herd takes at most {MAX_SPECIAL_BYTES}",
+                    quote(&t.content),
+                    t.content.len()
+                ),
+            ));
+        }
         if !special_ids.insert(t.id) {
             return Err(parse_error(
                 path,
@@ -202,7 +260,7 @@ pub(crate) fn parse_hf_json(path: &Path, bytes: &[u8]) -> Result<Vocab, Tokenize
         if specials.insert(t.content.clone(), t.id).is_some() {
             return Err(parse_error(
                 path,
-                format!("added_tokens: {:?} listed twice", t.content),
+                format!("added_tokens: {} listed twice", quote(&t.content)),
             ));
         }
     }
@@ -220,7 +278,10 @@ pub(crate) fn parse_hf_json(path: &Path, bytes: &[u8]) -> Result<Vocab, Tokenize
             .ok_or_else(|| {
                 parse_error(
                     path,
-                    format!("model.vocab: {tok:?} (id {id}) is not byte-level BPE text"),
+                    format!(
+                        "model.vocab: {} (id {id}) is not byte-level BPE text",
+                        quote(&tok)
+                    ),
                 )
             })?;
         if !seen_ranks.insert(id) {
@@ -229,7 +290,10 @@ pub(crate) fn parse_hf_json(path: &Path, bytes: &[u8]) -> Result<Vocab, Tokenize
         if ranks.insert(bytes, id).is_some() {
             return Err(parse_error(
                 path,
-                format!("model.vocab: {tok:?} (id {id}) repeats another token's bytes"),
+                format!(
+                    "model.vocab: {} (id {id}) repeats another token's bytes",
+                    quote(&tok)
+                ),
             ));
         }
     }

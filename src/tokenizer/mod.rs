@@ -137,15 +137,44 @@ pub fn load_default() -> Result<Tokenizer, TokenizerError> {
     Tokenizer::from_file(&path)
 }
 
+/// Largest tokenizer file read: Llama 3's tokenizer.model is 2.2 MB, its tokenizer.json 9 MB.
+const MAX_FILE_BYTES: u64 = 64 << 20;
+
+/// Reads a tokenizer file, refusing one larger than [`MAX_FILE_BYTES`] before reading it whole
+/// (and reading at most that much from something that is not a regular file).
+fn read_bounded(path: &Path) -> Result<Vec<u8>, TokenizerError> {
+    use std::io::Read as _;
+    let io = |source| TokenizerError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let size = file.metadata().map_or(0, |m| m.len());
+    let mut bytes = Vec::new();
+    if size <= MAX_FILE_BYTES {
+        file.take(MAX_FILE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+    }
+    if size > MAX_FILE_BYTES || bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(TokenizerError::Parse {
+            path: path.to_path_buf(),
+            msg: format!(
+                "larger than {} MB; a Llama 3 tokenizer.model is about 2 MB and a tokenizer.json \
+                 about 9 MB (not a tokenizer, or damaged?)",
+                MAX_FILE_BYTES >> 20
+            ),
+        });
+    }
+    Ok(bytes)
+}
+
 impl Tokenizer {
     /// Loads Meta's `tokenizer.model` (lines of `base64 rank`, with Meta's 256 special
     /// tokens appended) or an HF byte-level BPE `tokenizer.json` (specials from
     /// `added_tokens`). The format is detected from the contents.
     pub fn from_file(path: &Path) -> Result<Tokenizer, TokenizerError> {
-        let bytes = std::fs::read(path).map_err(|source| TokenizerError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = read_bounded(path)?;
         let vocab = if bpe::looks_like_json(&bytes) {
             bpe::parse_hf_json(path, &bytes)?
         } else {
@@ -166,10 +195,18 @@ impl Tokenizer {
             .copied()
             .max()
             .unwrap_or(0);
+        // The id table is sized by the largest id: a few holes are tolerated, an id far beyond
+        // the number of tokens is damage (and would size the table by a number in the file).
+        let count = vocab.ranks.len() + vocab.specials.len();
         let len = usize::try_from(max_id)
             .ok()
             .and_then(|m| m.checked_add(1))
-            .ok_or_else(|| bad(format!("id {max_id} too large")))?;
+            .filter(|&len| len <= 2 * count)
+            .ok_or_else(|| {
+                bad(format!(
+                    "ids run up to {max_id} but the file defines only {count} tokens"
+                ))
+            })?;
         let mut id_bytes: Vec<Option<Box<[u8]>>> = vec![None; len];
         for (tok, &id) in &vocab.ranks {
             id_bytes[id as usize] = Some(tok.clone().into_boxed_slice());
@@ -178,7 +215,8 @@ impl Tokenizer {
             let slot = &mut id_bytes[id as usize];
             if slot.is_some() {
                 return Err(bad(format!(
-                    "special token {name:?} reuses id {id} of an ordinary token"
+                    "special token {} reuses id {id} of an ordinary token",
+                    bpe::quote(name)
                 )));
             }
             *slot = Some(name.as_bytes().into());
@@ -201,6 +239,14 @@ impl Tokenizer {
         let (start_header_id, end_header_id) =
             (need("<|start_header_id|>")?, need("<|end_header_id|>")?);
         let eom_id = vocab.specials.get("<|eom_id|>").copied();
+        // BPE falls back to single bytes, so every byte needs a token (tiktoken panics on a
+        // piece it cannot encode).
+        if let Some(b) = (0..=255u8).find(|b| !vocab.ranks.contains_key(&[*b][..])) {
+            return Err(bad(format!(
+                "no token for the byte 0x{b:02x}; a byte-level BPE has one for each of the 256 \
+                 bytes (truncated or damaged file?)"
+            )));
+        }
         // Ranks and specials were checked for duplicates, which CoreBPE::new asserts on.
         let bpe = CoreBPE::new(
             vocab.ranks.into_iter().collect(),
