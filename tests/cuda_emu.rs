@@ -256,6 +256,16 @@ fn jsonl(p: &Path) -> Vec<Value> {
 }
 
 fn batch(model_dir: &str, input: &Path, output: &Path, device: &[&str]) -> Vec<Value> {
+    batch_env(model_dir, input, output, device, &[])
+}
+
+fn batch_env(
+    model_dir: &str,
+    input: &Path,
+    output: &Path,
+    device: &[&str],
+    env: &[(&str, &str)],
+) -> Vec<Value> {
     let mut args = vec![
         "batch",
         "--model",
@@ -269,7 +279,7 @@ fn batch(model_dir: &str, input: &Path, output: &Path, device: &[&str]) -> Vec<V
         "--ignore-eos",
     ];
     args.extend_from_slice(device);
-    let o = herd_emu(&args, &[]);
+    let o = herd_emu(&args, env);
     assert_eq!(o.code, 0, "herd {args:?}:\n{}", o.all());
     jsonl(output)
 }
@@ -332,16 +342,37 @@ fn fixtures_on_the_emulated_device_match_the_cpu_backend() {
         let input = fixture_input(dir.path(), model);
         let out = |tag: &str| dir.path().join(format!("{model}-{layout}-{tag}.jsonl"));
         let cpu = batch(&m, &input, &out("cpu"), &["--device", "cpu"]);
-        for (numerics, tol) in [("accurate", 2e-3), ("bf16", 0.4)] {
+        // The reference with the GPU's bf16 roundings (GEMM inputs, KV cache) takes most of the
+        // bf16 error away: measured (emulated) 2.9e-2 / 6.6e-2 / 5.6e-2 for llama30 / llama31 /
+        // llama32tied, against 0.16 / 0.39 / 0.22 versus the f32 reference. The rest (above
+        // issue 12's 5e-2 on two fixtures) is not yet explained: f32 reassociation flipping bf16
+        // roundings on these sharp tiny models is the suspect, unproven. Bound: 0.1.
+        let cpu_bf16 = batch_env(
+            &m,
+            &input,
+            &out("cpu-bf16"),
+            &["--device", "cpu"],
+            &[("HERD_CPU_GPU_ROUNDING", "bf16")],
+        );
+        for (numerics, reference, tol) in [
+            ("accurate", &cpu, 2e-3),
+            ("bf16", &cpu_bf16, 0.1),
+            ("bf16", &cpu, 0.4),
+        ] {
             let gpu = batch(
                 &m,
                 &input,
                 &out(numerics),
                 &["--device", "cuda", "--gpu-numerics", numerics],
             );
-            let what = format!("{model}/{layout} [{numerics}]");
-            let worst = compare_records(&cpu, &gpu, tol, &what);
-            eprintln!("{what}: max |Δ log-prob| vs CPU = {worst:.2e} (emulated)");
+            let against = if std::ptr::eq(reference, &cpu) {
+                "CPU"
+            } else {
+                "CPU rounding like the GPU"
+            };
+            let what = format!("{model}/{layout} [{numerics}] vs {against}");
+            let worst = compare_records(reference, &gpu, tol, &what);
+            eprintln!("{what}: max |Δ log-prob| = {worst:.2e} (emulated)");
             assert!(worst <= tol, "{what}: {worst} > {tol}");
         }
     }

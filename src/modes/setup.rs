@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use crate::backend::cpu::CpuBackend;
+use crate::backend::cpu::{CpuBackend, GpuRounding};
 use crate::backend::cuda::{self, plan, CudaBackend, Numerics};
 use crate::backend::Backend;
 use crate::backend::KvShape;
@@ -376,13 +376,38 @@ fn load_cpu(
         kv_tokens = num_blocks * args.block_size,
         "loading"
     );
+    let backend = CpuBackend::with_comm(comm);
+    // A comparison aid, never a default: the reference with the CUDA backend's bf16 roundings, so
+    // that the GPU can be held to a tight tolerance (tests/cuda_emu.rs) apart from what bf16 costs.
+    if std::env::var("HERD_CPU_GPU_ROUNDING").is_ok_and(|v| v == "bf16") {
+        tracing::warn!("HERD_CPU_GPU_ROUNDING=bf16: the CPU backend rounds GEMM inputs and the KV cache to bf16 like the GPU");
+        return load_llama(
+            GpuRounding(backend),
+            src,
+            cfg,
+            shard,
+            num_blocks,
+            args.block_size,
+        );
+    }
+    load_llama(backend, src, cfg, shard, num_blocks, args.block_size)
+}
+
+fn load_llama<B: Backend + 'static>(
+    backend: B,
+    src: &ModelSource,
+    cfg: &LlamaConfig,
+    shard: ShardPlan,
+    num_blocks: usize,
+    block_size: usize,
+) -> Result<(Box<dyn ModelRunner>, f64)> {
     let model = Llama::load(
-        CpuBackend::with_comm(comm),
+        backend,
         src.tensors.as_ref(),
         cfg,
         shard,
         num_blocks,
-        args.block_size,
+        block_size,
     )?;
     let seconds = model.load_seconds();
     Ok((Box::new(model), seconds))
@@ -490,14 +515,12 @@ fn load_cuda(
         budget_gb = format!("{:.2}", p.budget_bytes as f64 / 1e9),
         "loading"
     );
-    let model = Llama::load(
+    load_llama(
         backend,
-        src.tensors.as_ref(),
+        src,
         cfg,
         shard,
         p.kv_blocks as usize,
         args.block_size,
-    )?;
-    let seconds = model.load_seconds();
-    Ok((Box::new(model), seconds))
+    )
 }

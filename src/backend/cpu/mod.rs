@@ -3,6 +3,9 @@
 
 mod attention;
 pub mod matmul;
+mod rounding;
+
+pub use rounding::GpuRounding;
 
 use std::sync::Arc;
 

@@ -686,85 +686,11 @@ pub fn format_checks(checks: &[Check]) -> (String, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::cpu::{CpuAct, CpuKv, CpuMatrix};
-
-    fn round_bf16(v: &mut [f32]) {
-        for x in v {
-            *x = half::bf16::from_f32(*x).to_f32();
-        }
-    }
-
-    /// The CPU backend with the GPU's roundings: GEMM inputs and the KV cache in bf16.
-    struct Bf16Cpu(CpuBackend);
-
-    impl Backend for Bf16Cpu {
-        type Act = CpuAct;
-        type Matrix = CpuMatrix;
-        type Vector = Vec<f32>;
-        type Kv = CpuKv;
-        fn name(&self) -> String {
-            "cpu rounding like the GPU".into()
-        }
-        fn load_matrix(&self, t: &Tensor) -> Result<CpuMatrix, crate::backend::BackendError> {
-            self.0.load_matrix(t)
-        }
-        fn load_vector(&self, t: &Tensor) -> Result<Vec<f32>, crate::backend::BackendError> {
-            self.0.load_vector(t)
-        }
-        fn alloc_kv(&self, s: KvShape) -> Result<CpuKv, crate::backend::BackendError> {
-            self.0.alloc_kv(s)
-        }
-        fn embed(&self, t: &CpuMatrix, tokens: &[u32]) -> CpuAct {
-            self.0.embed(t, tokens)
-        }
-        fn rmsnorm(&self, x: &CpuAct, w: &Vec<f32>, eps: f32) -> CpuAct {
-            self.0.rmsnorm(x, w, eps)
-        }
-        fn matmul(&self, x: &CpuAct, w: &CpuMatrix) -> CpuAct {
-            let mut xb = x.clone();
-            round_bf16(&mut xb.data);
-            self.0.matmul(&xb, w)
-        }
-        fn rope_store_kv(
-            &self,
-            q: &mut CpuAct,
-            k: &mut CpuAct,
-            v: &CpuAct,
-            inv_freq: &[f32],
-            kv: &mut CpuKv,
-            layer: usize,
-            batch: &AttnBatch,
-        ) {
-            self.0.rope_store_kv(q, k, v, inv_freq, kv, layer, batch);
-            round_bf16(&mut kv.k[layer]);
-            round_bf16(&mut kv.v[layer]);
-        }
-        fn attention(&self, q: &CpuAct, kv: &CpuKv, l: usize, h: usize, b: &AttnBatch) -> CpuAct {
-            self.0.attention(q, kv, l, h, b)
-        }
-        fn silu_mul(&self, g: &CpuAct, u: &CpuAct) -> CpuAct {
-            self.0.silu_mul(g, u)
-        }
-        fn add_in_place(&self, x: &mut CpuAct, y: &CpuAct) {
-            self.0.add_in_place(x, y)
-        }
-        fn select_rows(&self, x: &CpuAct, rows: &[usize]) -> CpuAct {
-            self.0.select_rows(x, rows)
-        }
-        fn all_reduce_sum(&self, x: &mut CpuAct) -> Result<(), crate::backend::BackendError> {
-            self.0.all_reduce_sum(x)
-        }
-        fn all_gather_cols(&self, x: CpuAct) -> Result<CpuAct, crate::backend::BackendError> {
-            self.0.all_gather_cols(x)
-        }
-        fn to_host(&self, x: &CpuAct) -> Vec<f32> {
-            self.0.to_host(x)
-        }
-    }
+    use crate::backend::cpu::GpuRounding;
 
     #[test]
     fn the_end_to_end_tolerance_holds_for_gpu_roundings() {
-        let checks = compare_models(Bf16Cpu(CpuBackend::default()), "tiny", TOL_BF16);
+        let checks = compare_models(GpuRounding(CpuBackend::default()), "tiny", TOL_BF16);
         let (table, ok) = format_checks(&checks);
         println!("{table}");
         assert!(ok, "{table}");
@@ -780,7 +706,7 @@ mod tests {
             let src =
                 crate::model::loader::open_model(&dir.display().to_string()).expect("fixture");
             let checks = compare_models_on(
-                Bf16Cpu(CpuBackend::default()),
+                GpuRounding(CpuBackend::default()),
                 &src.cfg,
                 src.tensors.as_ref(),
                 m,
