@@ -28,9 +28,12 @@ fn every_kernel_matches_its_cpu_twin() {
 #[test]
 fn tiny_model_matches_the_cpu_backend() {
     let Some(b) = gpu() else { return };
-    let mut checks = selftest::run_model(b, cuda::Numerics::Bf16);
+    let mut checks = herd::modes::selftest::run_model(b, cuda::Numerics::Bf16);
     if let Ok(b2) = CudaBackend::new(0) {
-        checks.extend(selftest::run_model(b2, cuda::Numerics::Accurate));
+        checks.extend(herd::modes::selftest::run_model(
+            b2,
+            cuda::Numerics::Accurate,
+        ));
     }
     let (table, ok) = selftest::format_checks(&checks);
     println!("{table}");

@@ -159,7 +159,7 @@ pub fn run(args: DoctorArgs) -> Result<()> {
             bail!("--selftest needs a GPU: {why}");
         }
         emit("\nself-test (GPU vs CPU twin; rel err = ‖gpu − cpu‖ / ‖cpu‖):\n")?;
-        let (table, ok) = cuda::selftest().map_err(anyhow::Error::msg)?;
+        let (table, ok) = super::selftest::selftest().map_err(anyhow::Error::msg)?;
         emit(&table)?;
         if !ok {
             bail!("self-test FAILED (see the table above)");

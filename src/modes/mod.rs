@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod generate;
 pub mod host;
 pub mod record;
+pub mod selftest;
 pub mod setup;
 pub mod signals;
 pub mod worker;

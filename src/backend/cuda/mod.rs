@@ -7,7 +7,7 @@
 //! - nccl.rs: the tensor-parallel communicator (NCCL, id sent over the replica's host comm).
 //! - backend.rs: the [`crate::backend::Backend`] implementation.
 //! - plan.rs: the memory plan under `--gpu-memory-utilization`.
-//! - selftest.rs / report: `herd doctor` sections.
+//! - selftest.rs (kernels vs their CPU twins) / report: `herd doctor` sections.
 //!
 //! STATUS: compiled and NVRTC-checked without a GPU; never run on a GPU yet (see README "GPU").
 
@@ -26,4 +26,3 @@ pub use backend::{
 };
 pub use nccl::{nccl_present, NcclComm, NCCL_MISSING};
 pub use report::report;
-pub use selftest::selftest;
