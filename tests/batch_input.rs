@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::jsonl;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -27,14 +29,6 @@ fn batch(input: &Path, output: &Path, extra: &[&str]) -> (i32, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-fn jsonl(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-        .collect()
 }
 
 fn lines(values: &[Value]) -> String {

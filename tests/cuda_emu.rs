@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::jsonl;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -245,14 +247,6 @@ fn fixture_input(dir: &Path, model: &str) -> PathBuf {
     let p = dir.join(format!("{model}.jsonl"));
     std::fs::write(&p, lines.join("\n") + "\n").unwrap();
     p
-}
-
-fn jsonl(p: &Path) -> Vec<Value> {
-    std::fs::read_to_string(p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
-        .collect()
 }
 
 fn batch(model_dir: &str, input: &Path, output: &Path, device: &[&str]) -> Vec<Value> {

@@ -1467,21 +1467,6 @@ fn byte_level(b: u8) -> char {
     char::from_u32(256 + shifted).expect("below 0x200")
 }
 
-const NAMED_SPECIALS: [&str; 12] = [
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|reserved_special_token_0|>",
-    "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>",
-    "<|step_id|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eom_id|>",
-    "<|eot_id|>",
-    "<|python_tag|>",
-    "<|image|>",
-];
-
 /// An HF tokenizer.json with the same vocabulary as `tiktoken` (its merges are plausible
 /// pairs: herd ranks by id and ignores them).
 fn hf_json_from(tiktoken: &[u8]) -> Vec<u8> {
@@ -1503,12 +1488,8 @@ fn hf_json_from(tiktoken: &[u8]) -> Vec<u8> {
         vocab.insert(s, json!(n));
         n += 1;
     }
-    let specials = NAMED_SPECIALS
-        .iter()
-        .map(|s| s.to_string())
-        .chain((2..246).map(|i| format!("<|reserved_special_token_{i}|>")));
-    let added: Vec<Value> = specials
-        .zip(n..)
+    let added: Vec<Value> = herd::tokenizer::meta_special_tokens(n)
+        .into_iter()
         .map(|(s, id)| json!({"id": id, "content": s, "special": true}))
         .collect();
     serde_json::to_vec(&json!({

@@ -52,7 +52,7 @@ pub(crate) struct Vocab {
 }
 
 /// Meta's special tokens for a base vocabulary of `num_base` tokens.
-pub(crate) fn meta_special_tokens(num_base: u32) -> Vec<(String, u32)> {
+pub fn meta_special_tokens(num_base: u32) -> Vec<(String, u32)> {
     let named = LLAMA31_NAMED_SPECIALS.iter().map(|s| (*s).to_string());
     // Meta numbers the remaining reserved tokens from 2 (0 and 1 are named above).
     let reserved = (0..NUM_RESERVED_SPECIAL_TOKENS - LLAMA31_NAMED_SPECIALS.len())

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use tiktoken_rs::CoreBPE;
 
+pub use bpe::meta_special_tokens;
 pub use chat_format::{Message, Role};
 pub use stream::StreamDecoder;
 
