@@ -566,20 +566,13 @@ fn the_avx2_histogram_is_the_portable_one() {
 /// timings on a machine other work shares count only this thread's time; `None` elsewhere.
 #[cfg(target_os = "linux")]
 fn thread_cpu_ns() -> Option<u64> {
-    #[repr(C)]
-    struct Timespec {
-        sec: i64,
-        nsec: i64,
-    }
-    extern "C" {
-        fn clock_gettime(clock: i32, t: *mut Timespec) -> i32;
-    }
-    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-    let mut t = Timespec { sec: 0, nsec: 0 };
-    // SAFETY: a valid pointer to a timespec (64-bit fields on the 64-bit Linux targets herd runs
-    // on); libc is linked by std.
-    let ok = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut t) } == 0;
-    ok.then(|| t.sec as u64 * 1_000_000_000 + t.nsec as u64)
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid pointer to a timespec.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } == 0;
+    ok.then(|| t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64)
 }
 
 #[cfg(not(target_os = "linux"))]
