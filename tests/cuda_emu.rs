@@ -338,9 +338,11 @@ fn fixtures_on_the_emulated_device_match_the_cpu_backend() {
         let cpu = batch(&m, &input, &out("cpu"), &["--device", "cpu"]);
         // The reference with the GPU's bf16 roundings (GEMM inputs, KV cache) takes most of the
         // bf16 error away: measured (emulated) 2.9e-2 / 6.6e-2 / 5.6e-2 for llama30 / llama31 /
-        // llama32tied, against 0.16 / 0.39 / 0.22 versus the f32 reference. The rest (above
-        // issue 12's 5e-2 on two fixtures) is not yet explained: f32 reassociation flipping bf16
-        // roundings on these sharp tiny models is the suspect, unproven. Bound: 0.1.
+        // llama32tied, against 0.16 / 0.39 / 0.22 versus the f32 reference. The rest is f32
+        // summation order flipping a bf16 rounding: the device matches to ~1e-6 up to the first
+        // flip, and this CPU reference at --tp 2 differs from itself at --tp 1 by 0 / 3.1e-2 /
+        // 3.5e-2 the same way (results/cuda-emu-bf16-tolerance.md). Bound: 0.1. Issue 12's 5e-2
+        // is tested on a model with unit-scale logits (below).
         let cpu_bf16 = batch_env(
             &m,
             &input,
@@ -370,6 +372,57 @@ fn fixtures_on_the_emulated_device_match_the_cpu_backend() {
             assert!(worst <= tol, "{what}: {worst} > {tol}");
         }
     }
+}
+
+/// Issue 12's bf16 bound, 5e-2 on every prompt log-prob against the f32 CPU backend, on a model
+/// whose logits have the unit scale of a real one: random:tiny (Llama 3's 128k vocabulary, tied
+/// embeddings), prompts of 7 to 300 tokens so that attention splits over the 132 emulated SMs.
+/// Measured (emulated): 2.3e-2. The committed fixtures above cannot be held to it: their logits
+/// are so sharp (log-probs down to -39) that the GPU's own bf16 roundings, done on the CPU
+/// (HERD_CPU_GPU_ROUNDING=bf16), already move them by up to 0.39 from f32.
+#[test]
+fn bf16_log_probs_are_within_5e_2_of_the_f32_cpu_on_a_unit_scale_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = 5u64;
+    let lines: Vec<String> = [7usize, 40, 200, 300]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let mut ids = vec![128000u32];
+            ids.extend((0..n).map(|_| {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                1000 + ((rng >> 33) % 99_000) as u32
+            }));
+            json!({"id": i.to_string(), "prompt_token_ids": ids, "max_tokens": 8,
+                   "temperature": 0, "logprobs": 2, "prompt_logprobs": true})
+            .to_string()
+        })
+        .collect();
+    let input = dir.path().join("tiny.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let cpu = batch(
+        "random:tiny",
+        &input,
+        &dir.path().join("cpu.jsonl"),
+        &["--device", "cpu"],
+    );
+    let gpu = batch(
+        "random:tiny",
+        &input,
+        &dir.path().join("gpu.jsonl"),
+        &["--device", "cuda", "--gpu-numerics", "bf16"],
+    );
+    let what = "random:tiny [bf16] vs CPU";
+    let worst = compare_records(&cpu, &gpu, 5e-2, what);
+    eprintln!("{what}: max |Δ log-prob| = {worst:.2e} (emulated)");
+    assert!(worst <= 5e-2, "{what}: {worst} > 5e-2");
+    // Not vacuous: bf16 does move these log-probs (measured 2.3e-2).
+    assert!(
+        worst > 1e-4,
+        "{what}: {worst}: is the device really computing in bf16?"
+    );
 }
 
 // ---------------------------------------------------------------- failures herd must report
