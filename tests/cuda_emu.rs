@@ -136,6 +136,15 @@ fn stream_capture_and_graphs_replay_and_refuse_what_cuda_refuses() {
     );
 }
 
+/// The device runs a stream's work when the host waits for it (as a GPU runs it later): a read
+/// of an async copy's pinned destination before waiting sees poison, a pinned source overwritten
+/// before the copy ran sends the new bytes, pageable memory is staged at the call. So a missing
+/// stream synchronization in herd shows up as wrong results here.
+#[test]
+fn stream_work_runs_when_the_host_waits() {
+    probe("async", "queued work runs when the host waits");
+}
+
 #[test]
 fn device_memory_is_bounded() {
     probe("out-of-memory", "cuMemAlloc of 0 bytes");
@@ -430,40 +439,53 @@ fn bf16_log_probs_are_within_5e_2_of_the_f32_cpu_on_a_unit_scale_model() {
 /// A kernel that faults (CUDA_EMU_FAULT: the third add_rmsnorm launch touches a bad address, as a
 /// bug would) makes the context's error sticky. herd must stop with an error that says so and
 /// names the kernel, not panic at the next allocation with "the memory plan underestimated the
-/// activations" (what it did before).
+/// activations" (what it did before). The device runs queued work when the host waits, so the
+/// fault surfaces at herd's next synchronization, which names every kernel launched since the last
+/// good one; with CUDA_LAUNCH_BLOCKING=1 (honoured by the emulator as by a driver) each launch runs
+/// before it returns and herd names the faulting kernel as the last launched.
 #[test]
 fn a_kernel_fault_is_an_error_naming_the_kernel_not_a_panic() {
     let m = common::fixture("models/llama31/hf")
         .to_string_lossy()
         .into_owned();
-    let o = herd_emu(
-        &[
-            "generate",
-            "--model",
-            &m,
-            "--device",
-            "cuda",
-            "--kv-cache-gb",
-            "0.05",
-            "--prompt-token-ids",
-            "1,17,33",
-            "--max-tokens",
-            "2",
-            "--json",
-        ],
-        &[("CUDA_EMU_FAULT", "add_rmsnorm:3")],
-    );
-    // The README's table: 3, the model failed while running.
-    assert_eq!(o.code, 3, "{}", o.all());
-    assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
-    assert!(!o.stderr.contains("memory plan"), "{}", o.stderr);
-    assert!(
-        o.stderr
-            .contains("an illegal memory access was encountered")
-            && o.stderr.contains("the last launched: add_rmsnorm"),
-        "{}",
-        o.stderr
-    );
+    for blocking in ["0", "1"] {
+        let o = herd_emu(
+            &[
+                "generate",
+                "--model",
+                &m,
+                "--device",
+                "cuda",
+                "--kv-cache-gb",
+                "0.05",
+                "--prompt-token-ids",
+                "1,17,33",
+                "--max-tokens",
+                "2",
+                "--json",
+            ],
+            &[
+                ("CUDA_EMU_FAULT", "add_rmsnorm:3"),
+                ("CUDA_LAUNCH_BLOCKING", blocking),
+            ],
+        );
+        // The README's table: 3, the model failed while running.
+        assert_eq!(o.code, 3, "{}", o.all());
+        assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+        assert!(!o.stderr.contains("memory plan"), "{}", o.stderr);
+        assert!(
+            o.stderr
+                .contains("an illegal memory access was encountered"),
+            "{}",
+            o.stderr
+        );
+        let named = if blocking == "1" {
+            o.stderr.contains("the last launched: add_rmsnorm")
+        } else {
+            o.stderr.contains("failed, one of ") && o.stderr.contains(" add_rmsnorm,")
+        };
+        assert!(named, "CUDA_LAUNCH_BLOCKING={blocking}: {}", o.stderr);
+    }
 }
 
 /// The memory plan against the emulated device's memory (CUDA_EMU_MEMORY_GB): 40 MB cannot hold

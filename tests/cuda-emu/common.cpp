@@ -109,6 +109,8 @@ const Config& config() {
         c.total_bytes = (uint64_t)(g * 1e9);
         c.devices = (int)env_u64("CUDA_EMU_DEVICES", 1);
         c.pools = env_u64("CUDA_EMU_POOLS", 1) != 0;
+        // CUDA_LAUNCH_BLOCKING=1 makes a real driver run each launch before returning: so here.
+        c.sync = env_u64("CUDA_EMU_SYNC", 0) != 0 || env_u64("CUDA_LAUNCH_BLOCKING", 0) != 0;
         const char* s = getenv("CUDA_EMU_STATS");
         if (s) c.stats_path = s;
         return c;

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
 #include <algorithm>
@@ -27,6 +28,7 @@ struct Ctx {
 struct GraphData {
     std::vector<std::function<int()>> ops;
     std::vector<uintptr_t> allocs;
+    bool collective = false;  // has an NCCL call: a replay runs at once (see enqueue)
     ~GraphData() {
         for (uintptr_t a : allocs) mem_free(a, true);
     }
@@ -48,6 +50,7 @@ struct Event {
     unsigned flags;
     bool recorded = false;
     double t = 0;
+    uintptr_t queue = 0;  // the stream it was last recorded on (its queue key)
 };
 struct Module {
     std::vector<std::unique_ptr<Function>> funcs;
@@ -78,6 +81,49 @@ std::set<Graph*> g_graphs;
 std::set<GraphExec*> g_execs;
 std::map<uintptr_t, size_t> g_pinned;  // cuMemHostAlloc ranges
 int g_global_captures = 0;             // streams capturing in global mode
+
+// Work queued on each stream, run when the host waits (see emu::enqueue). Key: the stream's
+// handle; the legacy stream (0 and CU_STREAM_LEGACY) is 0, the per-thread default stream 2.
+struct Pending {
+    const char* fn;
+    std::function<int()> op;
+};
+std::map<uintptr_t, std::deque<Pending>> g_queues;
+// Pinned host ranges that queued copies still have to read (poisoning them would be a host write
+// CUDA never makes).
+std::multimap<uintptr_t, size_t> g_host_reads;
+
+bool host_reads_pending(const void* p, size_t n) {
+    uintptr_t a = (uintptr_t)p;
+    for (auto& r : g_host_reads)
+        if (a < r.first + r.second && r.first < a + n) return true;
+    return false;
+}
+
+uintptr_t queue_key(const void* s) {
+    uintptr_t v = (uintptr_t)s;
+    return v == 1 ? 0 : v;
+}
+
+// Run a queue's work in order. A failure is a fault of the device's work: sticky, as on a GPU.
+void run_queue(uintptr_t key) {
+    auto it = g_queues.find(key);
+    if (it == g_queues.end()) return;
+    while (!it->second.empty()) {
+        Pending p = std::move(it->second.front());
+        it->second.pop_front();
+        if (sticky()) continue;  // a faulted context runs nothing more
+        if (int r = p.op()) {
+            say("%s failed when the device ran it (%s)", p.fn, result_name(r));
+            set_sticky(r == ILLEGAL_ADDRESS || r == LAUNCH_FAILED ? r : ILLEGAL_ADDRESS);
+        }
+    }
+}
+
+// Everything queued anywhere (a context-wide wait, or a call CUDA documents as synchronizing).
+void run_all_queues() {
+    for (auto& q : g_queues) run_queue(q.first);
+}
 
 void invalidate_captures() {
     for (Stream* st : g_streams)
@@ -151,7 +197,7 @@ int sync_gate(const char* fn) {
     return OK;
 }
 
-int enqueue(void* stream, const char* fn, std::function<int()> op) {
+int enqueue(void* stream, const char* fn, std::function<int()> op, bool now) {
     CUstream s = (CUstream)stream;
     uintptr_t v = (uintptr_t)s;
     if (v == 0 || v == 1) {
@@ -165,10 +211,25 @@ int enqueue(void* stream, const char* fn, std::function<int()> op) {
         }
     } else if (v != 2 && s->capturing) {
         if (s->invalidated) return STREAM_CAPTURE_INVALIDATED;
+        if (strncmp(fn, "nccl", 4) == 0) s->graph->collective = true;
         s->graph->ops.push_back(std::move(op));
         return OK;
     }
-    return op();
+    // Ordering with the legacy stream: its work waits for all earlier work of blocking streams,
+    // and theirs for its earlier work (non-blocking streams, flag 1, are independent of it).
+    uintptr_t key = queue_key(s);
+    if (key == 0) {
+        for (Stream* st : g_streams)
+            if (!(st->flags & 1)) run_queue((uintptr_t)st);
+    } else if (v == 2 || !(s->flags & 1)) {
+        run_queue(0);
+    }
+    if (now || config().sync) {
+        run_queue(key);
+        return op();
+    }
+    g_queues[key].push_back({fn, std::move(op)});
+    return OK;
 }
 
 }  // namespace emu
@@ -340,6 +401,8 @@ EXPORT int cuDevicePrimaryCtxRelease_v2(CUdevice d) {
         g_graphs.clear();
         for (auto* st : g_streams) st->graph.reset();
         g_global_captures = 0;
+        g_queues.clear();
+        g_host_reads.clear();
         mem_free_all();
         for (auto* s : g_streams) delete s;
         g_streams.clear();
@@ -385,6 +448,8 @@ EXPORT int cuCtxGetDevice(CUdevice* d) {
 EXPORT int cuCtxSynchronize() {
     API(cuCtxSynchronize);
     CHECK(sync_gate("cuCtxSynchronize"));
+    CHECK(need_ctx());
+    run_all_queues();
     return need_ctx_ok();
 }
 
@@ -414,6 +479,7 @@ EXPORT int cuMemFree_v2(CUdeviceptr p) {
     CHECK(need_ctx_ok());
     CHECK(sync_gate("cuMemFree"));
     if (!p) return OK;
+    run_all_queues();  // cuMemFree synchronizes: queued work may still use the memory
     return mem_free((uintptr_t)p, false);
 }
 
@@ -441,7 +507,12 @@ EXPORT int cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) {
         return OK;
     }
     CHECK(enqueue(s, "cuMemAllocAsync", [] { return (int)OK; }));
-    CHECK(mem_alloc(&a, bytes, true));
+    if (mem_alloc(&a, bytes, true) != OK) {
+        // The pool reuses memory freed earlier on the stream (stream order): run the stream's
+        // queued work, which holds those frees, and try again.
+        run_queue(queue_key(s));
+        CHECK(mem_alloc(&a, bytes, true));
+    }
     *p = a;
     return OK;
 }
@@ -483,6 +554,7 @@ EXPORT int cuMemFreeHost(void* p) {
     API(cuMemFreeHost);
     CHECK(need_ctx_ok());
     CHECK(sync_gate("cuMemFreeHost"));
+    run_all_queues();  // synchronizes: a queued copy may still use the memory
     if (p && !g_pinned.erase((uintptr_t)p)) {
         say("cuMemFreeHost(%p): not memory from cuMemHostAlloc", p);
         return INVALID_VALUE;
@@ -500,7 +572,10 @@ static int memset_impl(const char* fn, CUdeviceptr p, uint32_t v, size_t elem, s
         return INVALID_VALUE;
     }
     CHECK(check_dev_range(fn, "destination", p, n * elem));
-    return enqueue(s, fn, [=] {
+    if (!async) run_all_queues();  // a synchronous memset waits for earlier work and for itself
+    return enqueue(
+        s, fn,
+        [=] {
         // Checked again at a graph replay: the memory may be gone by then.
         if (int r = check_dev_range(fn, "destination", p, n * elem)) return r;
         if (elem == 1) {
@@ -512,7 +587,8 @@ static int memset_impl(const char* fn, CUdeviceptr p, uint32_t v, size_t elem, s
             for (size_t i = 0; i < n; i++) memcpy((char*)p + 4 * i, &v, 4);
         }
         return (int)OK;
-    });
+        },
+        !async);
 }
 
 EXPORT int cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, CUstream s) {
@@ -556,7 +632,30 @@ static int htod(const char* fn, CUdeviceptr dst, const void* src, size_t n, CUst
     CHECK(check_dev_range(fn, "destination", dst, n));
     CHECK(check_host_range(fn, src, n));
     CHECK(host_capture_gate(fn, s, src, n));
+    if (!async) run_all_queues();  // a synchronous copy waits for earlier work and for itself
+    uintptr_t v = (uintptr_t)s;
+    if (async && !(v > 2 && s->capturing) && !is_pinned(src, n)) {
+        // Pageable memory is staged at the call (the host may reuse it at once); pinned memory
+        // is read when the copy runs, so a host that overwrites it too early sends the new bytes.
+        auto staged = std::make_shared<std::vector<char>>((const char*)src, (const char*)src + n);
+        return enqueue(s, fn, [=] {
+            if (int r = check_dev_range(fn, "destination", dst, n)) return r;
+            if (n) memcpy((void*)dst, staged->data(), n);
+            return (int)OK;
+        });
+    }
+    if (!async || (v > 2 && s->capturing) || config().sync)
+        return enqueue(
+            s, fn,
+            [=] {
+                if (int r = check_dev_range(fn, "destination", dst, n)) return r;
+                if (n) memcpy((void*)dst, src, n);
+                return (int)OK;
+            },
+            !async);
+    auto read = g_host_reads.emplace((uintptr_t)src, n);
     return enqueue(s, fn, [=] {
+        g_host_reads.erase(read);
         if (int r = check_dev_range(fn, "destination", dst, n)) return r;
         if (n) memcpy((void*)dst, src, n);
         return (int)OK;
@@ -569,11 +668,21 @@ static int dtoh(const char* fn, void* dst, CUdeviceptr src, size_t n, CUstream s
     CHECK(check_dev_range(fn, "source", src, n));
     CHECK(check_host_range(fn, dst, n));
     CHECK(host_capture_gate(fn, s, dst, n));
-    return enqueue(s, fn, [=] {
-        if (int r = check_dev_range(fn, "source", src, n)) return r;
-        if (n) memcpy(dst, (const void*)src, n);
-        return (int)OK;
-    });
+    if (!async) run_all_queues();  // a synchronous copy waits for earlier work and for itself
+    uintptr_t v = (uintptr_t)s;
+    bool capturing = v > 2 && s->capturing;
+    // To pageable memory even the async copy returns only when done (CUDA documents it so); to
+    // pinned memory it runs later, and until then the host buffer holds poison, not stale data.
+    bool now = !async || (!capturing && !is_pinned(dst, n));
+    if (!now && !capturing && !config().sync && n && !host_reads_pending(dst, n)) memset(dst, 0xFF, n);
+    return enqueue(
+        s, fn,
+        [=] {
+            if (int r = check_dev_range(fn, "source", src, n)) return r;
+            if (n) memcpy(dst, (const void*)src, n);
+            return (int)OK;
+        },
+        now);
 }
 static int dtod(const char* fn, CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream s, bool async) {
     CHECK(need_ctx_ok());
@@ -581,12 +690,16 @@ static int dtod(const char* fn, CUdeviceptr dst, CUdeviceptr src, size_t n, CUst
     if (!async) CHECK(sync_gate(fn));
     CHECK(check_dev_range(fn, "source", src, n));
     CHECK(check_dev_range(fn, "destination", dst, n));
-    return enqueue(s, fn, [=] {
-        if (int r = check_dev_range(fn, "source", src, n)) return r;
-        if (int r = check_dev_range(fn, "destination", dst, n)) return r;
-        if (n) memmove((void*)dst, (const void*)src, n);
-        return (int)OK;
-    });
+    if (!async) run_all_queues();
+    return enqueue(
+        s, fn,
+        [=] {
+            if (int r = check_dev_range(fn, "source", src, n)) return r;
+            if (int r = check_dev_range(fn, "destination", dst, n)) return r;
+            if (n) memmove((void*)dst, (const void*)src, n);
+            return (int)OK;
+        },
+        !async);
 }
 
 EXPORT int cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream s) {
@@ -632,10 +745,13 @@ EXPORT int cuStreamCreateWithPriority(CUstream* s, unsigned flags, int priority)
 EXPORT int cuStreamDestroy_v2(CUstream s) {
     API(cuStreamDestroy_v2);
     CHECK(need_ctx());
-    if (!g_streams.erase(s)) {
+    if (!g_streams.count(s)) {
         say("cuStreamDestroy: %p is not a live stream", (void*)s);
         return INVALID_HANDLE;
     }
+    run_queue((uintptr_t)s);  // its work completes; the handle goes at once
+    g_queues.erase((uintptr_t)s);
+    g_streams.erase(s);
     delete s;
     return OK;
 }
@@ -651,14 +767,18 @@ EXPORT int cuStreamSynchronize(CUstream s) {
         invalidate_captures();
         return STREAM_CAPTURE_UNSUPPORTED;
     }
-    return OK;
+    // The legacy stream's work waits for the blocking streams' earlier work: run theirs too.
+    if (queue_key(s) == 0) run_all_queues();
+    run_queue(queue_key(s));
+    return sticky();
 }
 
 EXPORT int cuStreamQuery(CUstream s) {
     API(cuStreamQuery);
     CHECK(need_ctx_ok());
     if (!stream_ok(s, "cuStreamQuery")) return INVALID_HANDLE;
-    return OK;
+    run_queue(queue_key(s));  // "complete" must be true of what the host reads next
+    return sticky();
 }
 
 static bool event_ok(CUevent e, const char* fn) {
@@ -672,6 +792,9 @@ EXPORT int cuStreamWaitEvent(CUstream s, CUevent e, unsigned flags) {
     CHECK(need_ctx_ok());
     (void)flags;
     if (!stream_ok(s, "cuStreamWaitEvent") || !event_ok(e, "cuStreamWaitEvent")) return INVALID_HANDLE;
+    // The waiting stream's later work follows the event's stream's work up to the record: run it
+    // now (more order than a GPU gives, never less).
+    if (!(queue_key(s) > 2 && s->capturing)) run_queue(e->queue);
     return OK;
 }
 
@@ -699,6 +822,7 @@ EXPORT int cuEventRecord(CUevent e, CUstream s) {
     API(cuEventRecord);
     CHECK(need_ctx_ok());
     if (!event_ok(e, "cuEventRecord") || !stream_ok(s, "cuEventRecord")) return INVALID_HANDLE;
+    e->queue = queue_key(s);
     return enqueue(s, "cuEventRecord", [e] {
         if (!g_events.count(e)) return (int)INVALID_HANDLE;
         e->recorded = true;
@@ -711,20 +835,24 @@ EXPORT int cuEventSynchronize(CUevent e) {
     API(cuEventSynchronize);
     CHECK(need_ctx_ok());
     if (!event_ok(e, "cuEventSynchronize")) return INVALID_HANDLE;
-    return OK;
+    run_queue(e->queue);
+    return sticky();
 }
 
 EXPORT int cuEventQuery(CUevent e) {
     API(cuEventQuery);
     CHECK(need_ctx_ok());
     if (!event_ok(e, "cuEventQuery")) return INVALID_HANDLE;
-    return OK;
+    run_queue(e->queue);
+    return sticky();
 }
 
 static int elapsed(const char* fn, float* ms, CUevent a, CUevent b) {
     CHECK(need_ctx_ok());
     if (!ms) return INVALID_VALUE;
     if (!event_ok(a, fn) || !event_ok(b, fn)) return INVALID_HANDLE;
+    run_queue(a->queue);
+    run_queue(b->queue);
     if ((a->flags | b->flags) & CU_EVENT_DISABLE_TIMING) {
         say("%s: an event was created with CU_EVENT_DISABLE_TIMING", fn);
         return INVALID_HANDLE;
@@ -816,10 +944,12 @@ EXPORT int cuModuleLoadData(CUmodule* m, const void* image) {
 EXPORT int cuModuleUnload(CUmodule m) {
     API(cuModuleUnload);
     CHECK(need_ctx());
-    if (!g_modules.erase(m)) {
+    if (!g_modules.count(m)) {
         say("cuModuleUnload: %p is not a loaded module", (void*)m);
         return INVALID_HANDLE;
     }
+    run_all_queues();  // queued launches of its kernels run first
+    g_modules.erase(m);
     for (auto& f : m->funcs) g_funcs.erase(f.get());
     delete m;
     return OK;
@@ -889,17 +1019,16 @@ EXPORT int cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, u
         return INVALID_VALUE;
     }
     Dim3 grid{gx, gy, gz}, block{bx, by, bz};
-    uintptr_t v = (uintptr_t)s;
-    if (!(v > 2 && s->capturing)) return enqueue(s, "cuLaunchKernel", [&] { return launch(f, grid, block, smem, params); });
-    // Captured: refused now if it would be refused, run at every replay with the arguments of
-    // now (copied: a captured launch owns them).
+    // Refused now if it would be refused; run later (when the stream's work runs, or at every
+    // replay of a captured graph) with the arguments of now: copied, the launch owns them.
     CHECK(launch_validate(f, grid, block, smem, params));
     std::vector<std::vector<char>> args;
     for (size_t i = 0; i < f->def->params.size(); i++)
         args.emplace_back((const char*)params[i], (const char*)params[i] + f->def->params[i].size);
-    return enqueue(s, "cuLaunchKernel", [f, grid, block, smem, args]() mutable {
+    const char* kname = f->def->name;  // static: outlives an unloaded module
+    return enqueue(s, "cuLaunchKernel", [f, kname, grid, block, smem, args]() mutable {
         if (!g_funcs.count(f)) {
-            say("graph replay: a captured kernel's module was unloaded");
+            say("%s: the kernel's module was unloaded before it ran", kname);
             return (int)INVALID_HANDLE;
         }
         std::vector<void*> p;
@@ -999,7 +1128,9 @@ EXPORT int cuGraphLaunch(CUgraphExec e, CUstream s) {
     }
     if (!stream_ok(s, "cuGraphLaunch")) return INVALID_HANDLE;
     auto data = e->data;
-    return enqueue(s, "cuGraphLaunch", [data] {
+    return enqueue(
+        s, "cuGraphLaunch",
+        [data] {
         // A replayed operation that fails is a fault of the running graph: sticky.
         for (auto& op : data->ops) {
             if (int r = op()) {
@@ -1010,7 +1141,8 @@ EXPORT int cuGraphLaunch(CUgraphExec e, CUstream s) {
             if (sticky()) return (int)OK;
         }
         return (int)OK;
-    });
+        },
+        data->collective);  // a replay holding collectives runs now (see enqueue)
 }
 
 EXPORT int cuGraphExecDestroy(CUgraphExec e) {

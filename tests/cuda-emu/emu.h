@@ -53,6 +53,7 @@ struct Config {
     int devices;            // CUDA_EMU_DEVICES
     bool pools;             // CUDA_EMU_POOLS (cuMemAllocAsync support)
     std::string stats_path; // CUDA_EMU_STATS
+    bool sync;              // CUDA_EMU_SYNC=1 or CUDA_LAUNCH_BLOCKING=1: stream work runs at once
 };
 const Config& config();
 
@@ -147,12 +148,17 @@ int launch(Function* f, Dim3 grid, Dim3 block, unsigned dyn_smem, void** params)
 // capture checks at capture time, runs at replay.
 int launch_validate(Function* f, Dim3 grid, Dim3 block, unsigned dyn_smem, void** params);
 
-// ---- Stream capture (CUDA graphs) ----
-// An operation on `stream`: run now, or, when the stream is capturing, recorded into its graph
-// to run at every cuGraphLaunch (a replay error makes the context's error sticky, as a fault in
-// a graph does). Returns what running it returned, OK when recorded, or a capture error
-// (an operation on the legacy stream while another stream captures invalidates that capture).
-int enqueue(void* stream, const char* fn, std::function<int()> op);
+// ---- Streams: deferred work and stream capture (CUDA graphs) ----
+// An operation on `stream`. Not capturing: queued on the stream and run when the host waits for
+// it (cuStreamSynchronize, an event, a synchronous copy ...), as a GPU runs it later: a host that
+// reads results before waiting sees poison, not the answer. `now`: run at once after the stream's
+// earlier work (collectives: a peer process must not wait on work this process never flushes).
+// Capturing: recorded into the stream's graph to run at every cuGraphLaunch (a replay error makes
+// the context's error sticky, as a fault in a graph does). Returns OK when queued or recorded,
+// what running it returned when run now, or a capture error (an operation on the legacy stream
+// while another stream captures invalidates that capture). A queued operation that fails when it
+// runs makes the context's error sticky, reported at the next synchronization.
+int enqueue(void* stream, const char* fn, std::function<int()> op, bool now = false);
 // A call that waits for the device (or may not be captured): refused while a global-mode capture
 // is active, which it invalidates (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED).
 int sync_gate(const char* fn);

@@ -231,14 +231,19 @@ void reduce_chunk(Comm* c, uint32_t dtype, uint32_t op, size_t n, void* out) {
 int on_stream(void* stream, const char* fn, std::function<int()> op) {
     // Shared: a recorded collective outlives this call.
     auto nccl_rc = std::make_shared<int>(ncclSuccess);
-    int r = enqueue(stream, fn, [op, fn, nccl_rc]() mutable {
+    // Run now (after the stream's earlier work): a collective waits for its peers, and a peer
+    // waiting in MPI for this process must not wait on work this process has not flushed.
+    int r = enqueue(
+        stream, fn,
+        [op, fn, nccl_rc]() mutable {
         *nccl_rc = op();
         if (*nccl_rc != ncclSuccess) {
             say("%s failed (%s)", fn, *nccl_rc == ncclInvalidUsage ? "the ranks disagree" : "see above");
             return (int)ILLEGAL_ADDRESS;
         }
         return (int)OK;
-    });
+        },
+        true);
     if (r == OK) return *nccl_rc;
     return *nccl_rc != ncclSuccess ? *nccl_rc : ncclInvalidUsage;
 }

@@ -43,6 +43,7 @@ FN(int, cuGraphInstantiateWithFlags, H*, H, unsigned long long)
 FN(int, cuGraphLaunch, H, H)
 FN(int, cuMemHostAlloc, void**, size_t, unsigned)
 FN(int, cuMemcpyHtoDAsync_v2, CUdeviceptr, const void*, size_t, H)
+FN(int, cuMemcpyDtoHAsync_v2, void*, CUdeviceptr, size_t, H)
 FN(int, cublasLtCreate, H*)
 FN(int, cublasLtMatrixLayoutCreate, H*, uint32_t, uint64_t, uint64_t, int64_t)
 FN(int, cublasLtMatmulDescCreate, H*, int32_t, int32_t)
@@ -145,7 +146,7 @@ int main(int argc, char** argv) {
     if (argc != 2) {
         fprintf(stderr,
                 "usage: cuda-emu-probe SCENARIO (valid, oob-pointer, use-after-free, kernel-overrun, copy-overrun, "
-                "cublaslt-ld, launch-bounds, grid-limit, partial-warp, ptx-mismatch, out-of-memory)\n");
+                "cublaslt-ld, launch-bounds, grid-limit, partial-warp, ptx-mismatch, out-of-memory, graph, async)\n");
         return 2;
     }
     std::string sc = argv[1];
@@ -163,6 +164,7 @@ int main(int argc, char** argv) {
     LOAD(cuda, cuLaunchKernel); LOAD(cuda, cuStreamCreate); LOAD(cuda, cuStreamSynchronize);
     LOAD(cuda, cuStreamBeginCapture_v2); LOAD(cuda, cuStreamEndCapture); LOAD(cuda, cuGraphInstantiateWithFlags);
     LOAD(cuda, cuGraphLaunch); LOAD(cuda, cuMemHostAlloc); LOAD(cuda, cuMemcpyHtoDAsync_v2);
+    LOAD(cuda, cuMemcpyDtoHAsync_v2);
     LOAD(lt, cublasLtCreate); LOAD(lt, cublasLtMatrixLayoutCreate); LOAD(lt, cublasLtMatmulDescCreate);
     LOAD(lt, cublasLtMatmulDescSetAttribute); LOAD(lt, cublasLtMatmulPreferenceCreate);
     LOAD(lt, cublasLtMatmulAlgoGetHeuristic); LOAD(lt, cublasLtMatmul);
@@ -343,6 +345,63 @@ int main(int argc, char** argv) {
         expect("a launch on the legacy stream while another stream captures", add_in_place(x, y, N), 906);
         expect("cuStreamEndCapture of the invalidated capture", cuStreamEndCapture(st, &graph), 901);
         expect("synchronize", cuCtxSynchronize(), 0);
+    } else if (sc == "async") {
+        // The device runs a stream's work when the host waits for it, as a GPU runs it later: a
+        // host that reads results before waiting sees poison, and one that overwrites a pinned
+        // source before the copy ran sends the new bytes. x = 3s here.
+        H st;
+        cuStreamCreate(&st, 1);
+        float* pinned;
+        cuMemHostAlloc((void**)&pinned, N * 4, 0);
+        for (int i = 0; i < N; i++) pinned[i] = 5.0f;
+        expect("copy pinned 5s in", cuMemcpyHtoDAsync_v2(y, pinned, N * 4, st), 0);
+        for (int i = 0; i < N; i++) pinned[i] = 7.0f;  // too early: the copy has not run
+        expect("x += y", add_in_place(x, y, N, 256, st), 0);
+        float* result;
+        cuMemHostAlloc((void**)&result, N * 4, 0);
+        expect("copy x out to pinned memory", cuMemcpyDtoHAsync_v2(result, x, N * 4, st), 0);
+        uint32_t bits;
+        memcpy(&bits, &result[0], 4);
+        if (bits != 0xFFFFFFFFu) {
+            printf("FAIL  read before waiting: %g, not poison (the copy ran before the host waited)\n", result[0]);
+            failures++;
+        } else {
+            printf("ok    read before waiting: poison (NaN)\n");
+        }
+        expect("cuStreamSynchronize", cuStreamSynchronize(st), 0);
+        if (result[0] != 10.0f || result[N - 1] != 10.0f) {
+            printf("FAIL  after waiting: %g (expected 3 + 7: the copy reads its pinned source when it runs)\n",
+                   result[0]);
+            failures++;
+        } else {
+            printf("ok    after waiting: 3 + 7 (the pinned source was read when the copy ran)\n");
+        }
+        // Pageable memory is staged at the call: overwriting it at once is safe.
+        std::vector<float> pageable(N, 1.0f);
+        expect("copy pageable 1s in", cuMemcpyHtoDAsync_v2(y, pageable.data(), N * 4, st), 0);
+        pageable.assign(N, 100.0f);
+        expect("x += y", add_in_place(x, y, N, 256, st), 0);
+        cuMemcpyDtoH_v2(out.data(), x, N * 4);  // synchronous: waits for the stream's work
+        // One pinned buffer as the source of a copy in and the destination of a copy out, in
+        // stream order, is correct: the copy out must not clobber what the copy in still reads.
+        for (int i = 0; i < N; i++) pinned[i] = 2.0f;
+        expect("copy pinned 2s in", cuMemcpyHtoDAsync_v2(y, pinned, N * 4, st), 0);
+        expect("copy x out to the same pinned buffer", cuMemcpyDtoHAsync_v2(pinned, x, N * 4, st), 0);
+        expect("cuStreamSynchronize", cuStreamSynchronize(st), 0);
+        cuMemcpyDtoH_v2(out.data(), y, N * 4);
+        if (out[0] != 2.0f) {
+            printf("FAIL  stream-ordered reuse of a pinned buffer: y = %g (expected 2)\n", out[0]);
+            failures++;
+        }
+        cuMemcpyDtoH_v2(out.data(), x, N * 4);
+        if (out[0] != 11.0f) {
+            printf("FAIL  a synchronous copy did not wait for queued work, or pageable memory was not staged (%g)\n",
+                   out[0]);
+            failures++;
+        } else {
+            printf("ok    a synchronous copy waited; pageable memory was staged at the call\n");
+        }
+        fprintf(stderr, "cuda-emu-probe: queued work runs when the host waits\n");
     } else if (sc == "out-of-memory") {
         CUdeviceptr p;
         expect("cuMemAlloc of more than CUDA_EMU_MEMORY_GB", cuMemAlloc_v2(&p, (size_t)1 << 62), 2);
