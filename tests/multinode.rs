@@ -234,3 +234,135 @@ fn a_one_rank_job_killed_mid_run_resumes_on_3_replicas() {
     assert_eq!(std::fs::read_to_string(&out).unwrap(), want);
     assert!(!with_suffix(&out, ".part-0").exists());
 }
+
+/// False (after saying so) when the MPI tests must be skipped: as tests/mpi.rs.
+fn mpi_available() -> bool {
+    if std::env::var("HERD_NO_MPI").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: HERD_NO_MPI=1");
+        return false;
+    }
+    assert!(
+        cfg!(feature = "mpi"),
+        "tests/multinode.rs needs a build with MPI: run `cargo test --features mpi` (scripts/test \
+         does), or set HERD_NO_MPI=1 on a machine without an MPI library"
+    );
+    true
+}
+
+/// `herd ARGS` as 2 ranks under mpirun, with a fault injected into rank 1: exit code, stderr,
+/// seconds. Killed (and the test failed) after 90 s: a hang is what these tests look for.
+fn mpirun2(args: &[&str], fault: &str) -> (i32, String, f64) {
+    let mut c = Command::new("mpirun");
+    c.args(["-np", "2", "--oversubscribe", "--bind-to", "none"])
+        .arg(env!("CARGO_BIN_EXE_herd"))
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("RUST_LOG", "warn")
+        .env("HERD_TEST_FAIL_RANK", "1")
+        .env("HERD_TEST_FAIL_AT", "step")
+        .env("HERD_TEST_FAIL_HOW", fault)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let t0 = Instant::now();
+    let mut child = KillOnDrop(c.spawn().expect("mpirun starts (install openmpi-bin)"));
+    let mut stderr = child.0.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut e = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut e);
+        e
+    });
+    let code = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status.code().unwrap_or(-1);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "mpirun still running after 90 s: the job hangs"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (code, reader.join().unwrap(), t0.elapsed().as_secs_f64())
+}
+
+#[test]
+fn a_tensor_parallel_peer_stopped_with_sigstop_ends_the_job_naming_it() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = seeded_input(dir.path(), 4);
+    let (m, out) = (llama30(), dir.path().join("out.jsonl"));
+    let (code, err, secs) = mpirun2(
+        &[
+            "--collective-timeout",
+            "3",
+            "batch",
+            "--model",
+            &m,
+            "--tp",
+            "2",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ],
+        "stop",
+    );
+    assert!(err.contains("rank 1: injected SIGSTOP at step"), "{err}");
+    // The leader waits in the forward's all-reduce for the stopped peer, names both and the
+    // collective, and ends the job with the failure code.
+    assert!(
+        err.contains("herd: error: rank 0 (")
+            && err.contains(" in all_reduce_sum #")
+            && err.contains("over replica 0 (world ranks 0-1) for rank 1 on node ")
+            && err.contains("--collective-timeout 3 s"),
+        "{err}"
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(secs < 30.0, "took {secs:.1} s");
+}
+
+#[test]
+fn a_slow_but_live_peer_is_waited_for_past_the_timeout() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = seeded_input(dir.path(), 4);
+    let want = reference(&input, dir.path());
+    let (m, out) = (llama30(), dir.path().join("out.jsonl"));
+    // Rank 1 computes for 3 s at a step (its heartbeat goes on) against a 1 s timeout.
+    let mut args = vec![
+        "--collective-timeout",
+        "1",
+        "batch",
+        "--model",
+        &m,
+        "--tp",
+        "2",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend(ARGS);
+    let (code, err, secs) = mpirun2(&args, "sleep:3");
+    assert!(err.contains("injected 3 s pause at step"), "{err}");
+    assert_eq!(code, 0, "{err}");
+    assert!(secs >= 3.0);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), want);
+}
+
+#[test]
+fn collective_timeout_must_be_positive() {
+    for bad in ["0", "-3", "nan"] {
+        let out = herd()
+            .args(["--collective-timeout", bad, "doctor"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {err}");
+        assert!(err.contains("--collective-timeout must be"), "{err}");
+    }
+}
