@@ -14,7 +14,7 @@ sc_pid_files=()
 sc_jobs=()
 # What sc_wait_job found: job state(s), exit code(s), log file, `scontrol show job -o`.
 # shellcheck disable=SC2034  # read by the sourcing script
-SC_STATE="" SC_EXIT="" SC_LOG="" SC_INFO=""
+SC_STATE="" SC_EXIT="" SC_LOG="" SC_INFO="" SC_JOB=""
 
 sc_log() { echo "$SC_NAME: $*"; }
 sc_die() {
@@ -96,6 +96,7 @@ EOF
     : >"$SC_DIR/gres.conf"
     for pair in "$@"; do
         names+=("${pair%%=*}")
+        mkdir -p "$SC_DIR/spool/${pair%%=*}"
         echo "NodeName=${pair%%=*} NodeAddr=${pair#*=} CPUs=$cpus Gres=gpu:2 State=UNKNOWN" \
             >>"$SLURM_CONF"
         echo "NodeName=${pair%%=*} Name=gpu File=$SC_DIR/gpu[0-1]" >>"$SC_DIR/gres.conf"
@@ -146,13 +147,12 @@ sc_wait_idle() {
     sc_die "not $want nodes idle within 30 s (sinfo says '${state:-nothing}')"
 }
 
-# sbatch ARGS... (with --parsable added); prints the job id and remembers it.
+# sbatch ARGS... (with --parsable added); the job id in SC_JOB, remembered for the teardown.
+# (Not in a $(...): the teardown would not learn of the job.)
 sc_submit() {
-    local job
-    job=$("${SC_CTL[@]}" sbatch --parsable "$@") || sc_die "sbatch $* failed"
-    job="${job%%;*}"
-    sc_jobs+=("$job")
-    echo "$job"
+    SC_JOB=$("${SC_CTL[@]}" sbatch --parsable "$@") || sc_die "sbatch $* failed"
+    SC_JOB="${SC_JOB%%;*}"
+    sc_jobs+=("$SC_JOB")
 }
 
 # Wait (at most SECS) for job JOB to leave the running states; sets SC_STATE, SC_EXIT, SC_LOG.
