@@ -119,7 +119,10 @@ fn kill_when(ranks: &mut [KillOnDrop], output: &Path, n: usize) {
     let t = Instant::now();
     while (0..ranks.len()).any(|r| lines_in(&with_suffix(output, &format!(".part-{r}"))) < n) {
         for c in ranks.iter_mut() {
-            assert!(c.0.try_wait().unwrap().is_none(), "finished before {n} lines");
+            assert!(
+                c.0.try_wait().unwrap().is_none(),
+                "finished before {n} lines"
+            );
         }
         assert!(t.elapsed() < Duration::from_secs(120), "no progress");
         std::thread::sleep(Duration::from_millis(5));
@@ -227,7 +230,12 @@ fn a_one_rank_job_killed_mid_run_resumes_on_3_replicas() {
                 .unwrap_or_else(|| panic!("{leader}"));
             let s = &leader[at..];
             let open = s.find('(').unwrap();
-            s[open + 1..].split_whitespace().next().unwrap().parse::<usize>().unwrap()
+            s[open + 1..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
         })
         .sum();
     assert_eq!(resumed, done, "{leader}");
@@ -241,11 +249,12 @@ fn mpi_available() -> bool {
         eprintln!("skipped: HERD_NO_MPI=1");
         return false;
     }
-    assert!(
-        cfg!(feature = "mpi"),
-        "tests/multinode.rs needs a build with MPI: run `cargo test --features mpi` (scripts/test \
-         does), or set HERD_NO_MPI=1 on a machine without an MPI library"
-    );
+    if !cfg!(feature = "mpi") {
+        panic!(
+            "tests/multinode.rs needs a build with MPI: run `cargo test --features mpi` (scripts/test \
+             does), or set HERD_NO_MPI=1 on a machine without an MPI library"
+        );
+    }
     true
 }
 

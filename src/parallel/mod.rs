@@ -124,7 +124,10 @@ pub fn test_fault(point: &str) -> Result<(), String> {
         unsafe { libc::raise(libc::SIGSTOP) };
         return Ok(());
     }
-    if let Some(secs) = how.strip_prefix("sleep:").and_then(|s| s.parse::<f64>().ok()) {
+    if let Some(secs) = how
+        .strip_prefix("sleep:")
+        .and_then(|s| s.parse::<f64>().ok())
+    {
         eprintln!("herd: rank {rank}: injected {secs} s pause at {point}");
         std::thread::sleep(std::time::Duration::from_secs_f64(secs));
         return Ok(());

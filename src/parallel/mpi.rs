@@ -29,8 +29,8 @@ pub(crate) fn bring_up(
     // Multiple: the heartbeat thread sends and receives while the main thread sits in a
     // collective. The main thread's calls still go one at a time through a Mutex per
     // communicator (all a library at Serialized would need).
-    let (universe, level) = mpi::initialize_with_threading(Threading::Multiple)
-        .ok_or("MPI was already initialized")?;
+    let (universe, level) =
+        mpi::initialize_with_threading(Threading::Multiple).ok_or("MPI was already initialized")?;
     let world = universe.world();
     let world_rank = world.rank() as usize;
     let world_size = world.size() as usize;
@@ -49,7 +49,11 @@ pub(crate) fn bring_up(
     world.all_gather_into(&mine[..], &mut all[..]);
     let hosts: Vec<String> = all
         .chunks(HOST_BYTES)
-        .map(|c| String::from_utf8_lossy(c).trim_end_matches('\0').to_string())
+        .map(|c| {
+            String::from_utf8_lossy(c)
+                .trim_end_matches('\0')
+                .to_string()
+        })
         .collect();
     let heartbeat = if level >= Threading::Multiple && world_size > 1 {
         let dog = Arc::new(Watchdog::new(world_rank, hosts.clone()));
@@ -146,7 +150,9 @@ fn beat(comm: BeatComm, dog: &Watchdog, stop: &AtomicBool) {
                 leaving = Some(comm.immediate_barrier());
             }
         }
-        while let Some((msg, status)) = comm.any_process().immediate_matched_probe_with_tag(BEAT_TAG)
+        while let Some((msg, status)) = comm
+            .any_process()
+            .immediate_matched_probe_with_tag(BEAT_TAG)
         {
             let mut word = 0u8;
             msg.matched_receive_into(&mut word);
@@ -291,7 +297,11 @@ impl MpiWorld {
         let first = topo.replica * tp;
         let replica = MpiComm::new(
             replica,
-            format!("replica {} (world ranks {first}-{})", topo.replica, first + tp - 1),
+            format!(
+                "replica {} (world ranks {first}-{})",
+                topo.replica,
+                first + tp - 1
+            ),
             (first..first + tp).collect(),
         );
         // A replica over several nodes works (its collectives cross the network every layer),

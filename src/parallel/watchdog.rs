@@ -215,7 +215,9 @@ mod tests {
         });
         let dog = Watchdog::new(3, ["a", "a", "b", "b"].map(String::from).to_vec());
         let _g = dog.begin("broadcast", 0, &replica, Some(2));
-        let msg = dog.verdict(Instant::now() + Duration::from_secs(11), t).unwrap();
+        let msg = dog
+            .verdict(Instant::now() + Duration::from_secs(11), t)
+            .unwrap();
         assert!(msg.contains("for rank 2 on node b"), "{msg}");
     }
 }
