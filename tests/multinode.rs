@@ -258,21 +258,28 @@ fn mpi_available() -> bool {
     true
 }
 
-/// `herd ARGS` as 2 ranks under mpirun, with a fault injected into rank 1: exit code, stderr,
-/// seconds. Killed (and the test failed) after 90 s: a hang is what these tests look for.
-fn mpirun2(args: &[&str], fault: &str) -> (i32, String, f64) {
+/// `herd ARGS` as `np` ranks under mpirun, with a fault injected into rank `rank` at its second
+/// step as a tensor-parallel peer: exit code, stderr, seconds. Killed (and the test failed)
+/// after 90 s: a hang is what these tests look for.
+fn mpirun_fault(np: usize, rank: usize, args: &[&str], fault: &str) -> (i32, String, f64) {
     let mut c = Command::new("mpirun");
-    c.args(["-np", "2", "--oversubscribe", "--bind-to", "none"])
-        .arg(env!("CARGO_BIN_EXE_herd"))
-        .args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RUST_LOG", "warn")
-        .env("HERD_TEST_FAIL_RANK", "1")
-        .env("HERD_TEST_FAIL_AT", "step")
-        .env("HERD_TEST_FAIL_HOW", fault)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    c.args([
+        "-np",
+        &np.to_string(),
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+    ])
+    .arg(env!("CARGO_BIN_EXE_herd"))
+    .args(args)
+    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    .env("RUST_LOG", "warn")
+    .env("HERD_TEST_FAIL_RANK", rank.to_string())
+    .env("HERD_TEST_FAIL_AT", "step")
+    .env("HERD_TEST_FAIL_HOW", fault)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
     let t0 = Instant::now();
     let mut child = KillOnDrop(c.spawn().expect("mpirun starts (install openmpi-bin)"));
     let mut stderr = child.0.stderr.take().unwrap();
@@ -302,7 +309,9 @@ fn a_tensor_parallel_peer_stopped_with_sigstop_ends_the_job_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let input = seeded_input(dir.path(), 4);
     let (m, out) = (llama30(), dir.path().join("out.jsonl"));
-    let (code, err, secs) = mpirun2(
+    let (code, err, secs) = mpirun_fault(
+        2,
+        1,
         &[
             "--collective-timeout",
             "3",
@@ -332,6 +341,49 @@ fn a_tensor_parallel_peer_stopped_with_sigstop_ends_the_job_naming_it() {
     assert!(secs < 30.0, "took {secs:.1} s");
 }
 
+/// 2 replicas of tp 2: the last rank stops. Its replica leader (waiting in the forward) or the
+/// world leader (waiting for replica 1 at the end, or beating to every rank) names it; the
+/// others, which hear only from their replica and rank 0, never blame anyone else.
+#[test]
+fn a_stopped_rank_of_another_replica_is_named_and_no_other() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = seeded_input(dir.path(), 6);
+    let (m, out) = (llama30(), dir.path().join("out.jsonl"));
+    let args = [
+        "--collective-timeout",
+        "3",
+        "batch",
+        "--model",
+        &m,
+        "--tp",
+        "2",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    let (code, err, secs) = mpirun_fault(4, 3, &args, "stop");
+    assert!(err.contains("rank 3: injected SIGSTOP at step"), "{err}");
+    let blamed: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("herd: error: rank ") && l.contains(" waited "))
+        .collect();
+    assert!(!blamed.is_empty(), "{err}");
+    for l in &blamed {
+        assert!(
+            l.contains(" for rank 3 on node ")
+                && (l.starts_with("herd: error: rank 0 (")
+                    || l.starts_with("herd: error: rank 2 (")),
+            "{err}"
+        );
+    }
+    assert_eq!(code, 1, "{err}");
+    assert!(secs < 30.0, "took {secs:.1} s");
+}
+
 #[test]
 fn a_slow_but_live_peer_is_waited_for_past_the_timeout() {
     if !mpi_available() {
@@ -356,7 +408,7 @@ fn a_slow_but_live_peer_is_waited_for_past_the_timeout() {
         out.to_str().unwrap(),
     ];
     args.extend(ARGS);
-    let (code, err, secs) = mpirun2(&args, "sleep:3");
+    let (code, err, secs) = mpirun_fault(2, 1, &args, "sleep:3");
     assert!(err.contains("injected 3 s pause at step"), "{err}");
     assert_eq!(code, 0, "{err}");
     assert!(secs >= 3.0);

@@ -124,9 +124,15 @@ impl Drop for Heartbeat {
 
 fn beat(comm: BeatComm, dog: &Watchdog, stop: &AtomicBool) {
     let comm = comm.0;
-    let (me, size) = (comm.rank(), comm.size());
+    let size = comm.size();
     let mut sends: Vec<Request<'static, u8, StaticScope>> = Vec::new();
     let mut leaving: Option<Request<'static, ()>> = None;
+    // The last barrier is watched too: a rank that died before saying goodbye ends the wait.
+    let everyone = Arc::new(Group {
+        label: "the world".into(),
+        members: (0..size as usize).collect(),
+    });
+    let mut last_wait = None;
     let mut last_beat: Option<Instant> = None;
     loop {
         // Finished sends leave; a peer that stopped reading keeps a few (bounded below).
@@ -136,8 +142,8 @@ fn beat(comm: BeatComm, dog: &Watchdog, stop: &AtomicBool) {
             let due = last_beat.map_or(true, |t| t.elapsed() >= watchdog::beat_interval());
             if (due || stopping) && sends.len() < 64 * size as usize {
                 let word = if stopping { &BYE } else { &ALIVE };
-                for p in (0..size).filter(|&p| p != me) {
-                    sends.push(comm.process_at_rank(p).immediate_send_with_tag(
+                for p in dog.partners() {
+                    sends.push(comm.process_at_rank(p as i32).immediate_send_with_tag(
                         StaticScope,
                         word,
                         BEAT_TAG,
@@ -148,6 +154,7 @@ fn beat(comm: BeatComm, dog: &Watchdog, stop: &AtomicBool) {
             if stopping {
                 // Past this barrier every rank has said goodbye and beats no more.
                 leaving = Some(comm.immediate_barrier());
+                last_wait = Some(dog.begin("the barrier before MPI_Finalize", 0, &everyone, None));
             }
         }
         while let Some((msg, status)) = comm
@@ -170,6 +177,7 @@ fn beat(comm: BeatComm, dog: &Watchdog, stop: &AtomicBool) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    drop(last_wait);
     // Sends to ranks that have all arrived at the barrier complete; wait a moment for them.
     let t = Instant::now();
     while !sends.is_empty() && t.elapsed() < Duration::from_secs(2) {
@@ -295,6 +303,9 @@ impl MpiWorld {
             .split_by_color(Color::with_value(topo.replica as i32))
             .ok_or("MPI_Comm_split gave no communicator")?;
         let first = topo.replica * tp;
+        if let Some(dog) = WATCHDOG.get() {
+            dog.add_partners(first..first + tp);
+        }
         let replica = MpiComm::new(
             replica,
             format!(

@@ -1,8 +1,12 @@
 //! The collective watchdog: no rank waits forever for a peer that stopped, died or was cut off.
 //!
-//! Every rank's heartbeat thread tells every other rank, every tenth of the timeout, that it is
-//! alive (the MPI side is in `mpi.rs`); it runs beside whatever the rank's main thread does, so a
-//! rank busy computing, loading or waiting in a collective of its own still beats. Each
+//! Every rank's heartbeat thread tells its partners, every tenth of the timeout, that it is alive
+//! (the MPI side is in `mpi.rs`); it runs beside whatever the rank's main thread does, so a rank
+//! busy computing, loading or waiting in a collective of its own still beats. Partners: world
+//! rank 0 and every other rank (the world leader waits on everyone in the world's collectives),
+//! and the ranks of one replica with each other; so a job of n ranks keeps O(n) connections for
+//! heartbeats, not n². A rank judges only its partners' silence: in a world collective the
+//! others hear of a silent rank from rank 0, which aborts the job. Each
 //! collective (and each step-plan exchange, which is a broadcast) registers a [`Wait`] while it
 //! runs. A wait that has lasted `--collective-timeout` while one of the peers it waits for has
 //! been silent as long ends the job: the rank names itself, the collective and that peer, and
@@ -60,6 +64,8 @@ struct State {
     seen: Vec<Instant>,
     /// Ranks that said goodbye (they stop beating on their way out).
     left: Vec<bool>,
+    /// The ranks this one beats to and hears from.
+    partner: Vec<bool>,
     next_id: u64,
 }
 
@@ -86,16 +92,37 @@ impl Watchdog {
     /// World rank `me` of a world whose ranks run on `hosts` (one per world rank).
     pub fn new(me: usize, hosts: Vec<String>) -> Self {
         let now = Instant::now();
+        let n = hosts.len();
+        let partner = (0..n).map(|p| p != me && (me == 0 || p == 0)).collect();
         Watchdog {
             me,
             state: Mutex::new(State {
                 waits: Vec::new(),
-                seen: vec![now; hosts.len()],
-                left: vec![false; hosts.len()],
+                seen: vec![now; n],
+                left: vec![false; n],
+                partner,
                 next_id: 0,
             }),
             hosts,
         }
+    }
+
+    /// Beat to and watch `ranks` too (this rank's replica peers), from now on.
+    pub fn add_partners(&self, ranks: impl IntoIterator<Item = usize>) {
+        let now = Instant::now();
+        let mut s = self.lock();
+        for p in ranks {
+            if p != self.me && p < s.partner.len() && !s.partner[p] {
+                s.partner[p] = true;
+                s.seen[p] = now;
+            }
+        }
+    }
+
+    /// The ranks this one beats to.
+    pub fn partners(&self) -> Vec<usize> {
+        let s = self.lock();
+        (0..s.partner.len()).filter(|&p| s.partner[p]).collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -151,7 +178,7 @@ impl Watchdog {
             let silent = root
                 .into_iter()
                 .chain(w.group.members.iter().copied())
-                .filter(|&p| p != self.me && !s.left.get(p).copied().unwrap_or(true))
+                .filter(|&p| s.partner.get(p).copied().unwrap_or(false) && !s.left[p])
                 .find(|&p| now.saturating_duration_since(s.seen[p]) >= timeout);
             if let Some(p) = silent {
                 let host = |r: usize| self.hosts.get(r).map_or("?", String::as_str);
@@ -214,10 +241,18 @@ mod tests {
             members: vec![2, 3],
         });
         let dog = Watchdog::new(3, ["a", "a", "b", "b"].map(String::from).to_vec());
-        let _g = dog.begin("broadcast", 0, &replica, Some(2));
-        let msg = dog
-            .verdict(Instant::now() + Duration::from_secs(11), t)
-            .unwrap();
+        assert_eq!(dog.partners(), vec![0]);
+        dog.add_partners([2, 3]);
+        assert_eq!(dog.partners(), vec![0, 2]);
+        let g = dog.begin("broadcast", 0, &replica, Some(2));
+        let later = Instant::now() + Duration::from_secs(11);
+        let msg = dog.verdict(later, t).unwrap();
         assert!(msg.contains("for rank 2 on node b"), "{msg}");
+        drop(g);
+        // Rank 1 beats to rank 0 only: rank 3 leaves judging it to rank 0.
+        let _g = dog.begin("barrier", 1, &world, None);
+        dog.heard(0, false, later);
+        dog.heard(2, false, later);
+        assert_eq!(dog.verdict(later, t), None);
     }
 }
