@@ -334,75 +334,13 @@ impl Job {
     fn check_resume(&self, args: &BatchArgs, world: &dyn World) -> Result<()> {
         let (mut code, mut msg) = (exit::OK, String::new());
         if self.leader {
-            if let Err(e) = self.settle_parts(args) {
+            if let Err(e) = state::settle_parts(&self.paths, &self.ident, self.dp, args.overwrite) {
                 (code, msg) = (exit::code_of(&e), format!("{e:#}"));
             }
         }
         let (code, msg) = from_leader(world, code, msg)?;
         if code != exit::OK {
             return Err(Coded::together(code)(anyhow!(msg)));
-        }
-        Ok(())
-    }
-
-    /// World leader: check every part's state against this run, cut torn tails.
-    fn settle_parts(&self, args: &BatchArgs) -> Result<()> {
-        let paths = &self.paths;
-        let parts = state::existing_parts(paths)?;
-        if args.overwrite {
-            for &k in &parts {
-                let _ = std::fs::remove_file(paths.part(k));
-                let _ = std::fs::remove_file(paths.part_state(k));
-            }
-            let _ = std::fs::remove_file(&paths.output);
-            return Ok(());
-        }
-        let mut worlds = std::collections::BTreeSet::new();
-        for &k in &parts {
-            let Some(st) = state::read_state(&paths.part_state(k))? else {
-                return Err(usage(anyhow!(
-                    "cannot resume {}: {} has no state file beside it, so what made it is unknown; \
-                     pass --overwrite to start over",
-                    args.output.display(),
-                    paths.part(k).display()
-                )));
-            };
-            // The number of replicas does not change a record: done is per record.
-            let diff = state::identity_diff(&st, &self.ident, &["replicas"]);
-            if !diff.is_empty() {
-                return Err(usage(anyhow!(
-                    "cannot resume {}: it was started with other settings ({}); pass --overwrite to start over",
-                    args.output.display(),
-                    diff.join("; ")
-                )));
-            }
-            worlds.insert(st["identity"]["replicas"].as_u64().unwrap_or(0));
-        }
-        if parts.is_empty() && paths.output.exists() {
-            return Err(usage(anyhow!(
-                "{} exists and was not written by this batch job; pass --overwrite to replace it, or choose another --output",
-                args.output.display()
-            )));
-        }
-        for &k in &parts {
-            let cut = state::cut_torn_tail(&paths.part(k))?;
-            if cut > 0 {
-                tracing::warn!(
-                    bytes = cut,
-                    "dropped a torn last line of {} (an earlier run was killed while writing); it will be redone",
-                    paths.part(k).display()
-                );
-            }
-        }
-        if worlds.iter().any(|&w| w != self.dp as u64) {
-            let was: Vec<String> = worlds.iter().map(u64::to_string).collect();
-            eprintln!(
-                "batch: resuming with {} replicas the parts of a run with {} replicas ({} parts): \
-                 records already done are kept, the others are shared out anew",
-                self.dp,
-                was.join(" and "),
-                parts.len()
-            );
         }
         Ok(())
     }

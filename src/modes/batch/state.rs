@@ -287,6 +287,68 @@ pub fn scan_parts(paths: &Paths, parts: &[usize], dp: usize, r: usize) -> Result
     Ok(scan)
 }
 
+/// World leader, before any replica reads or writes a part: start over (`overwrite`: every
+/// part, its state and the output removed), or check every part's state against this run's
+/// `identity` (any number of replicas may have made them: done is per record; other settings
+/// are refused, exit 2) and cut torn tails; refuse an output this job did not write.
+pub fn settle_parts(paths: &Paths, identity: &Value, dp: usize, overwrite: bool) -> Result<()> {
+    let usage = crate::exit::Coded::with(crate::exit::USAGE);
+    let out = paths.output.display();
+    let parts = existing_parts(paths)?;
+    if overwrite {
+        for &k in &parts {
+            let _ = std::fs::remove_file(paths.part(k));
+            let _ = std::fs::remove_file(paths.part_state(k));
+        }
+        let _ = std::fs::remove_file(&paths.output);
+        return Ok(());
+    }
+    let mut worlds = std::collections::BTreeSet::new();
+    for &k in &parts {
+        let Some(st) = read_state(&paths.part_state(k))? else {
+            return Err(usage(anyhow::anyhow!(
+                "cannot resume {out}: {} has no state file beside it, so what made it is unknown; \
+                 pass --overwrite to start over",
+                paths.part(k).display()
+            )));
+        };
+        // The number of replicas does not change a record.
+        let diff = identity_diff(&st, identity, &["replicas"]);
+        if !diff.is_empty() {
+            return Err(usage(anyhow::anyhow!(
+                "cannot resume {out}: it was started with other settings ({}); pass --overwrite to start over",
+                diff.join("; ")
+            )));
+        }
+        worlds.insert(st["identity"]["replicas"].as_u64().unwrap_or(0));
+    }
+    if parts.is_empty() && paths.output.exists() {
+        return Err(usage(anyhow::anyhow!(
+            "{out} exists and was not written by this batch job; pass --overwrite to replace it, or choose another --output"
+        )));
+    }
+    for &k in &parts {
+        let cut = cut_torn_tail(&paths.part(k))?;
+        if cut > 0 {
+            tracing::warn!(
+                bytes = cut,
+                "dropped a torn last line of {} (an earlier run was killed while writing); it will be redone",
+                paths.part(k).display()
+            );
+        }
+    }
+    if worlds.iter().any(|&w| w != dp as u64) {
+        let was: Vec<String> = worlds.iter().map(u64::to_string).collect();
+        eprintln!(
+            "batch: resuming with {dp} replicas the parts of a run with {} replicas ({} parts): \
+             records already done are kept, the others are shared out anew",
+            was.join(" and "),
+            parts.len()
+        );
+    }
+    Ok(())
+}
+
 /// Appends records to a part: one `write` per record (never a torn line but at a crash).
 pub struct PartWriter {
     file: File,
