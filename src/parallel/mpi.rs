@@ -303,8 +303,14 @@ impl MpiWorld {
             .split_by_color(Color::with_value(topo.replica as i32))
             .ok_or("MPI_Comm_split gave no communicator")?;
         let first = topo.replica * tp;
-        if let Some(dog) = WATCHDOG.get() {
-            dog.add_partners(first..first + tp);
+        match WATCHDOG.get() {
+            Some(dog) => dog.add_partners(first..first + tp),
+            None if c.world_size > 1 && c.world_rank == 0 => tracing::warn!(
+                "this MPI library does not offer MPI_THREAD_MULTIPLE: no collective watchdog \
+                 (--collective-timeout has no effect), so a rank lost without its launcher noticing \
+                 can stall the job until its time limit"
+            ),
+            None => {}
         }
         let replica = MpiComm::new(
             replica,
