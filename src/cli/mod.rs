@@ -17,6 +17,33 @@ pub struct Cli {
     pub command: Command,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Flags of a job over many ranks, taken by every command.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Seconds a collective (or a tensor-parallel peer's wait for the next step plan) may wait for
+    /// a rank that has gone silent (stopped, dead, or cut off: every rank sends a heartbeat every
+    /// tenth of this) before the waiting rank aborts the job, naming itself, the collective and
+    /// that rank (exit code 1). Waits on live ranks are never cut short.
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = crate::parallel::watchdog::DEFAULT_TIMEOUT_S)]
+    pub collective_timeout: f64,
+}
+
+impl ClusterArgs {
+    /// Check the flags and put them in force for this process.
+    pub fn apply(&self) -> anyhow::Result<()> {
+        let t = self.collective_timeout;
+        if !t.is_finite() || t <= 0.0 || t > 1e6 {
+            return Err(exit::usage(format!(
+                "--collective-timeout must be a number of seconds above 0 (and at most 1000000), not {t}"
+            )));
+        }
+        crate::parallel::watchdog::set_timeout(t);
+        Ok(())
+    }
 }
 
 /// Logging flags, taken by every command.
@@ -116,7 +143,11 @@ pub fn init_logging(log: &LogArgs) {
 
 /// Run the parsed command; the process exit code.
 pub fn run(cli: Cli) -> i32 {
-    let result = cli.command.validate().and_then(|()| dispatch(cli.command));
+    let result = cli
+        .cluster
+        .apply()
+        .and_then(|()| cli.command.validate())
+        .and_then(|()| dispatch(cli.command));
     match result {
         Ok(()) => exit::OK,
         Err(e) => {
@@ -129,7 +160,7 @@ pub fn run(cli: Cli) -> i32 {
             // so the job script sees "resume", not a crash.
             if c.world_size > 1 && !together && code != exit::INTERRUPTED {
                 // One rank's fatal error ends the whole job (its peers may wait in a collective).
-                say(&format!(
+                crate::parallel::say(&format!(
                     "herd: error: rank {} of {} ({}): {e:#}",
                     c.world_rank, c.world_size, c.hostname
                 ));
@@ -153,18 +184,6 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// One line to stderr in a single write, then a moment for the launcher to forward it: mpirun
-/// relays each rank's stderr in chunks and prints its own abort notice as soon as it hears of
-/// MPI_Abort, which otherwise can land in the middle of (or before) the rank's message.
-fn say(line: &str) {
-    use std::io::Write;
-    let mut err = std::io::stderr().lock();
-    let _ = err.write_all(format!("{line}\n").as_bytes());
-    let _ = err.flush();
-    drop(err);
-    std::thread::sleep(std::time::Duration::from_millis(200));
-}
-
 /// Under a launcher, a panic on any rank aborts the job instead of leaving peers in a collective.
 pub fn abort_on_panic() {
     let c = crate::parallel::cluster();
@@ -174,7 +193,7 @@ pub fn abort_on_panic() {
     let (rank, host) = (c.world_rank, c.hostname.clone());
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        say(&format!("herd: error: rank {rank} ({host}) panicked"));
+        crate::parallel::say(&format!("herd: error: rank {rank} ({host}) panicked"));
         default(info);
         crate::parallel::abort(101);
     }));

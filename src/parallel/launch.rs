@@ -17,6 +17,10 @@ pub struct Cluster {
     /// Index of this node (the world rank of its first process).
     pub node: usize,
     pub hostname: String,
+    /// Every world rank's host, in rank order.
+    pub hosts: Vec<String>,
+    /// True when the collective watchdog runs (MPI up at the thread level it needs).
+    pub watchdog: bool,
     /// The launcher variable that told us we run under one ("OMPI_COMM_WORLD_SIZE=2").
     pub launcher: Option<String>,
     /// MPI library version string, when MPI is up.
@@ -32,7 +36,9 @@ impl Cluster {
             local_rank: 0,
             local_size: 1,
             node: 0,
+            hosts: vec![hostname()],
             hostname: hostname(),
+            watchdog: false,
             launcher,
             mpi_version: None,
             mpi: false,
@@ -99,6 +105,9 @@ fn detect_launcher_in(get: impl Fn(&str) -> Option<String>) -> Option<(String, u
 
 /// Finalizes MPI when dropped (keep it alive for the whole of `main`).
 pub struct ClusterGuard {
+    // Fields drop in order: the heartbeat stops before MPI is finalized.
+    #[cfg(feature = "mpi")]
+    _heartbeat: Option<super::mpi::Heartbeat>,
     #[cfg(feature = "mpi")]
     _universe: Option<mpi::environment::Universe>,
 }
@@ -106,6 +115,18 @@ pub struct ClusterGuard {
 impl ClusterGuard {
     /// Finalize MPI now (call before `std::process::exit`, which runs no destructors).
     pub fn finalize(self) {}
+}
+
+/// One line to stderr in a single write, then a moment for the launcher to forward it: mpirun
+/// relays each rank's stderr in chunks and prints its own abort notice as soon as it hears of
+/// MPI_Abort, which otherwise can land in the middle of (or before) the rank's message.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(format!("{line}\n").as_bytes());
+    let _ = err.flush();
+    drop(err);
+    std::thread::sleep(std::time::Duration::from_millis(200));
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -117,9 +138,10 @@ pub fn init() -> Result<ClusterGuard, String> {
     let launcher = detect_launcher();
     #[cfg(feature = "mpi")]
     if launcher.is_some() {
-        let (cluster, universe) = super::mpi::bring_up(launcher.map(|l| l.0))?;
+        let (cluster, universe, heartbeat) = super::mpi::bring_up(launcher.map(|l| l.0))?;
         let _ = CLUSTER.set(cluster);
         return Ok(ClusterGuard {
+            _heartbeat: heartbeat,
             _universe: Some(universe),
         });
     }
@@ -135,6 +157,8 @@ pub fn init() -> Result<ClusterGuard, String> {
     }
     let _ = CLUSTER.set(Cluster::solo(launcher.map(|l| l.0)));
     Ok(ClusterGuard {
+        #[cfg(feature = "mpi")]
+        _heartbeat: None,
         #[cfg(feature = "mpi")]
         _universe: None,
     })

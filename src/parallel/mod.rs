@@ -6,10 +6,11 @@ pub mod launch;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod topology;
+pub mod watchdog;
 
 use std::sync::Arc;
 
-pub use launch::{abort, cluster, init, Cluster, ClusterGuard};
+pub use launch::{abort, cluster, init, say, Cluster, ClusterGuard};
 pub use topology::Topology;
 
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +101,9 @@ impl World for SoloWorld {
 
 /// Test hook: `HERD_TEST_FAIL_RANK=R HERD_TEST_FAIL_AT=POINT` makes world rank R fail at `point`
 /// ("load", "step"); `HERD_TEST_FAIL_HOW=exit` makes it exit on the spot instead of returning an
-/// error (a crash that never reaches MPI_Abort). Used by the failure tests in tests/mpi.rs.
+/// error (a crash that never reaches MPI_Abort), `stop` stops the process with SIGSTOP (a hung
+/// or cut-off peer), `sleep:S` keeps it busy for S seconds and goes on (a slow but live peer).
+/// Used by the failure tests in tests/mpi.rs and tests/multinode.rs.
 pub fn test_fault(point: &str) -> Result<(), String> {
     let at = std::env::var("HERD_TEST_FAIL_AT").unwrap_or_default();
     let rank = std::env::var("HERD_TEST_FAIL_RANK")
@@ -109,12 +112,25 @@ pub fn test_fault(point: &str) -> Result<(), String> {
     if at != point || rank != Some(cluster().world_rank) {
         return Ok(());
     }
-    if std::env::var("HERD_TEST_FAIL_HOW").as_deref() == Ok("exit") {
-        eprintln!(
-            "herd: rank {}: injected exit at {point}",
-            cluster().world_rank
-        );
+    let how = std::env::var("HERD_TEST_FAIL_HOW").unwrap_or_default();
+    let rank = cluster().world_rank;
+    if how == "exit" {
+        eprintln!("herd: rank {rank}: injected exit at {point}");
         std::process::exit(3);
+    }
+    if how == "stop" {
+        eprintln!("herd: rank {rank}: injected SIGSTOP at {point}");
+        // SAFETY: raise only sends a signal to this process.
+        unsafe { libc::raise(libc::SIGSTOP) };
+        return Ok(());
+    }
+    if let Some(secs) = how
+        .strip_prefix("sleep:")
+        .and_then(|s| s.parse::<f64>().ok())
+    {
+        eprintln!("herd: rank {rank}: injected {secs} s pause at {point}");
+        std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+        return Ok(());
     }
     Err(format!("injected failure at {point} (HERD_TEST_FAIL_AT)"))
 }

@@ -1,8 +1,10 @@
 //! Merge the replicas' part files into the output, in input order.
 //!
-//! Record `i` lives in part `i % dp`. Parts are in completion order, which is close to input
-//! order; records read ahead of their turn are remembered by file offset only (16 bytes each),
-//! not by content, so memory stays small however long the file.
+//! A first pass notes which part holds each record (2 bytes per record): record `i` is in part
+//! `i % dp` of the world that wrote it, and a job resumed with another number of replicas has
+//! parts of both worlds. Parts are in completion order, which is close to input order; records
+//! read ahead of their turn are remembered by file offset only (16 bytes each), not by content,
+//! so memory stays small however long the file.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -148,20 +150,48 @@ impl Sink {
     }
 }
 
-/// Merge `dp` parts holding `total` records into the output (via a temp file and a rename).
-/// `extra`: a CSV input's other columns, which a CSV output keeps as columns.
+/// No part holds the record.
+const NOWHERE: u16 = u16::MAX;
+
+/// Which of `parts` holds each of the `total` records (the first, should two hold it).
+fn owners(paths: &Paths, parts: &[usize], total: u64) -> Result<Vec<u16>> {
+    let len = usize::try_from(total).context("too many records to merge")?;
+    let mut owner = vec![NOWHERE; len];
+    for (slot, &k) in parts.iter().enumerate() {
+        let p = paths.part(k);
+        let file = File::open(&p).with_context(|| format!("opening {}", p.display()))?;
+        for (n, line) in BufReader::with_capacity(1 << 16, file).lines().enumerate() {
+            let line = line.with_context(|| format!("reading {}", p.display()))?;
+            let Some((i, _, _)) = parse_part_line(&line) else {
+                bail!("{} has a damaged line (line {})", p.display(), n + 1);
+            };
+            if let Some(o) = owner.get_mut(i as usize).filter(|o| **o == NOWHERE) {
+                *o = slot as u16;
+            }
+        }
+    }
+    Ok(owner)
+}
+
+/// Merge the `parts` (part numbers, of this world and of earlier ones) holding `total` records
+/// into the output (via a temp file and a rename). `extra`: a CSV input's other columns, which a
+/// CSV output keeps as columns.
 pub fn merge(
     paths: &Paths,
-    dp: usize,
+    parts: &[usize],
     total: u64,
     format: OutputFormat,
     extra: Option<&[String]>,
 ) -> Result<()> {
-    let mut parts = Vec::with_capacity(dp);
-    for r in 0..dp {
-        let p = paths.part(r);
+    if parts.len() >= NOWHERE as usize {
+        bail!("{} parts are more than herd merges", parts.len());
+    }
+    let owner = owners(paths, parts, total)?;
+    let mut open_parts = Vec::with_capacity(parts.len());
+    for &k in parts {
+        let p = paths.part(k);
         let open = || File::open(&p).with_context(|| format!("opening {}", p.display()));
-        parts.push(Part {
+        open_parts.push(Part {
             lines: BufReader::with_capacity(1 << 16, open()?),
             seek: BufReader::new(open()?),
             pos: 0,
@@ -179,8 +209,15 @@ pub fn merge(
     let mut line = String::new();
     let mut next = 0u64;
     while next < total {
-        let r = (next % dp as u64) as usize;
-        let part = &mut parts[r];
+        let slot = owner[next as usize];
+        if slot == NOWHERE {
+            bail!(
+                "record {next} is missing from every part of {} (rerun to finish it)",
+                paths.output.display()
+            );
+        }
+        let r = parts[slot as usize];
+        let part = &mut open_parts[slot as usize];
         if let Some(off) = early.remove(&next) {
             part.seek.seek(SeekFrom::Start(off))?;
             line.clear();
@@ -189,7 +226,7 @@ pub fn merge(
             loop {
                 if part.eof {
                     bail!(
-                        "record {next} is missing from {} (the part is incomplete; rerun to finish it)",
+                        "record {next} is missing from {} (the part changed during the merge)",
                         paths.part(r).display()
                     );
                 }
@@ -207,12 +244,16 @@ pub fn merge(
                         paths.part(r).display()
                     );
                 };
+                // Only this part's copy of a record counts (a second copy elsewhere is never
+                // written: a resume skips done records; this keeps the output right regardless).
+                if i >= total || owner[i as usize] != slot {
+                    continue;
+                }
                 match i.cmp(&next) {
                     std::cmp::Ordering::Equal => break,
                     std::cmp::Ordering::Greater => {
-                        early.insert(i, off);
+                        early.entry(i).or_insert(off);
                     }
-                    // A record written twice (cannot happen: resume skips done records).
                     std::cmp::Ordering::Less => {}
                 }
             }
@@ -260,7 +301,7 @@ mod tests {
             .collect();
         std::fs::write(paths.part(0), p0).unwrap();
         std::fs::write(paths.part(1), p1).unwrap();
-        merge(&paths, 2, 5, OutputFormat::Jsonl, None).unwrap();
+        merge(&paths, &[0, 1], 5, OutputFormat::Jsonl, None).unwrap();
         let out = std::fs::read_to_string(&paths.output).unwrap();
         let ids: Vec<u64> = out
             .lines()
@@ -272,7 +313,28 @@ mod tests {
             .collect();
         assert_eq!(ids, vec![0, 1, 2, 3, 4]);
         // A missing record is an error, not a silently short output.
-        let err = merge(&paths, 2, 6, OutputFormat::Jsonl, None).unwrap_err();
+        let err = merge(&paths, &[0, 1], 6, OutputFormat::Jsonl, None).unwrap_err();
         assert!(err.to_string().contains("record 5 is missing"), "{err}");
+        // Parts of two worlds: 2 replicas wrote 0, 1, 3 (part 0: 0; part 1: 1, 3), then 3
+        // replicas the rest (part 0: 3 again, 6; part 1: 4; part 2: 2, 5). Each record once.
+        let lines = |ids: &[u64]| -> String {
+            ids.iter()
+                .map(|&i| part_line(i, false, &json!({"id": i})))
+                .collect()
+        };
+        std::fs::write(paths.part(0), lines(&[0, 3, 6])).unwrap();
+        std::fs::write(paths.part(1), lines(&[1, 3, 4])).unwrap();
+        std::fs::write(paths.part(2), lines(&[5, 2])).unwrap();
+        merge(&paths, &[0, 1, 2], 7, OutputFormat::Jsonl, None).unwrap();
+        let out = std::fs::read_to_string(&paths.output).unwrap();
+        let ids: Vec<u64> = out
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["id"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(ids, vec![0, 1, 2, 3, 4, 5, 6]);
     }
 }

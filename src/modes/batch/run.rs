@@ -138,7 +138,7 @@ pub fn run_in(args: &BatchArgs, world: &dyn World) -> Result<()> {
     if job.finished_before(args)? {
         return Ok(());
     }
-    job.check_resume(args)?;
+    job.check_resume(args, world)?;
     let t0 = Instant::now();
     let share = if world.topology().is_replica_leader() {
         run_replica(args, world, &job, &stop, t0)
@@ -327,31 +327,20 @@ impl Job {
         Ok(false)
     }
 
-    /// This replica's part: start over (--overwrite), resume it if it was made with the same
-    /// settings, or refuse an output this job did not write.
-    fn check_resume(&self, args: &BatchArgs) -> Result<()> {
-        let (paths, r) = (&self.paths, self.r);
-        let part_state = state::read_state(&paths.part_state(r))?;
-        if args.overwrite {
-            let _ = std::fs::remove_file(paths.part(r));
-            let _ = std::fs::remove_file(paths.part_state(r));
-            if self.leader {
-                let _ = std::fs::remove_file(&paths.output);
+    /// The parts on disk, settled by the world leader before any replica reads or writes one
+    /// (collective, same answer on every rank): start over (--overwrite), resume parts made
+    /// with the same settings (by any number of replicas), or refuse an output this job did
+    /// not write.
+    fn check_resume(&self, args: &BatchArgs, world: &dyn World) -> Result<()> {
+        let (mut code, mut msg) = (exit::OK, String::new());
+        if self.leader {
+            if let Err(e) = state::settle_parts(&self.paths, &self.ident, self.dp, args.overwrite) {
+                (code, msg) = (exit::code_of(&e), format!("{e:#}"));
             }
-        } else if let Some(st) = &part_state {
-            let diff = state::identity_diff(st, &self.ident, &[]);
-            if !diff.is_empty() {
-                return Err(usage(anyhow!(
-                    "cannot resume {}: it was started with other settings ({}); pass --overwrite to start over",
-                    args.output.display(),
-                    diff.join("; ")
-                )));
-            }
-        } else if paths.output.exists() {
-            return Err(usage(anyhow!(
-                "{} exists and was not written by this batch job; pass --overwrite to replace it, or choose another --output",
-                args.output.display()
-            )));
+        }
+        let (code, msg) = from_leader(world, code, msg)?;
+        if code != exit::OK {
+            return Err(Coded::together(code)(anyhow!(msg)));
         }
         Ok(())
     }
@@ -378,14 +367,8 @@ fn run_replica(
     t0: Instant,
 ) -> Result<Share> {
     let (paths, dp, r) = (&job.paths, job.dp, job.r);
-    let scan = state::scan_part(&paths.part(r), dp)?;
-    if scan.dropped_bytes > 0 {
-        tracing::warn!(
-            bytes = scan.dropped_bytes,
-            "dropped a torn last line of {} (an earlier run was killed while writing); it will be redone",
-            paths.part(r).display()
-        );
-    }
+    let parts = state::existing_parts(paths)?;
+    let scan = state::scan_parts(paths, &parts, dp, r)?;
     let mut counts = Counts {
         records: scan.records,
         errors: scan.errors,
@@ -479,12 +462,14 @@ fn merge_and_report(
             args.prompt_column.as_deref(),
             args.id_column.as_deref(),
         )?;
-        merge(paths, dp, total, job.out_format, extra.as_deref())?;
+        // This world's parts and any an earlier world (another number of replicas) left.
+        let parts = state::existing_parts(paths)?;
+        merge(paths, &parts, total, job.out_format, extra.as_deref())?;
         state::write_state(
             &paths.final_state(),
             &json!({"identity": job.ident, "complete": true, "records": total, "errors": errors}),
         )?;
-        for k in 0..dp {
+        for k in parts {
             let _ = std::fs::remove_file(paths.part(k));
             let _ = std::fs::remove_file(paths.part_state(k));
         }

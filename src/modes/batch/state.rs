@@ -2,7 +2,9 @@
 //!
 //! Replica `r` appends finished records to `OUT.part-r`, one line each, written with a single
 //! `write` so a crash can only tear the last line; on resume a torn or unreadable tail is cut off
-//! and the records before it count as done. `OUT.part-r.state` remembers what produced the part
+//! and the records before it count as done. Done is per record, whichever part holds it: a rerun
+//! with another number of replicas reads every part of the earlier world, takes only the records
+//! none holds, and the merge reads them all. `OUT.part-r.state` remembers what produced the part
 //! (input identity, model, parameters) so a resume with different settings is refused, and
 //! whether the replica finished. After the merge `OUT.state` marks the whole output complete.
 //! `OUT.lock` is held by the run writing the output ([`OutputLock`]).
@@ -123,28 +125,27 @@ pub fn identity_diff(state: &Value, identity: &Value, ignore: &[&str]) -> Vec<St
     }
 }
 
-/// Which record numbers are done: one bit per record of this replica (1.25 MB per 10 M records).
+/// Which record numbers are done, whichever part holds them: one bit per record (1.25 MB per
+/// 10 M records). Global, not per replica, so a rerun with another number of replicas knows what
+/// an earlier world finished.
+#[derive(Default)]
 pub struct DoneSet {
     bits: Vec<u64>,
-    dp: u64,
 }
 
 impl DoneSet {
-    pub fn new(dp: usize) -> Self {
-        DoneSet {
-            bits: Vec::new(),
-            dp: dp.max(1) as u64,
-        }
-    }
-    pub fn insert(&mut self, index: u64) {
-        let k = (index / self.dp) as usize;
+    /// Mark `index` done; false when it already was.
+    pub fn insert(&mut self, index: u64) -> bool {
+        let k = index as usize;
         if self.bits.len() <= k / 64 {
             self.bits.resize(k / 64 + 1, 0);
         }
+        let was = self.bits[k / 64] & (1 << (k % 64)) != 0;
         self.bits[k / 64] |= 1 << (k % 64);
+        !was
     }
     pub fn contains(&self, index: u64) -> bool {
-        let k = (index / self.dp) as usize;
+        let k = index as usize;
         self.bits
             .get(k / 64)
             .is_some_and(|w| w & (1 << (k % 64)) != 0)
@@ -174,26 +175,47 @@ pub fn part_line(index: u64, error: bool, record: &Value) -> String {
     )
 }
 
-/// What an existing part holds.
-pub struct Scan {
-    pub done: DoneSet,
-    pub records: u64,
-    pub errors: u64,
-    /// Bytes of a torn or unreadable tail that were cut off.
-    pub dropped_bytes: u64,
+/// The part numbers beside the output (`OUT.part-K` or its `.state`), of this run's world or of
+/// an earlier one with another number of replicas, in order.
+pub fn existing_parts(paths: &Paths) -> Result<Vec<usize>> {
+    let dir = match paths.output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Some(name) = paths.output.file_name().and_then(|n| n.to_str()) else {
+        anyhow::bail!("{} is not a file name herd can use", paths.output.display());
+    };
+    let prefix = format!("{name}.part-");
+    let mut parts = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(parts),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        let file = entry.file_name();
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let rest = rest.strip_suffix(".state").unwrap_or(rest);
+        if !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(k) = rest.parse::<usize>() {
+                parts.push(k);
+            }
+        }
+    }
+    parts.sort_unstable();
+    parts.dedup();
+    Ok(parts)
 }
 
-/// Read an existing part, cut a torn tail and note which records are done.
-pub fn scan_part(path: &Path, dp: usize) -> Result<Scan> {
-    let mut scan = Scan {
-        done: DoneSet::new(dp),
-        records: 0,
-        errors: 0,
-        dropped_bytes: 0,
-    };
+/// Call `each(index, error)` for every whole line of a part, in file order; stops at the first
+/// torn or unreadable line. The byte length of the whole lines read.
+fn read_part(path: &Path, mut each: impl FnMut(u64, bool)) -> Result<(u64, u64)> {
     let file = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(scan),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
     let total = file.metadata()?.len();
@@ -202,7 +224,9 @@ pub fn scan_part(path: &Path, dp: usize) -> Result<Scan> {
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let n = r.read_until(b'\n', &mut buf)?;
+        let n = r
+            .read_until(b'\n', &mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -215,20 +239,114 @@ pub fn scan_part(path: &Path, dp: usize) -> Result<Scan> {
         let Some((index, err, _)) = parsed else {
             break;
         };
-        if !scan.done.contains(index) {
-            scan.done.insert(index);
-            scan.records += 1;
-            scan.errors += u64::from(err);
-        }
+        each(index, err);
         good += n as u64;
     }
+    Ok((good, total))
+}
+
+/// Cut a torn or unreadable tail off a part (what a kill in the middle of a write leaves); the
+/// bytes cut. Only while nobody writes the part (the world leader, before the replicas start).
+pub fn cut_torn_tail(path: &Path) -> Result<u64> {
+    let (good, total) = read_part(path, |_, _| {})?;
     if good < total {
-        scan.dropped_bytes = total - good;
         let f = OpenOptions::new().write(true).open(path)?;
         f.set_len(good)?;
         f.sync_all()?;
     }
+    Ok(total - good)
+}
+
+/// What the parts on disk hold, seen by replica `r` of `dp`.
+pub struct Scan {
+    /// Every record done, in any part.
+    pub done: DoneSet,
+    /// Done records that replica `r` owns (`index % dp == r`), and how many are error records.
+    pub records: u64,
+    pub errors: u64,
+}
+
+/// Read every part in `parts` (read only: their owners may be appending to them) and note which
+/// records are done. Records appended meanwhile are past what an earlier run left, and belong to
+/// the other replicas, so this replica's view of its own records is exact.
+pub fn scan_parts(paths: &Paths, parts: &[usize], dp: usize, r: usize) -> Result<Scan> {
+    let mut scan = Scan {
+        done: DoneSet::default(),
+        records: 0,
+        errors: 0,
+    };
+    let dp = dp.max(1) as u64;
+    for &k in parts {
+        read_part(&paths.part(k), |index, err| {
+            if scan.done.insert(index) && index % dp == r as u64 {
+                scan.records += 1;
+                scan.errors += u64::from(err);
+            }
+        })?;
+    }
     Ok(scan)
+}
+
+/// World leader, before any replica reads or writes a part: start over (`overwrite`: every
+/// part, its state and the output removed), or check every part's state against this run's
+/// `identity` (any number of replicas may have made them: done is per record; other settings
+/// are refused, exit 2) and cut torn tails; refuse an output this job did not write.
+pub fn settle_parts(paths: &Paths, identity: &Value, dp: usize, overwrite: bool) -> Result<()> {
+    let usage = crate::exit::Coded::with(crate::exit::USAGE);
+    let out = paths.output.display();
+    let parts = existing_parts(paths)?;
+    if overwrite {
+        for &k in &parts {
+            let _ = std::fs::remove_file(paths.part(k));
+            let _ = std::fs::remove_file(paths.part_state(k));
+        }
+        let _ = std::fs::remove_file(&paths.output);
+        return Ok(());
+    }
+    let mut worlds = std::collections::BTreeSet::new();
+    for &k in &parts {
+        let Some(st) = read_state(&paths.part_state(k))? else {
+            return Err(usage(anyhow::anyhow!(
+                "cannot resume {out}: {} has no state file beside it, so what made it is unknown; \
+                 pass --overwrite to start over",
+                paths.part(k).display()
+            )));
+        };
+        // The number of replicas does not change a record.
+        let diff = identity_diff(&st, identity, &["replicas"]);
+        if !diff.is_empty() {
+            return Err(usage(anyhow::anyhow!(
+                "cannot resume {out}: it was started with other settings ({}); pass --overwrite to start over",
+                diff.join("; ")
+            )));
+        }
+        worlds.insert(st["identity"]["replicas"].as_u64().unwrap_or(0));
+    }
+    if parts.is_empty() && paths.output.exists() {
+        return Err(usage(anyhow::anyhow!(
+            "{out} exists and was not written by this batch job; pass --overwrite to replace it, or choose another --output"
+        )));
+    }
+    for &k in &parts {
+        let cut = cut_torn_tail(&paths.part(k))?;
+        if cut > 0 {
+            tracing::warn!(
+                bytes = cut,
+                "dropped a torn last line of {} (an earlier run was killed while writing); it will be redone",
+                paths.part(k).display()
+            );
+        }
+    }
+    if worlds.iter().any(|&w| w != dp as u64) {
+        let was: Vec<String> = worlds.iter().map(u64::to_string).collect();
+        eprintln!(
+            "batch: resuming with {dp} replicas the parts of a run with {} replicas ({} parts): \
+             records already done are kept, the others are shared out anew",
+            was.join(" and "),
+            parts.len()
+        );
+    }
+    Ok(())
 }
 
 /// Appends records to a part: one `write` per record (never a torn line but at a crash).
@@ -429,7 +547,7 @@ mod tests {
     }
 
     #[test]
-    fn scan_cuts_a_torn_tail() {
+    fn parts_of_any_world_are_scanned_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("o.part-0");
         let mut text = part_line(0, false, &json!({"id": 1}));
@@ -437,9 +555,24 @@ mod tests {
         let good = text.len() as u64;
         text += "{\"i\":4,\"e\":0,\"r\":{\"id\":";
         std::fs::write(&p, &text).unwrap();
-        let s = scan_part(&p, 2).unwrap();
-        assert_eq!((s.records, s.errors), (2, 1));
-        assert!(s.done.contains(0) && s.done.contains(2) && !s.done.contains(4));
+        let paths = Paths {
+            output: dir.path().join("o"),
+        };
+        // A part of an earlier world of 3 replicas: records 1, 4 (one an error) of 2 replicas'.
+        std::fs::write(
+            paths.part(1),
+            part_line(1, false, &json!({})) + &part_line(4, true, &json!({})),
+        )
+        .unwrap();
+        std::fs::write(paths.part_state(7), "{}").unwrap();
+        assert_eq!(existing_parts(&paths).unwrap(), vec![0, 1, 7]);
+        let s = scan_parts(&paths, &[0, 1], 2, 0).unwrap();
+        assert_eq!((s.records, s.errors), (3, 2));
+        assert!(s.done.contains(0) && s.done.contains(2) && s.done.contains(1));
+        assert!(!s.done.contains(3));
+        // Read only: the torn tail stays until the leader cuts it.
+        assert!(std::fs::metadata(&p).unwrap().len() > good);
+        assert_eq!(cut_torn_tail(&p).unwrap(), text.len() as u64 - good);
         assert_eq!(std::fs::metadata(&p).unwrap().len(), good);
     }
 }
