@@ -98,3 +98,366 @@ fn json_schema_outputs_validate_and_stop_at_temperature_one() {
         assert_eq!(out.finish_reason, FinishReason::Stop, "{}", out.text);
     }
 }
+
+/// The whole text matches `re` (anchored), checked by the `regex` crate.
+fn full_match(re: &str, text: &str) -> bool {
+    regex::Regex::new(&format!("^(?:{re})$"))
+        .unwrap()
+        .is_match(text)
+}
+
+#[test]
+fn regex_choice_and_grammar_outputs_match_and_stop() {
+    let re = "[A-Z]{3}-[0-9]{2,4}( ok| fail)?";
+    let choices = vec![
+        "yes".to_string(),
+        "no".into(),
+        "maybe later".into(),
+        "{\"a\"}".into(),
+    ];
+    let lark = r#"start: "(" expr ")"
+expr: NUM | NUM "+" NUM
+NUM: /[0-9]{1,3}/"#;
+    let mut reqs = Vec::new();
+    for k in 0..6 {
+        reqs.push((
+            "Code:",
+            params(k, 64, spec(ConstraintKind::Regex(re.into()))),
+        ));
+        reqs.push((
+            "Answer:",
+            params(k, 64, spec(ConstraintKind::Choice(choices.clone()))),
+        ));
+        reqs.push((
+            "Sum:",
+            params(k, 64, spec(ConstraintKind::Lark(lark.into()))),
+        ));
+    }
+    let outs = run(&reqs, 32);
+    let mut seen = std::collections::HashSet::new();
+    for ((_, p), out) in reqs.iter().zip(&outs) {
+        assert_eq!(out.finish_reason, FinishReason::Stop, "{:?}", out.text);
+        match &p.constraint.as_ref().unwrap().kind {
+            ConstraintKind::Regex(r) => assert!(full_match(r, &out.text), "{:?}", out.text),
+            ConstraintKind::Choice(c) => {
+                assert!(c.contains(&out.text), "{:?}", out.text);
+                seen.insert(out.text.clone());
+            }
+            ConstraintKind::Lark(_) => assert!(
+                full_match(r"\([0-9]{1,3}(\+[0-9]{1,3})?\)", &out.text),
+                "{:?}",
+                out.text
+            ),
+            _ => unreachable!(),
+        }
+    }
+    // Temperature 1 over random logits: the choice is sampled, not always the same.
+    assert!(seen.len() > 1, "{seen:?}");
+}
+
+#[test]
+fn json_whitespace_is_bounded_by_default() {
+    // Any object: unbounded in size, so it may end at max_tokens; whitespace is the point here.
+    let reqs: Vec<(&str, SamplingParams)> = (0..6)
+        .map(|k| ("JSON:", params(k, 48, spec(ConstraintKind::JsonObject))))
+        .collect();
+    for out in run(&reqs, 8) {
+        assert!(out.text.starts_with('{'), "{:?}", out.text);
+        // Outside strings only ", " and ": " carry a space; a random model never gets a newline,
+        // a tab or a run of spaces in (strings escape control characters).
+        assert!(
+            !out.text.contains('\n') && !out.text.contains('\t'),
+            "{:?}",
+            out.text
+        );
+        if out.finish_reason == FinishReason::Stop {
+            let v: Value = serde_json::from_str(&out.text).unwrap();
+            assert!(v.is_object());
+        }
+    }
+}
+
+#[test]
+fn seeded_runs_are_reproducible_and_batch_invariant() {
+    let s = schemas();
+    let reqs: Vec<(&str, SamplingParams)> = (0..8)
+        .map(|k| {
+            let c = match k % 3 {
+                0 => spec(ConstraintKind::JsonSchema(s[k as usize % s.len()].clone())),
+                1 => spec(ConstraintKind::Regex(
+                    "[a-z]{2,9}@[a-z]{3,6}\\.(com|org)".into(),
+                )),
+                _ => None,
+            };
+            ("Hello", params(7 + k, 40, c))
+        })
+        .collect();
+    let one = run(&reqs, 1);
+    let many = run(&reqs, 16);
+    let again = run(&reqs, 16);
+    for ((a, b), c) in one.iter().zip(&many).zip(&again) {
+        assert_eq!(
+            a.token_ids, b.token_ids,
+            "batch size changed a structured output"
+        );
+        assert_eq!(
+            b.token_ids, c.token_ids,
+            "a seeded structured run is not reproducible"
+        );
+        assert_eq!(a.text, b.text);
+    }
+}
+
+#[test]
+fn logprobs_are_the_raw_distribution() {
+    let c = spec(ConstraintKind::Choice(vec!["yes".into(), "no".into()]));
+    let mut p = params(3, 8, c.clone());
+    p.logprobs = Some(5);
+    let mut free = params(3, 1, None);
+    free.logprobs = Some(5);
+    let outs = run(&[("Yes or no?", p), ("Yes or no?", free)], 4);
+    let lp = &outs[0].logprobs.as_ref().unwrap()[0];
+    let raw = &outs[1].logprobs.as_ref().unwrap()[0];
+    // Same row, same top alternatives: the mask changed the pick, not the reported distribution.
+    assert_eq!(lp.top, raw.top);
+    let chosen = lp.token_id;
+    assert!(
+        ["yes", "no"].contains(&outs[0].text.as_str()),
+        "{}",
+        outs[0].text
+    );
+    // The chosen token's log-prob is its raw one: below the top token's unless it is the top.
+    if lp.top[0].0 != chosen {
+        assert!(lp.logprob < lp.top[0].1);
+    }
+}
+
+#[test]
+fn bad_constraints_are_refused_naming_the_field() {
+    let mut e = common::engine("random:tiny", EngineConfig::default(), 64, 16);
+    let bad = [
+        ConstraintKind::JsonSchema(json!({"type": "object", "properties": {"a": {"type": "wat"}}})),
+        ConstraintKind::Regex("[a-".into()),
+        ConstraintKind::Lark("start: undefined_rule".into()),
+        ConstraintKind::JsonSchema(json!(17)),
+    ];
+    for k in bad {
+        let p = SamplingParams {
+            constraint: Some(Arc::new(ConstraintSpec::new("response_format", k))),
+            ..Default::default()
+        };
+        let err = e
+            .add_request(vec![128000, 9906], p)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("response_format: "), "{err}");
+    }
+    // The engine goes on: a good request still runs.
+    let ok = params(1, 8, spec(ConstraintKind::Regex("[0-9]{3}".into())));
+    e.add_request(vec![128000, 9906], ok).unwrap();
+    let out = e.run_to_completion().unwrap();
+    assert!(full_match("[0-9]{3}", &out[0].text), "{}", out[0].text);
+}
+
+fn write_lines(path: &std::path::Path, values: &[Value]) {
+    let s: String = values.iter().map(|v| v.to_string() + "\n").collect();
+    std::fs::write(path, s).unwrap();
+}
+
+#[test]
+fn batch_files_take_every_spelling_and_bad_lines_become_error_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = schemas().remove(0);
+    let inp = dir.path().join("in.jsonl");
+    write_lines(
+        &inp,
+        &[
+            json!({"id": "rf", "prompt": "x", "seed": 1, "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": schema, "strict": true}}}),
+            json!({"id": "so", "prompt": "x", "seed": 2, "structured_outputs": {"regex": "[a-f]{4}"}}),
+            json!({"id": "gc", "prompt": "x", "seed": 3, "guided_choice": ["alpha", "beta"]}),
+            json!({"id": "gj", "prompt": "x", "seed": 4, "guided_json": schema}),
+            json!({"id": "bad-schema", "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "wat"}}}}),
+            json!({"id": "bad-regex", "prompt": "x", "guided_regex": "(unclosed"}),
+            json!({"id": "bad-grammar", "prompt": "x", "structured_outputs": {"grammar": "start: nope"}}),
+            json!({"id": "two", "prompt": "x", "guided_regex": "a", "guided_choice": ["b"]}),
+            json!({"id": "after", "prompt": "x", "seed": 5, "structured_outputs": {"choice": ["ok"]}}),
+        ],
+    );
+    let out = dir.path().join("out.jsonl");
+    let (code, _, err) = common::run_herd(&[
+        "batch",
+        "--model",
+        "random:tiny",
+        "--temperature",
+        "1",
+        "--max-tokens",
+        "200",
+        "--input",
+        inp.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let recs = common::jsonl(&out);
+    let by_id = |id: &str| {
+        recs.iter()
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("{id}"))
+    };
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    for id in ["rf", "gj"] {
+        let r = by_id(id);
+        assert_eq!(r["finish_reason"], "stop", "{r}");
+        let v: Value = serde_json::from_str(r["text"].as_str().unwrap()).unwrap();
+        assert!(validator.is_valid(&v), "{r}");
+    }
+    assert!(full_match(
+        "[a-f]{4}",
+        by_id("so")["text"].as_str().unwrap()
+    ));
+    assert!(["alpha", "beta"].contains(&by_id("gc")["text"].as_str().unwrap()));
+    assert_eq!(by_id("after")["text"], "ok");
+    for (id, line, field) in [
+        ("bad-schema", 5, "response_format: "),
+        ("bad-regex", 6, "guided_regex: "),
+        ("bad-grammar", 7, "structured_outputs: "),
+        ("two", 8, "guided_regex: give one structured-output field"),
+    ] {
+        let r = by_id(id);
+        let msg = r["error"].as_str().unwrap_or_else(|| panic!("{r}"));
+        assert!(msg.starts_with(&format!("line {line}: {field}")), "{msg}");
+        eprintln!("{msg}");
+    }
+    // OpenAI batch bodies: response_format json_object and a bad one.
+    let oai = dir.path().join("oai.jsonl");
+    let req = |id: &str, extra: Value| {
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "seed": 9, "max_tokens": 64});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions", "body": body})
+    };
+    write_lines(
+        &oai,
+        &[
+            req(
+                "a",
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}}),
+            ),
+            req("b", json!({"response_format": {"type": "xml"}})),
+            req(
+                "c",
+                json!({"structured_outputs": {"choice": ["red", "green"]}}),
+            ),
+        ],
+    );
+    let out2 = dir.path().join("oai-out.jsonl");
+    let (code, _, err) = common::run_herd(&[
+        "batch",
+        "--model",
+        "random:tiny",
+        "--temperature",
+        "1",
+        "--strict",
+        "--input",
+        oai.to_str().unwrap(),
+        "--output",
+        out2.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let recs = common::jsonl(&out2);
+    let text = |i: usize| {
+        recs[i]["response"]["body"]["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let v: Value = serde_json::from_str(&text(0)).unwrap();
+    assert!(validator.is_valid(&v), "{v}");
+    assert_eq!(
+        recs[0]["response"]["body"]["choices"][0]["finish_reason"],
+        "stop"
+    );
+    assert_eq!(recs[1]["response"]["status_code"], 400);
+    let msg = recs[1]["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("line 2: response_format: type \"xml\""),
+        "{msg}"
+    );
+    assert!(["red", "green"].contains(&text(2).as_str()), "{}", text(2));
+}
+
+#[test]
+fn generate_flags_constrain_and_bad_ones_exit_2() {
+    let (code, out, err) = common::run_herd(&[
+        "generate",
+        "--model",
+        "random:tiny",
+        "--prompt",
+        "Hi",
+        "--temperature",
+        "1",
+        "--seed",
+        "4",
+        "--regex",
+        "[0-9]{4}-[0-9]{2}",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let rec: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(
+        full_match("[0-9]{4}-[0-9]{2}", rec["text"].as_str().unwrap()),
+        "{rec}"
+    );
+    assert_eq!(rec["finish_reason"], "stop");
+    let (code, out, err) = common::run_herd(&[
+        "generate",
+        "--model",
+        "random:tiny",
+        "--prompt",
+        "Hi",
+        "--temperature",
+        "1",
+        "--choice",
+        "left",
+        "--choice",
+        "right",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let rec: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(
+        ["left", "right"].contains(&rec["text"].as_str().unwrap()),
+        "{rec}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("s.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"a": {"type": "wat"}}}"#,
+    )
+    .unwrap();
+    let (code, _, err) = common::run_herd(&[
+        "generate",
+        "--model",
+        "random:tiny",
+        "--prompt",
+        "Hi",
+        "--json-schema",
+        schema.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--json-schema: "), "{err}");
+    let (code, _, err) = common::run_herd(&[
+        "generate",
+        "--model",
+        "random:tiny",
+        "--prompt",
+        "Hi",
+        "--regex",
+        "a",
+        "--json-object",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("give one structured-output flag"), "{err}");
+}

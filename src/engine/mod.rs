@@ -130,6 +130,10 @@ impl Engine {
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
     }
+    /// Structured outputs: compile a constraint against this model's vocabulary.
+    pub fn grammars(&self) -> &Arc<Grammars> {
+        &self.grammars
+    }
 
     /// Longest sequence (prompt + generated) one request can reach.
     pub fn max_len(&self) -> usize {

@@ -207,6 +207,8 @@ impl Grammars {
                 });
                 let mut f = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
                 f.quiet();
+                // Errors go to users: what is wrong, without the parser's state dump.
+                f.limits_mut().verbose_errors = false;
                 tracing::debug!(
                     seconds = t0.elapsed().as_secs_f64(),
                     "structured outputs: token trie and grammar factory built"
@@ -233,10 +235,19 @@ impl Grammars {
     }
 }
 
-/// llguidance errors can carry the parser state and grammar after the first line; the first line
-/// says what is wrong.
+/// An llguidance error on one line (a regex error points at the spot over several), capped.
 fn first_line(e: &str) -> String {
-    e.lines().next().unwrap_or(e).trim().to_string()
+    let one: Vec<&str> = e.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let mut one = one.join(" ");
+    if one.len() > 400 {
+        let mut end = 400;
+        while !one.is_char_boundary(end) {
+            end -= 1;
+        }
+        one.truncate(end);
+        one.push_str(" ...");
+    }
+    one
 }
 
 /// One sequence's matcher.

@@ -220,6 +220,12 @@ fn params(v: &Value) -> Result<SamplingParams, String> {
         top_k,
         seed,
         max_tokens,
+        // Structured output: the batch fields, when the job has them.
+        constraint: v
+            .as_object()
+            .map(crate::modes::constraint_fields::parse)
+            .transpose()?
+            .flatten(),
         ..SamplingParams::default()
     };
     p.validate()?;
