@@ -461,3 +461,86 @@ fn generate_flags_constrain_and_bad_ones_exit_2() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("give one structured-output flag"), "{err}");
 }
+
+/// The cost of structured outputs: mask compute time per token and decode throughput with and
+/// without a JSON-schema constraint, appended to results/structured-cpu.csv. Run on purpose:
+/// `HERD_BENCH_MODEL=random:tiny HERD_MACHINE="..." cargo test --test structured -- --ignored`.
+#[test]
+#[ignore]
+fn bench_mask_cost_and_throughput() {
+    let model = std::env::var("HERD_BENCH_MODEL").unwrap_or_else(|_| "random:tiny".into());
+    let machine = std::env::var("HERD_MACHINE").unwrap_or_else(|_| "unnamed".into());
+    let gen: usize = std::env::var("HERD_BENCH_TOKENS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64);
+    // A free-text field keeps a random model going (it rarely closes the string), so both runs
+    // generate about as many tokens; every token is still masked.
+    let schema = json!({"type": "object", "properties": {
+        "answer": {"type": "string"}, "score": {"type": "integer"}},
+        "required": ["answer", "score"], "additionalProperties": false});
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results/structured-cpu.csv");
+    let new = !path.exists();
+    let mut csv = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
+    use std::io::Write;
+    if new {
+        writeln!(csv, "machine,build,model,batch,gen_tokens,constraint,generated_tokens,wall_s,tokens_per_s,masks,mask_us_mean,throughput_vs_free").unwrap();
+    }
+    let build = if cfg!(debug_assertions) {
+        "test-profile"
+    } else {
+        "release"
+    };
+    for batch in [1usize, 16] {
+        let mut free_tps = 0.0;
+        for constrained in [false, true] {
+            let cfg = EngineConfig {
+                max_batch_size: batch,
+                ..Default::default()
+            };
+            let mut e = common::engine(&model, cfg, 64 * batch.max(4), 16);
+            let tok = e.tokenizer().clone();
+            if constrained {
+                // Build the trie and factory before the clock starts (once per model, ~0.5 s).
+                let s = ConstraintSpec::new("bench", ConstraintKind::JsonSchema(schema.clone()));
+                e.grammars().compile(&s).unwrap();
+            }
+            for k in 0..batch {
+                let mut p = params(k as u64, gen, None);
+                if constrained {
+                    p.constraint = spec(ConstraintKind::JsonSchema(schema.clone()));
+                } else {
+                    p.ignore_eos = true;
+                }
+                e.add_request(tok.encode("Describe the weather as JSON:", true, false), p)
+                    .unwrap();
+            }
+            let t0 = std::time::Instant::now();
+            let outs = e.run_to_completion().unwrap();
+            let wall = t0.elapsed().as_secs_f64();
+            let n: usize = outs.iter().map(|o| o.token_ids.len()).sum();
+            let tps = n as f64 / wall;
+            let st = e.stats();
+            let mask_us = if st.masks > 0 {
+                st.mask_seconds / st.masks as f64 * 1e6
+            } else {
+                0.0
+            };
+            if !constrained {
+                free_tps = tps;
+            }
+            writeln!(
+                csv,
+                "{machine},{build},{model},{batch},{gen},{},{n},{wall:.3},{tps:.1},{},{mask_us:.1},{:.3}",
+                if constrained { "json_schema" } else { "none" },
+                st.masks,
+                tps / free_tps
+            )
+            .unwrap();
+        }
+    }
+}

@@ -425,9 +425,13 @@ const HERD_FIELDS: [&str; 15] = [
     "skip_special_tokens",
 ];
 
-/// Fields of `obj` not in `known` (a null value sets nothing and is not reported).
+/// Fields of `obj` not in `known` (a null value sets nothing and is not reported), by name
+/// (serde_json's map keeps the file's order: llguidance turns on `preserve_order`).
 fn unknown_fields(obj: &Map<String, Value>, known: &[&str]) -> Vec<Ignored> {
-    obj.iter()
+    let mut fields: Vec<(&String, &Value)> = obj.iter().collect();
+    fields.sort_by_key(|(k, _)| k.as_str());
+    fields
+        .into_iter()
         .filter(|(k, v)| {
             !v.is_null()
                 && !known.contains(&k.as_str())
@@ -595,7 +599,9 @@ fn openai_notes(obj: &Map<String, Value>, body: Option<&Map<String, Value>>) -> 
     let Some(body) = body else {
         return notes;
     };
-    for (k, v) in body {
+    let mut fields: Vec<(&String, &Value)> = body.iter().collect();
+    fields.sort_by_key(|(k, _)| k.as_str());
+    for (k, v) in fields {
         if v.is_null()
             || OPENAI_BODY_FIELDS.contains(&k.as_str())
             || OPENAI_INERT_FIELDS.contains(&k.as_str())
