@@ -406,9 +406,7 @@ impl Engine {
         for (r, m) in row_masks.iter_mut().enumerate() {
             let why = match m {
                 Some(Err(e)) => e.clone(),
-                Some(Ok(mask)) if mask.allowed(vocab).is_empty() => {
-                    "no token is allowed".to_string()
-                }
+                Some(Ok(mask)) if mask.is_empty() => "no token is allowed".to_string(),
                 _ => continue,
             };
             *m = None;

@@ -272,6 +272,11 @@ impl Mask {
         ids
     }
 
+    /// No token allowed (a matcher in error; llguidance otherwise always allows one).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_zero()
+    }
+
     pub fn is_allowed(&self, id: u32) -> bool {
         (id as usize) < self.0.len() && self.0.is_allowed(id)
     }
