@@ -137,7 +137,9 @@ pub fn sample(logits: &[f32], p: &SamplingParams, seed: u64, n: u64) -> u32 {
 /// Choose the next token among `allowed` (ascending ids; a structured output's mask), as
 /// [`sample`] would with every other logit at -inf: those weigh nothing and rank last, so the
 /// candidates, sums and walk are the same over the allowed tokens alone, in id order (ties still
-/// go to the lower id). One allowed token is taken without sampling (grammar-forced).
+/// go to the lower id). One allowed token is taken without sampling (grammar-forced). (Where
+/// rounding would walk the full row off its end, onto a forbidden token, this ends on the last
+/// allowed one.) The engine never passes an empty `allowed`; it would get the unmasked argmax.
 pub fn sample_masked(
     logits: &[f32],
     allowed: &[u32],

@@ -226,7 +226,7 @@ impl Grammars {
         let factory = self.factory().map_err(fail)?;
         let m = Matcher::new(factory.create_parser(grammar));
         if let Some(e) = m.get_error() {
-            return Err(fail(first_line(&e)));
+            return Err(fail(one_line(&e)));
         }
         Ok(SeqMatcher {
             m,
@@ -236,7 +236,7 @@ impl Grammars {
 }
 
 /// An llguidance error on one line (a regex error points at the spot over several), capped.
-fn first_line(e: &str) -> String {
+fn one_line(e: &str) -> String {
     let one: Vec<&str> = e.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     let mut one = one.join(" ");
     if one.len() > 400 {
@@ -296,7 +296,7 @@ impl SeqMatcher {
         let v = self
             .m
             .compute_mask_or_eos()
-            .map_err(|e| first_line(&e.to_string()))?;
+            .map_err(|e| one_line(&e.to_string()))?;
         Ok(Mask(v))
     }
 
@@ -304,7 +304,7 @@ impl SeqMatcher {
     pub fn consume(&mut self, tok: u32) -> Result<(), String> {
         self.m
             .consume_token(tok)
-            .map_err(|e| first_line(&e.to_string()))
+            .map_err(|e| one_line(&e.to_string()))
     }
 
     /// True once the constraint is complete: nothing but end-of-turn can follow.

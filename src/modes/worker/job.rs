@@ -295,6 +295,33 @@ mod tests {
     }
 
     #[test]
+    fn jobs_take_the_structured_output_fields() {
+        let t = tok();
+        let j = parse_job(
+            &json!({"job_id": "s", "text_context": "x", "guided_regex": "[0-9]{3}"}),
+            &t,
+            512,
+        )
+        .unwrap();
+        let c = j.params.constraint.expect("a constraint");
+        assert_eq!(
+            (c.field.as_str(), &c.kind),
+            (
+                "guided_regex",
+                &crate::engine::constraint::ConstraintKind::Regex("[0-9]{3}".into())
+            )
+        );
+        let e = parse_job(
+            &json!({"job_id": "s", "text_context": "x", "response_format": {"type": "yaml"}}),
+            &t,
+            512,
+        )
+        .unwrap_err();
+        assert_eq!(e.job_id.as_deref(), Some("s"));
+        assert!(e.msg.starts_with("response_format: "), "{}", e.msg);
+    }
+
+    #[test]
     fn malformed_jobs_say_why() {
         let t = tok();
         let cases = [
