@@ -25,11 +25,20 @@ fn params(seed: u64, max_tokens: usize, c: Option<Arc<ConstraintSpec>>) -> Sampl
 
 /// Run every (prompt, params) on one engine; outputs in request order.
 fn run(reqs: &[(&str, SamplingParams)], batch: usize) -> Vec<RequestOutput> {
+    run_with_blocks(reqs, batch, 512).0
+}
+
+/// The same with a KV pool of `blocks` blocks of 16 tokens; also the preemption count.
+fn run_with_blocks(
+    reqs: &[(&str, SamplingParams)],
+    batch: usize,
+    blocks: usize,
+) -> (Vec<RequestOutput>, u64) {
     let cfg = EngineConfig {
         max_batch_size: batch,
         ..Default::default()
     };
-    let mut e = common::engine("random:tiny", cfg, 512, 16);
+    let mut e = common::engine("random:tiny", cfg, blocks, 16);
     let tok = e.tokenizer().clone();
     let ids: Vec<u64> = reqs
         .iter()
@@ -40,7 +49,7 @@ fn run(reqs: &[(&str, SamplingParams)], batch: usize) -> Vec<RequestOutput> {
         .collect();
     let mut done = e.run_to_completion().unwrap();
     done.sort_by_key(|o| ids.iter().position(|&i| i == o.id));
-    done
+    (done, e.stats().preemptions)
 }
 
 fn schemas() -> Vec<Value> {
@@ -195,6 +204,16 @@ fn seeded_runs_are_reproducible_and_batch_invariant() {
     let one = run(&reqs, 1);
     let many = run(&reqs, 16);
     let again = run(&reqs, 16);
+    // 8 blocks of 16 tokens for 8 sequences of up to 44: some are preempted and recomputed,
+    // keeping their matchers.
+    let (preempted, n) = run_with_blocks(&reqs, 16, 8);
+    assert!(n > 0, "no preemption");
+    for (a, d) in one.iter().zip(&preempted) {
+        assert_eq!(
+            a.token_ids, d.token_ids,
+            "preemption changed a structured output"
+        );
+    }
     for ((a, b), c) in one.iter().zip(&many).zip(&again) {
         assert_eq!(
             a.token_ids, b.token_ids,
