@@ -564,3 +564,65 @@ fn bench_mask_cost_and_throughput() {
         }
     }
 }
+
+/// On the CUDA backend (the emulated device: the real kernels, run on the CPU) a constrained step
+/// takes the host path: logits copied back, masked and sampled there. The same flags, valid
+/// outputs.
+#[test]
+fn constraints_run_on_the_emulated_cuda_device() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("s.json");
+    std::fs::write(&schema, schemas()[2].to_string()).unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (&["--regex", "[0-9]{4}-[A-Z]{2}"], "regex"),
+        (&["--choice", "north", "--choice", "south"], "choice"),
+        (&["--json-schema", schema.to_str().unwrap()], "schema"),
+    ];
+    for (flags, what) in cases {
+        let out = std::process::Command::new(root.join("scripts/cuda-emu"))
+            .arg(env!("CARGO_BIN_EXE_herd"))
+            .args([
+                "generate",
+                "--model",
+                "random:tiny",
+                "--device",
+                "cuda",
+                "--kv-cache-gb",
+                "0.05",
+                "--prompt",
+                "Hi",
+                "--temperature",
+                "1",
+                "--seed",
+                "3",
+                "--max-tokens",
+                "200",
+                "--json",
+            ])
+            .args(flags)
+            .env("RUST_LOG", "warn")
+            .env("CUDA_EMU_QUIET", "1")
+            .output()
+            .expect("scripts/cuda-emu runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{what}: {stderr}");
+        let rec: Value =
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what}: {e}: {stderr}"));
+        let text = rec["text"].as_str().unwrap();
+        assert_eq!(rec["finish_reason"], "stop", "{what}: {rec}");
+        match what {
+            "regex" => assert!(full_match("[0-9]{4}-[A-Z]{2}", text), "{text}"),
+            "choice" => assert!(["north", "south"].contains(&text), "{text}"),
+            _ => {
+                let v: Value = serde_json::from_str(text).unwrap();
+                assert!(
+                    jsonschema::validator_for(&schemas()[2])
+                        .unwrap()
+                        .is_valid(&v),
+                    "{text}"
+                );
+            }
+        }
+    }
+}
