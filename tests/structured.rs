@@ -626,3 +626,37 @@ fn constraints_run_on_the_emulated_cuda_device() {
         }
     }
 }
+
+#[test]
+fn chat_answers_follow_the_flags_and_a_bad_one_exits_2_before_the_first_message() {
+    use std::io::Write;
+    let chat = |flags: &[&str], input: &str| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_herd"))
+            .args(["chat", "--model", "random:tiny", "--temperature", "1"])
+            .args(flags)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = c.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = chat(&["--choice", "alpha", "--choice", "beta"], "hello\nagain\n");
+    assert_eq!(code, 0, "{err}");
+    let answers: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(answers.len(), 2, "{out}");
+    assert!(
+        answers.iter().all(|a| ["alpha", "beta"].contains(a)),
+        "{out}"
+    );
+    let (code, out, err) = chat(&["--regex", "("], "hello\n");
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("--regex: "), "{err}");
+}
