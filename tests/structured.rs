@@ -204,9 +204,9 @@ fn seeded_runs_are_reproducible_and_batch_invariant() {
     let one = run(&reqs, 1);
     let many = run(&reqs, 16);
     let again = run(&reqs, 16);
-    // 8 blocks of 16 tokens for 8 sequences of up to 44: some are preempted and recomputed,
+    // 4 blocks of 16 tokens for 8 sequences of up to 42: some are preempted and recomputed,
     // keeping their matchers.
-    let (preempted, n) = run_with_blocks(&reqs, 16, 8);
+    let (preempted, n) = run_with_blocks(&reqs, 16, 4);
     assert!(n > 0, "no preemption");
     for (a, d) in one.iter().zip(&preempted) {
         assert_eq!(
@@ -507,7 +507,7 @@ fn bench_mask_cost_and_throughput() {
         .unwrap();
     use std::io::Write;
     if new {
-        writeln!(csv, "machine,build,model,batch,gen_tokens,constraint,generated_tokens,wall_s,tokens_per_s,masks,mask_us_mean,throughput_vs_free").unwrap();
+        writeln!(csv, "machine,build,model,batch,gen_tokens,constraint,generated_tokens,wall_s,tokens_per_s,masks,mask_us_mean,throughput_vs_free,forced_tokens_skip_forward").unwrap();
     }
     let build = if cfg!(debug_assertions) {
         "test-profile"
@@ -555,7 +555,7 @@ fn bench_mask_cost_and_throughput() {
             }
             writeln!(
                 csv,
-                "{machine},{build},{model},{batch},{gen},{},{n},{wall:.3},{tps:.1},{},{mask_us:.1},{:.3}",
+                "{machine},{build},{model},{batch},{gen},{},{n},{wall:.3},{tps:.1},{},{mask_us:.1},{:.3},yes",
                 if constrained { "json_schema" } else { "none" },
                 st.masks,
                 tps / free_tps
@@ -659,4 +659,33 @@ fn chat_answers_follow_the_flags_and_a_bad_one_exits_2_before_the_first_message(
     let (code, out, err) = chat(&["--regex", "("], "hello\n");
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("--regex: "), "{err}");
+}
+
+#[test]
+fn forced_tokens_skip_the_forward_and_logprobs_keep_one_entry_per_token() {
+    let schema = schemas().remove(1);
+    let c = spec(ConstraintKind::JsonSchema(schema.clone()));
+    let mut e = common::engine("random:tiny", EngineConfig::default(), 64, 16);
+    let tok = e.tokenizer().clone();
+    e.add_request(tok.encode("JSON:", true, false), params(5, 200, c.clone()))
+        .unwrap();
+    let out = e.run_to_completion().unwrap().remove(0);
+    let v: Value = serde_json::from_str(&out.text).unwrap();
+    assert!(
+        jsonschema::validator_for(&schema).unwrap().is_valid(&v),
+        "{v}"
+    );
+    // The keys and punctuation are forced: far fewer forwards than tokens (one prefill step).
+    let steps = e.stats().steps as usize;
+    assert!(
+        steps < out.token_ids.len(),
+        "{steps} steps for {} tokens",
+        out.token_ids.len()
+    );
+    // With log-probs every token is sampled (a forced one would have none): one entry each.
+    let mut p = params(5, 200, c);
+    p.logprobs = Some(2);
+    e.add_request(tok.encode("JSON:", true, false), p).unwrap();
+    let out2 = e.run_to_completion().unwrap().remove(0);
+    assert_eq!(out2.logprobs.unwrap().len(), out2.token_ids.len());
 }

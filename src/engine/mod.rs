@@ -470,6 +470,7 @@ impl Engine {
                         if let Some(ev) = self.accept(seq, tok, lp) {
                             events.extend(ev);
                         }
+                        events.extend(self.accept_forced(seq));
                     }
                 }
             }
@@ -517,6 +518,36 @@ impl Engine {
         self.stats.forward_seconds += t0.elapsed().as_secs_f64();
         self.stats.steps += 1;
         Ok((logits, sampled))
+    }
+
+    /// Structured outputs: tokens the constraint forces next (a JSON schema's keys and
+    /// punctuation) are appended without a forward or a sample each; the next step runs them as
+    /// one chunk. Not with log-probs, which a forced token would have none of.
+    fn accept_forced(&mut self, id: u64) -> Vec<Event> {
+        let mut events = Vec::new();
+        // Until the sequence finishes (it leaves `seqs`) or nothing is forced.
+        while let Some(seq) = self.seqs.get_mut(&id) {
+            if seq.params.logprobs.is_some() {
+                break;
+            }
+            let forced = match seq.constraint.as_mut() {
+                Some(m) => m.forced(),
+                None => break,
+            };
+            if forced.is_empty() {
+                break;
+            }
+            for tok in forced {
+                match self.accept(id, tok, None) {
+                    Some(ev) => events.extend(ev),
+                    None => return events,
+                }
+                if !self.seqs.contains_key(&id) {
+                    return events;
+                }
+            }
+        }
+        events
     }
 
     /// A token sampled on the device: same bookkeeping as a host-sampled one.

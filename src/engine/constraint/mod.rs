@@ -307,6 +307,11 @@ impl SeqMatcher {
             .map_err(|e| one_line(&e.to_string()))
     }
 
+    /// Tokens the constraint allows alone from here, in order (not consumed yet).
+    pub fn forced(&mut self) -> Vec<u32> {
+        self.m.compute_ff_tokens()
+    }
+
     /// True once the constraint is complete: nothing but end-of-turn can follow.
     pub fn is_done(&self) -> bool {
         self.m.is_stopped()
