@@ -599,6 +599,45 @@ fn a_malformed_job_gets_an_error_result_while_the_others_complete() {
     assert!(server.with(|s| s.violations.is_empty()));
 }
 
+/// Structured outputs in AIME jobs: the batch fields, when a job has them (tests/structured.rs
+/// covers the constraints themselves); a bad one is that job's error, the others complete.
+#[test]
+fn jobs_with_structured_output_fields_are_constrained() {
+    let server = Server::start();
+    server.push(
+        json!({"job_id": "re", "text_context": "Code:", "temperature": 1.0, "seed": 2,
+        "max_gen_tokens": 50, "guided_regex": "[A-Z]{3}[0-9]{2}"}),
+    );
+    server.push(
+        json!({"job_id": "pick", "prompt_input": "Pick", "temperature": 1.0,
+        "max_gen_tokens": 50, "structured_outputs": {"choice": ["left", "right"]}}),
+    );
+    server.push(json!({"job_id": "bad", "prompt_input": "x", "guided_regex": "("}));
+    let _w = Worker::start(&server.url(), KEY, &["--max-batch-size", "4"]);
+    server.wait(30.0, "3 results", |s| s.results.len() == 3);
+    let text = |id: &str| {
+        server.result(id)["text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let re = text("re");
+    assert!(
+        re.len() == 5
+            && re[..3].bytes().all(|b| b.is_ascii_uppercase())
+            && re[3..].bytes().all(|b| b.is_ascii_digit()),
+        "{re}"
+    );
+    assert!(
+        ["left", "right"].contains(&text("pick").as_str()),
+        "{}",
+        text("pick")
+    );
+    let bad = server.result("bad");
+    let e = bad["error"].as_str().unwrap_or_else(|| panic!("{bad}"));
+    assert!(e.contains("guided_regex: "), "{e}");
+}
+
 #[test]
 fn the_worker_reconnects_after_the_server_goes_away_and_finishes_its_jobs() {
     let server = Server::start();

@@ -6,6 +6,7 @@
 //! the newest sequence is preempted (its blocks freed, recomputed later), never an error.
 //! The engine knows requests and tokens, never files, sockets or terminals.
 
+pub mod constraint;
 pub mod kv_blocks;
 pub mod request;
 pub mod sampler;
@@ -15,6 +16,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
+use constraint::{Grammars, Mask, SeqMatcher};
 use kv_blocks::BlockPool;
 pub use request::{Event, FinishReason, RequestOutput, SamplingParams, TokenLogprob};
 use sequence::{find_stop, safe_prefix, Sequence};
@@ -48,6 +50,9 @@ impl Default for EngineConfig {
 pub enum RequestError {
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// A constraint that does not compile; the message starts with the field that gave it.
+    #[error("{0}")]
+    Constraint(String),
     #[error("prompt has {prompt} tokens but at most {limit} fit ({why}); shorten it")]
     TooLong {
         prompt: usize,
@@ -64,6 +69,9 @@ pub struct EngineStats {
     pub generated_tokens: u64,
     pub preemptions: u64,
     pub forward_seconds: f64,
+    /// Structured outputs: masks computed, and their summed compute time (all threads).
+    pub masks: u64,
+    pub mask_seconds: f64,
 }
 
 enum RowUse {
@@ -82,6 +90,8 @@ pub struct Engine {
     stop_ids: Vec<u32>,
     next_id: u64,
     stats: EngineStats,
+    /// Structured outputs: token trie and grammar factory, built on the first constraint.
+    grammars: Arc<Grammars>,
 }
 
 impl Engine {
@@ -89,6 +99,10 @@ impl Engine {
         let kv = model.kv_shape();
         let pool = BlockPool::new(kv.num_blocks, kv.block_size);
         let stop_ids = tokenizer.stop_ids();
+        let grammars = Arc::new(Grammars::new(
+            Arc::clone(&tokenizer),
+            model.config().vocab_size,
+        ));
         Engine {
             model,
             tokenizer,
@@ -100,6 +114,7 @@ impl Engine {
             stop_ids,
             next_id: 0,
             stats: EngineStats::default(),
+            grammars,
         }
     }
 
@@ -114,6 +129,10 @@ impl Engine {
     }
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+    /// Structured outputs: compile a constraint against this model's vocabulary.
+    pub fn grammars(&self) -> &Arc<Grammars> {
+        &self.grammars
     }
 
     /// Longest sequence (prompt + generated) one request can reach.
@@ -156,6 +175,14 @@ impl Engine {
                 why,
             });
         }
+        let constraint = match &params.constraint {
+            Some(spec) => Some(
+                self.grammars
+                    .compile(spec)
+                    .map_err(RequestError::Constraint)?,
+            ),
+            None => None,
+        };
         let id = self.next_id;
         self.next_id += 1;
         let seed = params.seed.unwrap_or_else(|| sampler::random_seed(id));
@@ -182,6 +209,7 @@ impl Engine {
                 text: String::new(),
                 emitted: 0,
                 finish: None,
+                constraint,
             },
         );
         self.waiting.push_back(id);
@@ -322,38 +350,38 @@ impl Engine {
                 block_table: seq.block_table.clone(),
             });
         }
-        let t0 = Instant::now();
-        // Steps that only sample go through forward_sample: a GPU backend samples where the
-        // logits are; the CPU backend hands the logits back and the host sampler runs as before.
-        let only_samples = uses.iter().all(|u| matches!(u, RowUse::Sample { .. }));
-        let mut sampled = None;
-        let logits = if only_samples {
-            let rows: Vec<RowSampling> = uses
-                .iter()
-                .filter_map(|u| match u {
-                    RowUse::Sample { seq } => self.seqs.get(seq).map(|s| RowSampling {
-                        temperature: s.params.temperature,
-                        top_p: s.params.top_p,
-                        top_k: s.params.top_k,
-                        seed: s.seed,
-                        n: s.generated.len() as u64,
-                        top_logprobs: s.params.logprobs.unwrap_or(0),
-                    }),
-                    RowUse::PromptLogprob { .. } => None,
-                })
-                .collect();
-            match self.model.forward_sample(&input, &rows)? {
-                StepOutput::Logits(l) => l,
-                StepOutput::Sampled(s) => {
-                    sampled = Some(s);
-                    Vec::new()
+        // Structured outputs: each constrained row's mask depends only on tokens already chosen,
+        // so the masks are computed on another thread while the forward runs.
+        let mut matchers: Vec<(usize, u64, SeqMatcher)> = uses
+            .iter()
+            .enumerate()
+            .filter_map(|(r, u)| match u {
+                RowUse::Sample { seq } => self
+                    .seqs
+                    .get_mut(seq)
+                    .and_then(|s| s.constraint.take())
+                    .map(|m| (r, *seq, m)),
+                RowUse::PromptLogprob { .. } => None,
+            })
+            .collect();
+        let (logits, sampled, masks) = std::thread::scope(|scope| {
+            let masking =
+                (!matchers.is_empty()).then(|| scope.spawn(|| compute_masks(&mut matchers)));
+            let fwd = self.forward_step(&input, &uses, masking.is_some());
+            let masks = masking.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            fwd.map(|(l, s)| (l, s, masks))
+        })?;
+        let mut row_masks: Vec<Option<Result<Mask, String>>> = vec![None; uses.len()];
+        if let Some((masks, secs)) = masks {
+            self.stats.masks += masks.len() as u64;
+            self.stats.mask_seconds += secs;
+            for ((r, id, m), mask) in matchers.into_iter().zip(masks) {
+                if let Some(s) = self.seqs.get_mut(&id) {
+                    s.constraint = Some(m);
                 }
+                row_masks[r] = Some(mask);
             }
-        } else {
-            self.model.forward(&input)?
-        };
-        self.stats.forward_seconds += t0.elapsed().as_secs_f64();
-        self.stats.steps += 1;
+        }
         let vocab = self.model.config().vocab_size;
         for &(id, n) in &plan {
             if let Some(seq) = self.seqs.get_mut(&id) {
@@ -374,8 +402,26 @@ impl Engine {
             }
             return Ok(events);
         }
+        // A mask that cannot be computed (a grammar past its limits) stops that request.
+        for (r, m) in row_masks.iter_mut().enumerate() {
+            let why = match m {
+                Some(Err(e)) => e.clone(),
+                Some(Ok(mask)) if mask.is_empty() => "no token is allowed".to_string(),
+                _ => continue,
+            };
+            *m = None;
+            if let RowUse::Sample { seq } = uses[r] {
+                tracing::warn!(
+                    request = seq,
+                    "structured output failed: {why}; the request stops (finish_reason abort)"
+                );
+                if let Some(out) = self.abort(seq) {
+                    events.push(Event::Finished(out));
+                }
+            }
+        }
         // Host sampling of every row at once, on all cores: each pick is a pure function of its
-        // row, parameters, seed and token index, so sharing out the work changes no result.
+        // row, mask, parameters, seed and token index, so sharing out the work changes no result.
         let mut picks: Vec<Option<(u32, Option<TokenLogprob>)>> = {
             use rayon::prelude::*;
             let seqs = &self.seqs;
@@ -384,7 +430,18 @@ impl Engine {
                 .map(|(r, u)| match u {
                     RowUse::Sample { seq } => seqs.get(seq).map(|s| {
                         let row = &logits[r * vocab..(r + 1) * vocab];
-                        let tok = sampler::sample(row, &s.params, s.seed, s.generated.len() as u64);
+                        let n = s.generated.len() as u64;
+                        let tok = match &row_masks[r] {
+                            Some(Ok(mask)) => sampler::sample_masked(
+                                row,
+                                &mask.allowed(vocab),
+                                &s.params,
+                                s.seed,
+                                n,
+                            ),
+                            _ => sampler::sample(row, &s.params, s.seed, n),
+                        };
+                        // Log-probs of the raw distribution, mask or not.
                         let lp = s
                             .params
                             .logprobs
@@ -399,7 +456,9 @@ impl Engine {
             let row = &logits[r * vocab..(r + 1) * vocab];
             match u {
                 RowUse::PromptLogprob { seq, index } => {
-                    let s = self.seqs.get_mut(&seq).expect("sequence in step");
+                    let Some(s) = self.seqs.get_mut(&seq) else {
+                        continue;
+                    };
                     if s.prompt_logprobs.len() == index {
                         let norm = sampler::log_normalizer(row);
                         s.prompt_logprobs
@@ -411,11 +470,84 @@ impl Engine {
                         if let Some(ev) = self.accept(seq, tok, lp) {
                             events.extend(ev);
                         }
+                        events.extend(self.accept_forced(seq));
                     }
                 }
             }
         }
         Ok(events)
+    }
+
+    /// The step's forward: through forward_sample when every row samples and none is constrained
+    /// (a GPU backend samples where the logits are; the CPU backend hands the logits back), else
+    /// host logits for the host sampler (constrained rows are masked there, on the CPU).
+    fn forward_step(
+        &mut self,
+        input: &StepInput,
+        uses: &[RowUse],
+        constrained: bool,
+    ) -> Result<(Vec<f32>, Option<Vec<Sampled>>), ModelError> {
+        let t0 = Instant::now();
+        let only_samples = uses.iter().all(|u| matches!(u, RowUse::Sample { .. }));
+        let mut sampled = None;
+        let logits = if only_samples && !constrained {
+            let rows: Vec<RowSampling> = uses
+                .iter()
+                .filter_map(|u| match u {
+                    RowUse::Sample { seq } => self.seqs.get(seq).map(|s| RowSampling {
+                        temperature: s.params.temperature,
+                        top_p: s.params.top_p,
+                        top_k: s.params.top_k,
+                        seed: s.seed,
+                        n: s.generated.len() as u64,
+                        top_logprobs: s.params.logprobs.unwrap_or(0),
+                    }),
+                    RowUse::PromptLogprob { .. } => None,
+                })
+                .collect();
+            match self.model.forward_sample(input, &rows)? {
+                StepOutput::Logits(l) => l,
+                StepOutput::Sampled(s) => {
+                    sampled = Some(s);
+                    Vec::new()
+                }
+            }
+        } else {
+            self.model.forward(input)?
+        };
+        self.stats.forward_seconds += t0.elapsed().as_secs_f64();
+        self.stats.steps += 1;
+        Ok((logits, sampled))
+    }
+
+    /// Structured outputs: tokens the constraint forces next (a JSON schema's keys and
+    /// punctuation) are appended without a forward or a sample each; the next step runs them as
+    /// one chunk. Not with log-probs, which a forced token would have none of.
+    fn accept_forced(&mut self, id: u64) -> Vec<Event> {
+        let mut events = Vec::new();
+        // Until the sequence finishes (it leaves `seqs`) or nothing is forced.
+        while let Some(seq) = self.seqs.get_mut(&id) {
+            if seq.params.logprobs.is_some() {
+                break;
+            }
+            let forced = match seq.constraint.as_mut() {
+                Some(m) => m.forced(),
+                None => break,
+            };
+            if forced.is_empty() {
+                break;
+            }
+            for tok in forced {
+                match self.accept(id, tok, None) {
+                    Some(ev) => events.extend(ev),
+                    None => return events,
+                }
+                if !self.seqs.contains_key(&id) {
+                    return events;
+                }
+            }
+        }
+        events
     }
 
     /// A token sampled on the device: same bookkeeping as a host-sampled one.
@@ -437,8 +569,23 @@ impl Engine {
         }
         seq.generated.push(tok);
         self.stats.generated_tokens += 1;
+        // Structured output: complete means end of turn (forced: only stop tokens are allowed).
+        let mut constraint_done = false;
+        if let Some(m) = seq.constraint.as_mut() {
+            match m.consume(tok) {
+                Ok(()) => constraint_done = m.is_done(),
+                Err(e) => {
+                    tracing::warn!(
+                        request = id,
+                        "structured output failed: {e}; the request stops (finish_reason abort)"
+                    );
+                    seq.finish = Some(FinishReason::Abort);
+                }
+            }
+        }
         let is_stop_token = (!seq.params.ignore_eos && self.stop_ids.contains(&tok))
-            || seq.params.stop_token_ids.contains(&tok);
+            || seq.params.stop_token_ids.contains(&tok)
+            || (constraint_done && self.stop_ids.contains(&tok));
         let mut cut = false;
         if is_stop_token {
             seq.finish = Some(FinishReason::Stop);
@@ -452,6 +599,9 @@ impl Engine {
                     cut = true;
                 }
             }
+        }
+        if constraint_done && seq.finish.is_none() {
+            seq.finish = Some(FinishReason::Stop);
         }
         if seq.finish.is_none()
             && (seq.generated.len() >= seq.params.max_tokens || seq.total_len() >= seq.max_len)
@@ -507,4 +657,19 @@ impl Engine {
         }
         Ok(done)
     }
+}
+
+/// Each constrained row's mask, in parallel across rows; and their summed compute time.
+fn compute_masks(matchers: &mut [(usize, u64, SeqMatcher)]) -> (Vec<Result<Mask, String>>, f64) {
+    use rayon::prelude::*;
+    let timed: Vec<(Result<Mask, String>, f64)> = matchers
+        .par_iter_mut()
+        .map(|(_, _, m)| {
+            let t0 = Instant::now();
+            let mask = m.mask();
+            (mask, t0.elapsed().as_secs_f64())
+        })
+        .collect();
+    let secs = timed.iter().map(|t| t.1).sum();
+    (timed.into_iter().map(|t| t.0).collect(), secs)
 }

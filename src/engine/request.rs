@@ -1,5 +1,9 @@
 //! What a caller asks for and what it gets back.
 
+use std::sync::Arc;
+
+use super::constraint::ConstraintSpec;
+
 /// Per-request generation settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
@@ -25,6 +29,8 @@ pub struct SamplingParams {
     /// Leave special tokens (`<|reserved_special_token_163|>`) out of the text, as HF and vLLM
     /// do by default; token ids are reported either way.
     pub skip_special_tokens: bool,
+    /// Structured output: the text must match this (JSON schema, regex, choice, grammar).
+    pub constraint: Option<Arc<ConstraintSpec>>,
 }
 
 impl Default for SamplingParams {
@@ -41,6 +47,7 @@ impl Default for SamplingParams {
             logprobs: None,
             prompt_logprobs: false,
             skip_special_tokens: true,
+            constraint: None,
         }
     }
 }

@@ -134,6 +134,29 @@ pub fn sample(logits: &[f32], p: &SamplingParams, seed: u64, n: u64) -> u32 {
     fast.unwrap_or_else(|| exact(logits, p.top_k, &rule))
 }
 
+/// Choose the next token among `allowed` (ascending ids; a structured output's mask), as
+/// [`sample`] would with every other logit at -inf: those weigh nothing and rank last, so the
+/// candidates, sums and walk are the same over the allowed tokens alone, in id order (ties still
+/// go to the lower id). One allowed token is taken without sampling (grammar-forced). (Where
+/// rounding would walk the full row off its end, onto a forbidden token, this ends on the last
+/// allowed one.) The engine never passes an empty `allowed`; it would get the unmasked argmax.
+pub fn sample_masked(
+    logits: &[f32],
+    allowed: &[u32],
+    p: &SamplingParams,
+    seed: u64,
+    n: u64,
+) -> u32 {
+    match allowed {
+        [] => argmax(logits),
+        [only] => *only,
+        _ => {
+            let picked: Vec<f32> = allowed.iter().map(|&t| logits[t as usize]).collect();
+            allowed[sample(&picked, p, seed, n) as usize]
+        }
+    }
+}
+
 /// Largest top-k the one-pass collector takes; a larger one goes to the exact path.
 const TOP_K_COLLECT: usize = 8192;
 

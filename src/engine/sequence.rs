@@ -1,5 +1,6 @@
 //! One request's state inside the engine.
 
+use super::constraint::SeqMatcher;
 use super::request::{FinishReason, SamplingParams, TokenLogprob};
 use crate::tokenizer::StreamDecoder;
 
@@ -22,6 +23,8 @@ pub struct Sequence {
     /// Bytes of `text` already reported.
     pub emitted: usize,
     pub finish: Option<FinishReason>,
+    /// Structured output: this sequence's matcher (each sample its own).
+    pub constraint: Option<SeqMatcher>,
 }
 
 impl Sequence {

@@ -26,6 +26,9 @@ pub struct ChatArgs {
     pub system: String,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    /// Every answer follows this constraint.
+    #[command(flatten)]
+    pub constraint: super::constraint_fields::ConstraintArgs,
 }
 
 const HELP: &str =
@@ -74,14 +77,23 @@ impl ChatArgs {
     /// The flags, before anything loads (exit code 2 naming the flag).
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
-        self.sampling.validate()
+        self.sampling.validate()?;
+        self.constraint.spec().map(|_| ())
     }
 }
 
 pub fn run(args: ChatArgs) -> Result<()> {
     let mut engine = build_engine(&args.model)?;
     // llama3_chat's defaults.
-    let params = args.sampling.params(0.8, 0.9, 40);
+    let mut params = args.sampling.params(0.8, 0.9, 40);
+    params.constraint = args.constraint.spec()?;
+    // A constraint that does not compile is a bad flag, said before the first message.
+    if let Some(spec) = &params.constraint {
+        engine
+            .grammars()
+            .compile(spec)
+            .map_err(crate::exit::usage)?;
+    }
     let interrupted = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, interrupted.clone())?;
     // SIGTERM, SIGUSR1, SIGUSR2 (docker stop, mpirun, Slurm) end the chat at once with the

@@ -27,6 +27,8 @@ pub struct GenerateArgs {
     pub prompt_token_ids: Option<Vec<u32>>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub constraint: super::constraint_fields::ConstraintArgs,
     /// Print one result record (JSON) instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -43,6 +45,7 @@ impl GenerateArgs {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         self.sampling.validate()?;
+        self.constraint.spec()?;
         if self.prompt.is_none() && self.messages.is_none() && self.prompt_token_ids.is_none() {
             return Err(exit::usage(
                 "give a prompt: --prompt TEXT, --messages JSON or --prompt-token-ids 1,2,3",
@@ -94,6 +97,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut params = args.sampling.params(0.6, 0.9, 0);
     params.logprobs = args.logprobs;
     params.prompt_logprobs = args.prompt_logprobs;
+    params.constraint = args.constraint.spec()?;
     let n_prompt = prompt.len();
     // What is left to refuse is the prompt itself (too long, an id outside the vocabulary).
     let id = engine.add_request(prompt, params).map_err(exit::usage)?;

@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod bench;
 pub mod chat;
+pub mod constraint_fields;
 pub mod convert;
 pub mod doctor;
 pub mod generate;

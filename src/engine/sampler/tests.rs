@@ -658,3 +658,49 @@ fn bench_sampler() {
         println!("bench-sampler,{len} {shape} log-probs top-20,after,{after:.4}");
     }
 }
+
+/// A structured output's mask: sampling among the allowed tokens is the rule over the whole row
+/// with every other logit at -inf (the reference, which sorts everything), for sparse and dense
+/// masks, every setting, greedy included.
+#[test]
+fn masked_sampling_is_the_rule_with_forbidden_tokens_at_minus_infinity() {
+    let len = 3000;
+    let mut checked = 0;
+    for kind in ["tiny", "peaked", "ties", "flat"] {
+        for r in 0..3u64 {
+            let logits = row(kind, len, 77 + r);
+            let mut g = Lcg::new(r + 5);
+            // 3 allowed, about 1%, and about 90% of the vocabulary.
+            for density in [0.0, 0.01, 0.9] {
+                let mut allowed: Vec<u32> =
+                    (0..len as u32).filter(|_| g.next() < density).collect();
+                if allowed.len() < 3 {
+                    allowed = vec![7, 1000, 2999];
+                }
+                let mut masked = vec![f32::NEG_INFINITY; len];
+                for &t in &allowed {
+                    masked[t as usize] = logits[t as usize];
+                }
+                for (t, top_p, top_k) in settings(len) {
+                    let p = params(t, top_p, top_k);
+                    for n in 0..4 {
+                        let got = sample_masked(&logits, &allowed, &p, 31 + r, n);
+                        let want = reference::sample(&masked, &p, 31 + r, n);
+                        assert_eq!(
+                            got, want,
+                            "{kind} density {density} T {t} p {top_p} k {top_k}"
+                        );
+                        assert!(allowed.contains(&got));
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 1000);
+    // One allowed token is taken as is (grammar-forced), whatever its logit.
+    assert_eq!(
+        sample_masked(&[9.0, -50.0], &[1], &params(1.0, 0.9, 0), 1, 0),
+        1
+    );
+}

@@ -25,10 +25,6 @@ impl Ignored {
     pub fn strict_error(&self) -> Option<String> {
         match self {
             Ignored::UnknownField(f) => Some(format!("unknown field `{f}`")),
-            Ignored::Unimplemented(f) if f == "response_format" => Some(
-                "`response_format` is not implemented by herd yet (the text would not be constrained)"
-                    .into(),
-            ),
             Ignored::Unimplemented(f) => Some(format!("`{f}` is not implemented by herd")),
             Ignored::LogprobsInCsv => Some(
                 "log-probs were asked for, but a CSV output has no column for them; write a .jsonl output"
@@ -46,9 +42,6 @@ impl Ignored {
         };
         let what = match self {
             Ignored::UnknownField(f) => format!("{records} had unknown field `{f}`"),
-            Ignored::Unimplemented(f) if f == "response_format" => format!(
-                "{records} set `response_format`, which herd does not implement yet (the text is not constrained)"
-            ),
             Ignored::Unimplemented(f) => {
                 format!("{records} set `{f}`, which herd does not implement")
             }

@@ -15,6 +15,7 @@ pub use super::detect::detect_format;
 use super::detect::{open_skipping_bom, table_delimiter};
 use super::ignored::Ignored;
 use crate::engine::SamplingParams;
+use crate::modes::constraint_fields;
 use crate::tokenizer::{Message, Role, Tokenizer};
 
 /// Which kind of file the input is.
@@ -424,10 +425,18 @@ const HERD_FIELDS: [&str; 15] = [
     "skip_special_tokens",
 ];
 
-/// Fields of `obj` not in `known` (a null value sets nothing and is not reported).
+/// Fields of `obj` not in `known` (a null value sets nothing and is not reported), by name
+/// (serde_json's map keeps the file's order: llguidance turns on `preserve_order`).
 fn unknown_fields(obj: &Map<String, Value>, known: &[&str]) -> Vec<Ignored> {
-    obj.iter()
-        .filter(|(k, v)| !v.is_null() && !known.contains(&k.as_str()))
+    let mut fields: Vec<(&String, &Value)> = obj.iter().collect();
+    fields.sort_by_key(|(k, _)| k.as_str());
+    fields
+        .into_iter()
+        .filter(|(k, v)| {
+            !v.is_null()
+                && !known.contains(&k.as_str())
+                && !constraint_fields::FIELDS.contains(&k.as_str())
+        })
         .map(|(k, _)| Ignored::UnknownField(k.clone()))
         .collect()
 }
@@ -509,6 +518,7 @@ fn parse_herd(
             if let Some(b) = opt_bool(&obj, "skip_special_tokens")? {
                 p.skip_special_tokens = b;
             }
+            p.constraint = constraint_fields::parse(&obj)?;
             Ok(Content {
                 prompt,
                 params: p,
@@ -571,17 +581,11 @@ fn unimplemented_default(key: &str) -> Option<Option<Value>> {
         "suffix" => Some(json!("")),
         "tools" | "functions" | "modalities" | "bad_words" => Some(json!([])),
         "tool_choice" | "function_call" => Some(json!("none")),
-        "response_format" => Some(json!({"type": "text"})),
         "parallel_tool_calls" => None,
         "reasoning_effort"
         | "prediction"
         | "audio"
         | "web_search_options"
-        | "guided_json"
-        | "guided_regex"
-        | "guided_choice"
-        | "guided_grammar"
-        | "structured_outputs"
         | "prompt_logprobs"
         | "truncate_prompt_tokens"
         | "logits_processors" => None,
@@ -595,10 +599,13 @@ fn openai_notes(obj: &Map<String, Value>, body: Option<&Map<String, Value>>) -> 
     let Some(body) = body else {
         return notes;
     };
-    for (k, v) in body {
+    let mut fields: Vec<(&String, &Value)> = body.iter().collect();
+    fields.sort_by_key(|(k, _)| k.as_str());
+    for (k, v) in fields {
         if v.is_null()
             || OPENAI_BODY_FIELDS.contains(&k.as_str())
             || OPENAI_INERT_FIELDS.contains(&k.as_str())
+            || constraint_fields::FIELDS.contains(&k.as_str())
         {
             continue;
         }
@@ -721,6 +728,7 @@ fn parse_openai(obj: Map<String, Value>, line: u64, opts: &ParseOptions) -> Pars
         if let Some(v) = body.get("stop_token_ids").filter(|v| !v.is_null()) {
             p.stop_token_ids = ids_field(v, "stop_token_ids")?;
         }
+        p.constraint = constraint_fields::parse(body)?;
         match endpoint {
             OpenAiEndpoint::Chat => {
                 if opt_bool(body, "logprobs")? == Some(true) {

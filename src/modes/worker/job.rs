@@ -220,6 +220,12 @@ fn params(v: &Value) -> Result<SamplingParams, String> {
         top_k,
         seed,
         max_tokens,
+        // Structured output: the batch fields, when the job has them.
+        constraint: v
+            .as_object()
+            .map(crate::modes::constraint_fields::parse)
+            .transpose()?
+            .flatten(),
         ..SamplingParams::default()
     };
     p.validate()?;
@@ -286,6 +292,33 @@ mod tests {
             ),
             (3, 0.5, 0.1, 9)
         );
+    }
+
+    #[test]
+    fn jobs_take_the_structured_output_fields() {
+        let t = tok();
+        let j = parse_job(
+            &json!({"job_id": "s", "text_context": "x", "guided_regex": "[0-9]{3}"}),
+            &t,
+            512,
+        )
+        .unwrap();
+        let c = j.params.constraint.expect("a constraint");
+        assert_eq!(
+            (c.field.as_str(), &c.kind),
+            (
+                "guided_regex",
+                &crate::engine::constraint::ConstraintKind::Regex("[0-9]{3}".into())
+            )
+        );
+        let e = parse_job(
+            &json!({"job_id": "s", "text_context": "x", "response_format": {"type": "yaml"}}),
+            &t,
+            512,
+        )
+        .unwrap_err();
+        assert_eq!(e.job_id.as_deref(), Some("s"));
+        assert!(e.msg.starts_with("response_format: "), "{}", e.msg);
     }
 
     #[test]
