@@ -355,7 +355,7 @@ impl TensorSource for HfSource {
             return Ok(apply_slice(view, slice, &f.path, hf)?.to_tensor());
         };
         let d = self.heads.head_dim;
-        if view.shape.len() != 2 || d == 0 || d % 2 != 0 || view.shape[0] != nh * d {
+        if view.shape.len() != 2 || d == 0 || !d.is_multiple_of(2) || view.shape[0] != nh * d {
             return Err(terr(format!(
                 "shape {:?} is not {nh} heads x head_dim {d} rows (q/k permutation needs whole heads)",
                 view.shape

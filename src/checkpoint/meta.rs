@@ -99,7 +99,7 @@ impl MetaSource {
                         .zip(&s0)
                         .enumerate()
                         .all(|(d, (a, b))| Some(d) == split || a == b)
-                    && split.map_or(true, |d| d < s.len());
+                    && split.is_none_or(|d| d < s.len());
                 if !agrees || f.dtype_of(name) != first.dtype_of(name) {
                     let rule = match split {
                         Some(d) => format!("split along dim {d}"),

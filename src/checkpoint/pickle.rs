@@ -505,7 +505,7 @@ fn long_from_bytes(b: &[u8]) -> Option<i64> {
 }
 
 fn pairs(items: Vec<Value>) -> Option<Vec<(Value, Value)>> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return None;
     }
     let mut out = Vec::with_capacity(items.len() / 2);

@@ -177,7 +177,7 @@ impl RankedSource {
                 let mut want = shape.clone();
                 if let Some(s) = p {
                     if s.dim >= want.len()
-                        || s.start.checked_add(s.len).map_or(true, |e| e > want[s.dim])
+                        || s.start.checked_add(s.len).is_none_or(|e| e > want[s.dim])
                     {
                         return Err(bad("piece outside the tensor"));
                     }

@@ -150,7 +150,7 @@ impl TensorSource for SyntheticSource {
         } else {
             full.clone()
         };
-        if s.dim >= rank || s.start.checked_add(s.len).map_or(true, |e| e > dims[s.dim]) {
+        if s.dim >= rank || s.start.checked_add(s.len).is_none_or(|e| e > dims[s.dim]) {
             return Err(CheckpointError::Tensor {
                 path: "synthetic".into(),
                 tensor: name.to_string(),

@@ -620,7 +620,7 @@ impl LlamaConfig {
         if self.dim == 0 || self.n_layers == 0 || self.n_heads == 0 || self.n_kv_heads == 0 {
             return Err("dim, n_layers, n_heads and n_kv_heads must be positive".into());
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(format!(
                 "n_heads ({}) must be a multiple of n_kv_heads ({})",
                 self.n_heads, self.n_kv_heads
@@ -654,7 +654,7 @@ impl LlamaConfig {
                 self.n_params_wide()
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return Err(format!(
                 "head_dim ({}) must be even and positive",
                 self.head_dim

@@ -29,28 +29,28 @@ impl ShardPlan {
         if tp == 0 {
             return err("tp must be at least 1".into());
         }
-        if cfg.n_heads % tp != 0 {
+        if !cfg.n_heads.is_multiple_of(tp) {
             return err(format!("n_heads {} is not divisible by {tp}", cfg.n_heads));
         }
-        if tp > cfg.n_kv_heads && tp % cfg.n_kv_heads != 0 {
+        if tp > cfg.n_kv_heads && !tp.is_multiple_of(cfg.n_kv_heads) {
             return err(format!(
                 "{tp} is not a multiple of n_kv_heads {}",
                 cfg.n_kv_heads
             ));
         }
-        if tp <= cfg.n_kv_heads && cfg.n_kv_heads % tp != 0 {
+        if tp <= cfg.n_kv_heads && !cfg.n_kv_heads.is_multiple_of(tp) {
             return err(format!(
                 "n_kv_heads {} is not divisible by {tp}",
                 cfg.n_kv_heads
             ));
         }
-        if cfg.ffn_dim % tp != 0 {
+        if !cfg.ffn_dim.is_multiple_of(tp) {
             return err(format!(
                 "FFN width {} is not divisible by {tp}",
                 cfg.ffn_dim
             ));
         }
-        if cfg.vocab_size % tp != 0 {
+        if !cfg.vocab_size.is_multiple_of(tp) {
             return err(format!(
                 "vocab size {} is not divisible by {tp}",
                 cfg.vocab_size

@@ -90,7 +90,7 @@ fn detect_launcher_in(get: impl Fn(&str) -> Option<String>) -> Option<(String, u
     for var in LAUNCHER_SIZE_VARS {
         if let Some(v) = get(var) {
             let n = v.trim().parse::<usize>().unwrap_or(0);
-            if found.as_ref().map_or(true, |f| n > f.1) {
+            if found.as_ref().is_none_or(|f| n > f.1) {
                 found = Some((format!("{var}={v}"), n));
             }
         }

@@ -139,7 +139,7 @@ fn beat(comm: BeatComm, dog: &Watchdog, stop: &AtomicBool) {
         sends = sends.into_iter().filter_map(|r| r.test().err()).collect();
         let stopping = stop.load(Ordering::Relaxed);
         if leaving.is_none() {
-            let due = last_beat.map_or(true, |t| t.elapsed() >= watchdog::beat_interval());
+            let due = last_beat.is_none_or(|t| t.elapsed() >= watchdog::beat_interval());
             if (due || stopping) && sends.len() < 64 * size as usize {
                 let word = if stopping { &BYE } else { &ALIVE };
                 for p in dog.partners() {

@@ -42,7 +42,7 @@ impl Topology {
         if tp == 0 {
             return Err("--tp must be at least 1".into());
         }
-        if world_size % tp != 0 {
+        if !world_size.is_multiple_of(tp) {
             return Err(format!(
                 "the world has {world_size} ranks, which is not a multiple of --tp {tp}: \
                  launch a multiple of {tp} ranks (e.g. -np {})",

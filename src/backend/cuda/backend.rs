@@ -285,7 +285,7 @@ impl CudaBackend {
     /// `[rows][world][cols]`: the `gather_cols_reorder` kernel, separate from NCCL so that the
     /// self-test can check it on one GPU. Not yet run on a GPU.
     pub fn reorder_gathered(&self, all: &CudaAct, world: usize) -> Result<CudaAct, BackendError> {
-        if world == 0 || all.rows % world != 0 {
+        if world == 0 || !all.rows.is_multiple_of(world) {
             return Err(BackendError::Comm(format!(
                 "{} gathered rows do not split into {world} ranks",
                 all.rows
@@ -641,7 +641,7 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_kv(&self, shape: KvShape) -> Result<CudaKv, BackendError> {
-        if shape.head_dim > 256 || shape.head_dim % 2 != 0 || shape.head_dim == 0 {
+        if shape.head_dim > 256 || !shape.head_dim.is_multiple_of(2) || shape.head_dim == 0 {
             return Err(BackendError::Unsupported(format!(
                 "the CUDA kernels need an even head_dim of at most 256, got {}",
                 shape.head_dim

@@ -123,7 +123,7 @@ impl RecordRange {
 
     /// Whether the 0-based file record `i` is in the range.
     pub fn contains(&self, i: u64) -> bool {
-        i + 1 >= self.first && self.last.map_or(true, |l| i < l)
+        i + 1 >= self.first && self.last.is_none_or(|l| i < l)
     }
 
     /// Whether the 0-based file record `i` lies after the range (reading can stop).
