@@ -303,3 +303,309 @@ fn n_must_be_at_least_one() {
     assert!(eng.add_request_n(toks(1, 5), greedy(1), 0).is_err());
     assert!(!eng.has_unfinished());
 }
+
+// ---- herd batch and generate, as a user runs them ----
+
+use serde_json::{json, Value};
+use std::path::Path;
+
+fn herd_batch(input: &Path, output: &Path, extra: &[&str]) -> (i32, String) {
+    let mut args = vec![
+        "batch",
+        "--model",
+        MODEL,
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--overwrite",
+    ];
+    args.extend_from_slice(extra);
+    let (code, _, err) = run_herd(&args);
+    (code, err)
+}
+
+/// Records with the usage's cache detail taken out (the one thing the cache may change), and
+/// OpenAI's `created` time.
+fn without_cache_detail(mut recs: Vec<Value>) -> Vec<Value> {
+    for r in &mut recs {
+        let usage = match r.pointer_mut("/response/body") {
+            Some(Value::Object(body)) => {
+                body.remove("created");
+                body.get_mut("usage")
+            }
+            _ => r.get_mut("usage"),
+        };
+        if let Some(Value::Object(u)) = usage {
+            u.remove("prompt_tokens_details");
+        }
+    }
+    recs
+}
+
+fn assert_same_records(got: Vec<Value>, want: &[Value], what: &str) {
+    let got = without_cache_detail(got);
+    assert_eq!(got.len(), want.len(), "{what}: record count");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g, w, "{what}");
+    }
+}
+
+fn cached_of(r: &Value) -> u64 {
+    let usage = if r["response"].is_object() {
+        &r["response"]["body"]["usage"]
+    } else {
+        &r["usage"]
+    };
+    usage["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no cached_tokens in {r}"))
+}
+
+fn system(k: usize) -> String {
+    let topic = ["rivers", "prime numbers", "medieval trade routes"][k];
+    format!(
+        "You are an expert on {topic}. Answer precisely, cite your reasoning step by step, and \
+         keep every answer short. {}",
+        format!("Rule {k}: never guess about {topic}; say what is known. ").repeat(6 + 4 * k)
+    )
+}
+
+/// herd JSONL records: three long shared system prompts, unshared prompts, n > 1, sampled and
+/// greedy, log-probs, prompt log-probs.
+fn herd_records() -> Vec<String> {
+    (0..30)
+        .map(|i| {
+            let mut r = match i % 4 {
+                3 => json!({"prompt": format!("An unshared prompt number {i}: tell me about {}", i * 7)}),
+                k => json!({"messages": [
+                    {"role": "system", "content": system(k)},
+                    {"role": "user", "content": format!("Question {i}: why {}?", i * 3)},
+                ]}),
+            };
+            r["id"] = json!(format!("r{i}"));
+            r["max_tokens"] = json!(3 + i % 5);
+            r["ignore_eos"] = json!(true);
+            match i % 5 {
+                1 => {
+                    r["temperature"] = json!(0.8);
+                    r["seed"] = json!(i);
+                    r["logprobs"] = json!(2);
+                }
+                2 => r["temperature"] = json!(0.0),
+                3 => {
+                    r["temperature"] = json!(1.0);
+                    r["seed"] = json!(100 + i);
+                    r["n"] = json!(3);
+                }
+                _ => r["seed"] = json!(7),
+            }
+            if i == 10 {
+                r["prompt_logprobs"] = json!(true);
+            }
+            r.to_string()
+        })
+        .collect()
+}
+
+fn openai_records() -> Vec<String> {
+    (0..8)
+        .map(|i| {
+            let body = if i % 2 == 0 {
+                json!({"model": MODEL, "messages": [
+                    {"role": "system", "content": system(i % 3)},
+                    {"role": "user", "content": format!("q{i}")},
+                ], "max_tokens": 30, "ignore_eos": true, "seed": i, "n": 1 + i % 3, "logprobs": true, "top_logprobs": 1})
+            } else {
+                json!({"model": MODEL, "prompt": system(1) + &format!(" Finish this: {i}"),
+                       "max_tokens": 30, "ignore_eos": true, "seed": i, "n": 2, "temperature": 0.7})
+            };
+            let url = if i % 2 == 0 {
+                "/v1/chat/completions"
+            } else {
+                "/v1/completions"
+            };
+            json!({"custom_id": format!("c{i}"), "method": "POST", "url": url, "body": body})
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn batch_output_is_the_same_with_and_without_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, lines) in [("herd", herd_records()), ("openai", openai_records())] {
+        let input = dir.path().join(format!("{name}.jsonl"));
+        std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+        let run = |tag: &str, extra: &[&str]| {
+            let out = dir.path().join(format!("{name}-{tag}.jsonl"));
+            let (code, err) = herd_batch(&input, &out, extra);
+            assert_eq!(code, 0, "{name} {tag}: {err}");
+            (jsonl(&out), err)
+        };
+        let (plain, err) = run("plain", &["--no-prefix-cache"]);
+        assert!(
+            err.contains("cached_prompt_tokens 0,"),
+            "{name}: summary without the cache: {err}"
+        );
+        assert!(plain.iter().all(|r| cached_of(r) == 0));
+        let (cached, err) = run("cached", &[]);
+        assert!(!err.contains("cached_prompt_tokens 0,"), "{name}: {err}");
+        assert!(
+            cached.iter().filter(|r| cached_of(r) > 0).count() >= lines.len() / 2,
+            "{name}: most records should hit the cache"
+        );
+        // A pool of 24 blocks of 16 tokens: the longest record fits alone, not many together.
+        let (tiny, err) = run(
+            "tiny-pool",
+            &["--kv-cache-gb", "0.0002", "--log-level", "debug"],
+        );
+        assert!(
+            err.contains("preempted"),
+            "{name}: the pool should force preemption"
+        );
+        let want = without_cache_detail(plain);
+        assert_same_records(cached, &want, &format!("{name}: with the cache"));
+        assert_same_records(tiny, &want, &format!("{name}: tiny pool"));
+    }
+}
+
+#[test]
+fn n_choices_are_the_records_with_seed_plus_i() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let prompt = system(0) + " And one more thing:";
+    let mut lines = vec![json!({"id": "n", "prompt": prompt, "n": 3, "seed": 40, "temperature": 1.0,
+                                "max_tokens": 6, "ignore_eos": true, "logprobs": 1, "prompt_logprobs": true})
+    .to_string()];
+    for i in 0..3 {
+        lines.push(
+            json!({"id": format!("s{i}"), "prompt": prompt, "seed": 40 + i, "temperature": 1.0,
+                   "max_tokens": 6, "ignore_eos": true, "logprobs": 1, "prompt_logprobs": true})
+            .to_string(),
+        );
+    }
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let out = dir.path().join("out.jsonl");
+    let (code, err) = herd_batch(&input, &out, &[]);
+    assert_eq!(code, 0, "{err}");
+    let recs = jsonl(&out);
+    let n = &recs[0];
+    let choices = n["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    assert!(n.get("text").is_none());
+    let mut completion = 0;
+    for (i, c) in choices.iter().enumerate() {
+        let single = &recs[1 + i];
+        assert_eq!(c["index"], json!(i));
+        for k in ["text", "token_ids", "finish_reason", "logprobs"] {
+            assert_eq!(c[k], single[k], "choice {i} {k}");
+        }
+        completion += single["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    assert_eq!(n["prompt_logprobs"], recs[1]["prompt_logprobs"]);
+    assert_eq!(n["usage"]["completion_tokens"], json!(completion));
+    assert_eq!(
+        n["usage"]["prompt_tokens"],
+        recs[1]["usage"]["prompt_tokens"]
+    );
+
+    // generate --n: the same choices.
+    let (code, stdout, err) = run_herd(&[
+        "generate",
+        "--model",
+        MODEL,
+        "--prompt",
+        &prompt,
+        "--n",
+        "3",
+        "--seed",
+        "40",
+        "--temperature",
+        "1.0",
+        "--max-tokens",
+        "6",
+        "--ignore-eos",
+        "--json",
+        "--logprobs",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let g: Value = serde_json::from_str(stdout.trim()).unwrap();
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(
+            g["choices"][i]["token_ids"], c["token_ids"],
+            "generate choice {i}"
+        );
+    }
+}
+
+#[test]
+fn n_out_of_range_or_with_a_csv_output_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let lines = [
+        json!({"id": "zero", "prompt": "hi", "n": 0}).to_string(),
+        json!({"id": "big", "prompt": "hi", "n": 129}).to_string(),
+        json!({"id": "ok", "prompt": "hi", "n": 2, "max_tokens": 2}).to_string(),
+    ];
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let out = dir.path().join("out.jsonl");
+    let (code, err) = herd_batch(&input, &out, &[]);
+    assert_eq!(code, 0, "{err}");
+    let recs = jsonl(&out);
+    for r in &recs[..2] {
+        assert!(
+            r["error"]
+                .as_str()
+                .unwrap()
+                .contains("`n` must be in 1..=128"),
+            "{r}"
+        );
+    }
+    assert_eq!(recs[2]["choices"].as_array().unwrap().len(), 2);
+    // A CSV row holds one completion.
+    let csv = dir.path().join("out.csv");
+    let (code, _) = herd_batch(&input, &csv, &[]);
+    assert_eq!(code, 0);
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert!(
+        text.contains("a CSV output holds one completion per row"),
+        "{text}"
+    );
+    let (code, err) = herd_batch(&input, &csv, &["--n", "2"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--n > 1 needs a JSONL output"), "{err}");
+    let (code, err) = herd_batch(&input, &out, &["--n", "0"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = run_herd(&["generate", "--model", MODEL, "--prompt", "hi", "--n", "2"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("add --json"), "{err}");
+}
+
+#[test]
+fn stats_csv_carries_cached_and_computed_prompt_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, herd_records()[..12].join("\n") + "\n").unwrap();
+    let out = dir.path().join("out.jsonl");
+    let stats = dir.path().join("stats.csv");
+    for extra in [&[][..], &["--no-prefix-cache"][..]] {
+        let mut a = vec!["--stats-csv", stats.to_str().unwrap()];
+        a.extend_from_slice(extra);
+        let (code, err) = herd_batch(&input, &out, &a);
+        assert_eq!(code, 0, "{err}");
+    }
+    let mut rdr = csv::Reader::from_path(&stats).unwrap();
+    let head = rdr.headers().unwrap().clone();
+    let col = |name: &str| head.iter().position(|h| h == name).unwrap();
+    let rows: Vec<csv::StringRecord> = rdr.records().map(Result::unwrap).collect();
+    let num = |r: &csv::StringRecord, c: &str| r[col(c)].parse::<u64>().unwrap();
+    assert_eq!(&rows[0][col("prefix_cache")], "true");
+    assert_eq!(&rows[1][col("prefix_cache")], "false");
+    assert!(num(&rows[0], "cached_prompt_tokens") > 0);
+    assert_eq!(num(&rows[1], "cached_prompt_tokens"), 0);
+    assert!(num(&rows[0], "computed_prompt_tokens") < num(&rows[1], "computed_prompt_tokens"));
+    // Without the cache every prompt token of every sample is computed.
+    assert!(num(&rows[1], "computed_prompt_tokens") >= num(&rows[1], "prompt_tokens"));
+}

@@ -18,6 +18,7 @@ use super::merge::{merge, OutputFormat};
 use super::progress::{self, Counts, Progress};
 use super::state::{self, PartWriter, Paths};
 use super::{openai, world, BatchArgs, Truncate};
+use crate::engine::kv_blocks::BlockPool;
 use crate::engine::{Engine, Event, RequestOutput};
 use crate::exit::{self, Coded};
 use crate::modes::record::{error_record, result_record, with_metadata};
@@ -780,7 +781,7 @@ fn generate(
                             metadata: item.metadata,
                             ready,
                         },
-                        engine,
+                        engine.pool(),
                     ),
                     Err(e) => {
                         writer.error(item.index, item.id, item.metadata, is_openai, &e, counts)?
@@ -931,11 +932,11 @@ impl Window {
         self.items.len()
     }
 
-    fn push(&mut self, w: Waiting, engine: &Engine) {
+    fn push(&mut self, w: Waiting, pool: &BlockPool) {
         let p = &w.ready.prompt;
         let upto = p.len().min(GROUP_BLOCKS * self.block_size);
         let mut hashes = Vec::new();
-        engine.pool().extend_hashes(&mut hashes, &p[..upto]);
+        pool.extend_hashes(&mut hashes, &p[..upto]);
         self.items.push_back((w, hashes, 0));
     }
 
@@ -1080,4 +1081,53 @@ fn report(
     }
     w.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(index: u64, prompt: Vec<u32>) -> Waiting {
+        Waiting {
+            index,
+            line: index + 1,
+            id: json!(index),
+            metadata: None,
+            ready: input::Ready {
+                prompt,
+                params: Default::default(),
+                n: 1,
+                openai: None,
+            },
+        }
+    }
+
+    /// Prompt of `blocks` 4-token blocks: a prefix family `fam`, then the record's own tokens.
+    fn prompt(fam: u32, own: u32) -> Vec<u32> {
+        let mut p: Vec<u32> = (0..8).map(|i| fam * 100 + i).collect();
+        p.extend((0..5).map(|i| 10_000 + own * 10 + i));
+        p
+    }
+
+    #[test]
+    fn the_window_admits_records_sharing_a_prefix_together_and_starves_none() {
+        let pool = BlockPool::new(4, 4);
+        let mut w = Window::new(3, 4);
+        // Families interleaved: 1 2 1 2 1 3.
+        for (i, fam) in [1, 2, 1, 2, 1, 3].into_iter().enumerate() {
+            w.push(waiting(i as u64, prompt(fam, i as u32)), &pool);
+        }
+        let order: Vec<u64> = std::iter::from_fn(|| w.pop().map(|x| x.index)).collect();
+        // 0 (oldest), then its family (2, 4); record 1 was passed over twice, then 3 (its
+        // family) and 5. With a capacity of 3 the front is passed over at most 3 times.
+        assert_eq!(order, vec![0, 2, 4, 1, 3, 5]);
+
+        let mut w = Window::new(1, 4);
+        for (i, fam) in [1, 2, 1, 1].into_iter().enumerate() {
+            w.push(waiting(i as u64, prompt(fam, i as u32)), &pool);
+        }
+        let order: Vec<u64> = std::iter::from_fn(|| w.pop().map(|x| x.index)).collect();
+        // Record 1 is passed over once (the capacity), then goes next.
+        assert_eq!(order, vec![0, 2, 1, 3]);
+    }
 }
