@@ -141,32 +141,27 @@ fn results_are_identical_with_and_without_the_cache() {
         ("tiny KV pool, small budget", small, 24, 8),
         ("block size 1", EngineConfig::default(), 2048, 1),
     ] {
-        // Without the cache these are the engine's batching invariants (tests/model_reference).
-        for cache in [true] {
-            let what = format!("{what}, cache {cache}");
-            let mut eng = engine_with(cache, cfg.clone(), blocks, bs);
-            submit(&mut eng, &reqs);
-            let got = run(&mut eng);
-            assert_same(&got, &want, &what);
-            assert_no_leak(&eng, &what);
-            let st = eng.stats();
-            if cache {
-                assert!(
-                    st.cached_prompt_tokens > 0,
-                    "{what}: shared prefixes should hit"
-                );
-            }
-            if what.starts_with("tiny") {
-                assert!(
-                    st.preemptions > 0,
-                    "{what}: the pool should force preemption"
-                );
-            }
-            eprintln!(
-                "{what}: prefill {} cached {} preemptions {} steps {}",
-                st.prefill_tokens, st.cached_prompt_tokens, st.preemptions, st.steps
+        // (Without the cache these are the engine's batching invariants: tests/model_reference.)
+        let mut eng = engine_with(true, cfg, blocks, bs);
+        submit(&mut eng, &reqs);
+        let got = run(&mut eng);
+        assert_same(&got, &want, what);
+        assert_no_leak(&eng, what);
+        let st = eng.stats();
+        assert!(
+            st.cached_prompt_tokens > 0,
+            "{what}: shared prefixes should hit"
+        );
+        if what.starts_with("tiny") {
+            assert!(
+                st.preemptions > 0,
+                "{what}: the pool should force preemption"
             );
         }
+        eprintln!(
+            "{what}: prefill {} cached {} preemptions {} steps {}",
+            st.prefill_tokens, st.cached_prompt_tokens, st.preemptions, st.steps
+        );
     }
 }
 

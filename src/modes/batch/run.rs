@@ -1033,31 +1033,21 @@ fn report(
         ])?;
     }
     let machine = crate::modes::host::machine_name();
-    let mut rows: Vec<(String, u64, u64, u64, u64, f64, u64, u64)> = vec![(
-        "all".into(),
-        records,
-        errors,
-        pin,
-        gen,
-        wall,
-        cached,
-        computed,
-    )];
+    // The whole run first, then each replica when there are several: one shape for all rows.
+    let all = json!({
+        "records": records, "errors": errors, "prompt_tokens": pin, "generated_tokens": gen,
+        "wall_s": wall, "cached_prompt_tokens": cached, "computed_prompt_tokens": computed,
+    });
+    let mut rows: Vec<(String, &Value)> = vec![("all".into(), &all)];
     if states.len() > 1 {
-        for (k, s) in states.iter().enumerate() {
-            rows.push((
-                k.to_string(),
-                u(s, "records"),
-                u(s, "errors"),
-                u(s, "prompt_tokens"),
-                u(s, "generated_tokens"),
-                f(s, "wall_s"),
-                u(s, "cached_prompt_tokens"),
-                u(s, "computed_prompt_tokens"),
-            ));
-        }
+        rows.extend(states.iter().enumerate().map(|(k, s)| (k.to_string(), s)));
     }
-    for (replica, rec, err, pin, gen, wall, cached, computed) in rows {
+    for (replica, s) in rows {
+        let (pin, gen, wall) = (
+            u(s, "prompt_tokens"),
+            u(s, "generated_tokens"),
+            f(s, "wall_s"),
+        );
         w.write_record([
             crate::modes::host::today_utc(),
             env!("HERD_GIT_COMMIT").to_string(),
@@ -1067,15 +1057,15 @@ fn report(
             replica,
             args.model.max_batch_size.to_string(),
             complete.to_string(),
-            rec.to_string(),
-            err.to_string(),
+            u(s, "records").to_string(),
+            u(s, "errors").to_string(),
             pin.to_string(),
             gen.to_string(),
             format!("{wall:.3}"),
             format!("{:.1}", pin as f64 / wall.max(1e-9)),
             format!("{:.1}", gen as f64 / wall.max(1e-9)),
-            cached.to_string(),
-            computed.to_string(),
+            u(s, "cached_prompt_tokens").to_string(),
+            u(s, "computed_prompt_tokens").to_string(),
             (!args.model.no_prefix_cache).to_string(),
         ])?;
     }
