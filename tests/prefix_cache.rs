@@ -604,3 +604,51 @@ fn stats_csv_carries_cached_and_computed_prompt_tokens() {
     // Without the cache every prompt token of every sample is computed.
     assert!(num(&rows[1], "computed_prompt_tokens") >= num(&rows[1], "prompt_tokens"));
 }
+
+#[test]
+fn admission_groups_records_by_prefix_within_the_read_ahead_window() {
+    // Eight system prompts in turn; a pool that holds about four of them. Admitted in file order
+    // (a window of 1) each prefix is evicted before it comes back; grouped, records sharing
+    // one run together and hit. Same output either way.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let topics = [
+        "rivers", "stars", "bread", "chess", "trains", "music", "glass", "maps",
+    ];
+    let lines: Vec<String> = (0..64)
+        .map(|i| {
+            let t = topics[i % 8];
+            let sys = format!("You are an expert on {t}. ")
+                + &format!("Always explain {t} with care and cite one fact about {t}. ").repeat(30);
+            json!({"id": i, "messages": [{"role": "system", "content": sys},
+                                         {"role": "user", "content": format!("q{i}")}],
+                   "max_tokens": 3, "seed": i})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let run = |ra: &str| {
+        let out = dir.path().join(format!("out-{ra}.jsonl"));
+        let extra = [
+            "--read-ahead",
+            ra,
+            "--kv-cache-gb",
+            "0.0008",
+            "--max-batch-size",
+            "2",
+        ];
+        let (code, err) = herd_batch(&input, &out, &extra);
+        assert_eq!(code, 0, "{err}");
+        let recs = jsonl(&out);
+        let cached: u64 = recs.iter().map(cached_of).sum();
+        (without_cache_detail(recs), cached)
+    };
+    let (fifo, fifo_cached) = run("1");
+    let (grouped, grouped_cached) = run("64");
+    assert_eq!(grouped, fifo, "grouping changes no result");
+    eprintln!("cached prompt tokens: file order {fifo_cached}, grouped {grouped_cached}");
+    assert!(
+        grouped_cached > 4 * fifo_cached.max(1000),
+        "grouped admission should hit far more: {grouped_cached} vs {fifo_cached}"
+    );
+}
