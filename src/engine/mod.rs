@@ -4,6 +4,9 @@
 //! chunks, then newly admitted requests while blocks and the token budget allow), runs one packed
 //! forward, samples, applies stop rules and frees finished sequences' blocks. When blocks run out
 //! the newest sequence is preempted (its blocks freed, recomputed later), never an error.
+//! With prefix caching (on by default) a request admitted takes the longest cached run of full
+//! blocks of its tokens from the pool ([`kv_blocks`]) and computes only the rest; the blocks a
+//! step completes become findable after it. A result never depends on where its K/V came from.
 //! The engine knows requests and tokens, never files, sockets or terminals.
 
 pub mod kv_blocks;
