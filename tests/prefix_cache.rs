@@ -652,3 +652,54 @@ fn admission_groups_records_by_prefix_within_the_read_ahead_window() {
         "grouped admission should hit far more: {grouped_cached} vs {fifo_cached}"
     );
 }
+
+#[test]
+fn the_cuda_backend_on_the_emulated_device_gets_the_cache_through_the_same_block_tables() {
+    // EMULATED (scripts/cuda-emu: herd's kernels as C++ on the CPU): proves the CUDA path reads
+    // cached blocks through the block tables like the CPU backend, not a GPU's own rounding.
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let lines: Vec<String> = (0..5)
+        .map(|i| {
+            json!({"id": i, "messages": [{"role": "system", "content": system(0)},
+                                         {"role": "user", "content": format!("q{i}")}],
+                   "max_tokens": 4, "seed": i, "n": 1 + i % 2, "logprobs": 1})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cuda-emu");
+    let run = |tag: &str, extra: &[&str]| {
+        let out = dir.path().join(format!("{tag}.jsonl"));
+        let o = std::process::Command::new(&script)
+            .arg(env!("CARGO_BIN_EXE_herd"))
+            .args([
+                "batch",
+                "--model",
+                MODEL,
+                "--device",
+                "cuda",
+                "--kv-cache-gb",
+                "0.05",
+            ])
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&out)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .env("CUDA_EMU_QUIET", "1")
+            .output()
+            .expect("scripts/cuda-emu runs");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{tag}: {err}");
+        jsonl(&out)
+    };
+    let cached = run("cached", &[]);
+    let plain = run("plain", &["--no-prefix-cache"]);
+    assert!(
+        cached.iter().skip(1).all(|r| cached_of(r) > 0),
+        "records after the first hit"
+    );
+    assert_same_records(cached, &without_cache_detail(plain), "emulated CUDA");
+}
