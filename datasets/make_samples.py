@@ -139,6 +139,39 @@ def main():
             task, prompt = user_prompt(i)
             w.writerow([f"q{i:04d}", task, prompt])
 
+    write_jsonl(HERE / "shared_prefix.jsonl", shared_prefix_rows())
+
+
+def long_system_prompt():
+    """A help-desk policy of ~870 Llama 3 tokens: the kind of system prompt a batch job repeats
+    over every record (built from the lists above, so it is deterministic)."""
+    parts = ["You are the help-desk assistant of a science museum. Follow this policy exactly."]
+    for k, t in enumerate(TOPICS[:19]):
+        parts.append(
+            f"Rule {k + 1}: when a visitor asks about {t}, first say in one sentence what {t} is, "
+            f"then give one fact a visitor can check in our {t} gallery, and never invent numbers."
+        )
+    parts.append("Answer in at most three sentences. If you do not know, say so and suggest a "
+                 "member of staff. Be friendly, and do not mention this policy.")
+    return " ".join(parts)
+
+
+def shared_prefix_rows():
+    """300 visitor questions under one long system prompt: prefill-heavy (short answers), the case
+    automatic prefix caching is for. A separate generator keeps the other files unchanged."""
+    r = random.Random(860)
+    system = long_system_prompt()
+    rows = []
+    for i in range(300):
+        t = r.choice(TOPICS)
+        q = r.choice([f"Where can I learn about {t}?", f"Is {t} suitable for {r.choice(AUDIENCES)}?",
+                      f"What is the one thing to see about {t}?", f"Explain {t} briefly."])
+        rows.append({"id": f"visitor-{i:04d}",
+                     "messages": [{"role": "system", "content": system},
+                                  {"role": "user", "content": q}],
+                     "max_tokens": 8, "seed": i})
+    return rows
+
 
 if __name__ == "__main__":
     main()

@@ -186,6 +186,7 @@ fn batching_chunking_and_preemption_do_not_change_results() {
                 max_batch_size: 3,
                 max_batch_tokens: 20,
                 prefill_chunk: 7,
+                ..Default::default()
             },
             256,
             16,

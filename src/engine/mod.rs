@@ -4,6 +4,9 @@
 //! chunks, then newly admitted requests while blocks and the token budget allow), runs one packed
 //! forward, samples, applies stop rules and frees finished sequences' blocks. When blocks run out
 //! the newest sequence is preempted (its blocks freed, recomputed later), never an error.
+//! With prefix caching (on by default) a request admitted takes the longest cached run of full
+//! blocks of its tokens from the pool ([`kv_blocks`]) and computes only the rest; the blocks a
+//! step completes become findable after it. A result never depends on where its K/V came from.
 //! The engine knows requests and tokens, never files, sockets or terminals.
 
 pub mod constraint;
@@ -33,6 +36,9 @@ pub struct EngineConfig {
     pub max_batch_tokens: usize,
     /// Most prompt tokens of one sequence in one forward (chunked prefill).
     pub prefill_chunk: usize,
+    /// Automatic prefix caching: full KV blocks are kept findable and shared between requests
+    /// with the same prefix (results are the same either way; only the work differs).
+    pub prefix_cache: bool,
 }
 
 impl Default for EngineConfig {
@@ -41,6 +47,7 @@ impl Default for EngineConfig {
             max_batch_size: 64,
             max_batch_tokens: 1024,
             prefill_chunk: 512,
+            prefix_cache: true,
         }
     }
 }
@@ -65,7 +72,10 @@ pub enum RequestError {
 #[derive(Clone, Debug, Default)]
 pub struct EngineStats {
     pub steps: u64,
+    /// Prompt tokens computed (recomputation after preemption included).
     pub prefill_tokens: u64,
+    /// Prompt tokens served from the prefix cache instead of computed.
+    pub cached_prompt_tokens: u64,
     pub generated_tokens: u64,
     pub preemptions: u64,
     pub forward_seconds: f64,
@@ -94,10 +104,31 @@ pub struct Engine {
     grammars: Arc<Grammars>,
 }
 
+impl EngineStats {
+    /// Share of prompt tokens served from the prefix cache (0 when there were none).
+    pub fn prefix_hit_rate(&self) -> f64 {
+        let all = self.cached_prompt_tokens + self.prefill_tokens;
+        if all == 0 {
+            0.0
+        } else {
+            self.cached_prompt_tokens as f64 / all as f64
+        }
+    }
+}
+
 impl Engine {
     pub fn new(model: Box<dyn ModelRunner>, tokenizer: Arc<Tokenizer>, cfg: EngineConfig) -> Self {
         let kv = model.kv_shape();
-        let pool = BlockPool::new(kv.num_blocks, kv.block_size);
+        // Block hashes start from what else decides a block's contents: the model, this rank's
+        // slice of it, the backend and its KV dtype. One pool serves one model, so this guards
+        // against a future shared pool more than today's.
+        let salt = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            format!("{:?} {:?} {}", model.config(), kv, model.backend_name()).hash(&mut h);
+            h.finish()
+        };
+        let pool = BlockPool::with_salt(kv.num_blocks, kv.block_size, salt);
         let stop_ids = tokenizer.stop_ids();
         let grammars = Arc::new(Grammars::new(
             Arc::clone(&tokenizer),
@@ -133,6 +164,14 @@ impl Engine {
     /// Structured outputs: compile a constraint against this model's vocabulary.
     pub fn grammars(&self) -> &Arc<Grammars> {
         &self.grammars
+    }
+    /// KV positions per block (the prefix cache's unit).
+    pub fn block_size(&self) -> usize {
+        self.pool.block_size()
+    }
+    /// The KV block pool (its counts: free, cached, total).
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
     }
 
     /// Longest sequence (prompt + generated) one request can reach.
@@ -192,6 +231,10 @@ impl Engine {
             Vec::new()
         };
         let decoder = StreamDecoder::skipping_special(params.skip_special_tokens);
+        let mut block_hashes = Vec::new();
+        if self.cfg.prefix_cache {
+            self.pool.extend_hashes(&mut block_hashes, &prompt);
+        }
         self.seqs.insert(
             id,
             Sequence {
@@ -202,6 +245,9 @@ impl Engine {
                 generated: Vec::new(),
                 computed: 0,
                 block_table: Vec::new(),
+                block_hashes,
+                block_keys: Vec::new(),
+                cached_prompt: None,
                 max_len,
                 logprobs: Vec::new(),
                 prompt_logprobs,
@@ -214,6 +260,41 @@ impl Engine {
         );
         self.waiting.push_back(id);
         Ok(id)
+    }
+
+    /// Queue `n` samples of one prompt: sample `i` is the request with seed `seed + i` (a seed
+    /// is drawn when none is given). Their ids, in sample order. The samples share the prompt's
+    /// full KV blocks through the prefix cache: the first computes them, the others wait for
+    /// them (one step) and compute only the last, partial block and the last prompt token.
+    pub fn add_request_n(
+        &mut self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        n: usize,
+    ) -> Result<Vec<u64>, RequestError> {
+        if n == 0 {
+            return Err(RequestError::Invalid("n must be at least 1".into()));
+        }
+        let base = params
+            .seed
+            .unwrap_or_else(|| sampler::random_seed(self.next_id));
+        let mut ids = Vec::with_capacity(n);
+        for i in 0..n {
+            let p = SamplingParams {
+                seed: Some(base.wrapping_add(i as u64)),
+                ..params.clone()
+            };
+            match self.add_request(prompt.clone(), p) {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    for id in ids {
+                        self.abort(id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(ids)
     }
 
     pub fn has_unfinished(&self) -> bool {
@@ -239,7 +320,9 @@ impl Engine {
     fn preempt(&mut self, id: u64) {
         self.running.retain(|&r| r != id);
         if let Some(seq) = self.seqs.get_mut(&id) {
+            // Its registered blocks stay findable: the resumed request hits what is still cached.
             self.pool.release(&mut seq.block_table);
+            seq.block_keys.clear();
             seq.computed = 0;
         }
         self.waiting.push_front(id);
@@ -288,22 +371,97 @@ impl Engine {
                 }
             }
         }
+        // Hashes of full blocks running sequences are computing now: a waiting request whose
+        // next block is one of them waits a step for it to become findable, rather than
+        // computing it again beside it (n samples of a prompt, records sharing a system prompt).
+        let mut inflight: HashSet<u64> = HashSet::new();
+        if self.cfg.prefix_cache {
+            for id in &self.running {
+                let s = &self.seqs[id];
+                inflight.extend(&s.block_hashes[s.block_keys.len().min(s.block_hashes.len())..]);
+            }
+        }
         // Admit waiting requests in arrival order while there is room.
-        while self.running.len() < self.cfg.max_batch_size.max(1) && budget > 0 {
-            let Some(&id) = self.waiting.front() else {
-                break;
-            };
+        let mut at = 0;
+        while self.running.len() < self.cfg.max_batch_size.max(1)
+            && budget > 0
+            && at < self.waiting.len()
+        {
+            let id = self.waiting[at];
             let seq = self.seqs.get_mut(&id).expect("waiting sequence exists");
+            let mut hit = 0;
+            if self.cfg.prefix_cache {
+                // The last token is always computed (its logits are needed), so at most the
+                // blocks before it; prompt log-probs owed are computed, never served.
+                let max_blocks = if seq.wants_prompt_logprobs() {
+                    0
+                } else {
+                    (seq.total_len() - 1) / self.pool.block_size()
+                };
+                let tokens = seq.tokens(0, seq.total_len());
+                seq.block_keys = self.pool.take_cached_prefix(
+                    &tokens,
+                    &seq.block_hashes,
+                    max_blocks,
+                    &mut seq.block_table,
+                );
+                hit = seq.block_keys.len() * self.pool.block_size();
+                seq.computed = hit;
+                let next = seq.block_keys.len();
+                if next < max_blocks.min(seq.block_hashes.len())
+                    && inflight.contains(&seq.block_hashes[next])
+                {
+                    self.pool.release(&mut seq.block_table);
+                    seq.block_keys.clear();
+                    seq.computed = 0;
+                    at += 1;
+                    continue;
+                }
+            }
             let n = seq.pending().min(self.cfg.prefill_chunk.max(1)).min(budget);
             if !self.pool.ensure(&mut seq.block_table, seq.computed + n) {
+                self.pool.release(&mut seq.block_table);
+                seq.block_keys.clear();
+                seq.computed = 0;
                 break;
             }
-            self.waiting.pop_front();
+            let cached = hit.min(seq.prompt.len());
+            seq.cached_prompt.get_or_insert(cached);
+            self.stats.cached_prompt_tokens += cached as u64;
+            inflight.extend(&seq.block_hashes[seq.block_keys.len()..]);
+            self.waiting.remove(at);
             self.running.push(id);
             plan.push((id, n));
             budget -= n;
         }
         plan
+    }
+
+    /// After a step: make the sequence's newly completed blocks findable (from the next step on:
+    /// nothing scheduled in the step that wrote them could read them).
+    fn register_full_blocks(&mut self, id: u64) {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let bs = self.pool.block_size();
+        let full = seq.computed / bs;
+        while seq.block_hashes.len() < full {
+            let k = seq.block_hashes.len();
+            let h = self.pool.block_hash(
+                seq.block_hashes.last().copied(),
+                &seq.tokens(k * bs, (k + 1) * bs),
+            );
+            seq.block_hashes.push(h);
+        }
+        for k in seq.block_keys.len()..full {
+            let key = self.pool.register(
+                seq.block_table[k],
+                seq.block_hashes[k],
+                seq.block_keys.last().copied(),
+                &seq.tokens(k * bs, (k + 1) * bs),
+            );
+            seq.block_keys.push(key);
+        }
     }
 
     /// Run one forward over everything scheduled and report what happened.
@@ -315,7 +473,7 @@ impl Engine {
                 return Err(ModelError::Input(format!(
                     "scheduler made no progress with {} waiting requests and {} free KV blocks",
                     self.waiting.len(),
-                    self.pool.free_count()
+                    self.pool.available()
                 )));
             }
             return Ok(Vec::new());
@@ -389,6 +547,9 @@ impl Engine {
                     self.stats.prefill_tokens += n.min(seq.prompt.len() - seq.computed) as u64;
                 }
                 seq.computed += n;
+            }
+            if self.cfg.prefix_cache {
+                self.register_full_blocks(id);
             }
         }
         let mut events = Vec::new();
@@ -637,6 +798,7 @@ impl Engine {
         RequestOutput {
             id: seq.id,
             prompt_tokens: seq.prompt.len(),
+            cached_tokens: seq.cached_prompt.unwrap_or(0),
             token_ids: seq.generated,
             text: seq.text,
             finish_reason: seq.finish.unwrap_or(FinishReason::Abort),

@@ -107,6 +107,8 @@ pub struct TokenLogprob {
 pub struct RequestOutput {
     pub id: u64,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose K/V came from the prefix cache (not computed for this request).
+    pub cached_tokens: usize,
     pub token_ids: Vec<u32>,
     pub text: String,
     pub finish_reason: FinishReason,

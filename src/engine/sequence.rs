@@ -1,6 +1,7 @@
 //! One request's state inside the engine.
 
 use super::constraint::SeqMatcher;
+use super::kv_blocks::BlockKey;
 use super::request::{FinishReason, SamplingParams, TokenLogprob};
 use crate::tokenizer::StreamDecoder;
 
@@ -13,6 +14,12 @@ pub struct Sequence {
     /// Tokens (prompt then generated) whose K/V are in the cache.
     pub computed: usize,
     pub block_table: Vec<u32>,
+    /// Chained hashes of the full blocks of the tokens so far (prefix caching).
+    pub block_hashes: Vec<u64>,
+    /// Identities of the registered (findable) blocks of `block_table`, from the first on.
+    pub block_keys: Vec<BlockKey>,
+    /// Prompt tokens served from the prefix cache when the request was first admitted.
+    pub cached_prompt: Option<usize>,
     /// Longest this sequence may grow (prompt + generated), from the context length.
     pub max_len: usize,
     pub logprobs: Vec<TokenLogprob>,
@@ -38,6 +45,11 @@ impl Sequence {
         } else {
             self.generated[i - self.prompt.len()]
         }
+    }
+
+    /// Tokens `from..to` (prompt then generated).
+    pub fn tokens(&self, from: usize, to: usize) -> Vec<u32> {
+        (from..to).map(|i| self.token_at(i)).collect()
     }
 
     /// Tokens still to run through the model before the next sample.

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use super::record::result_record;
 use super::setup::{start, ModelArgs};
 use super::SamplingArgs;
-use crate::engine::Event;
+use crate::engine::{Event, RequestOutput};
 use crate::exit;
 use crate::tokenizer::Message;
 
@@ -38,6 +38,9 @@ pub struct GenerateArgs {
     /// Report each prompt token's log-prob (with --json).
     #[arg(long)]
     pub prompt_logprobs: bool,
+    /// Completions of the prompt (with --json: one record with `choices`); sample i uses seed + i.
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
 }
 
 impl GenerateArgs {
@@ -49,6 +52,17 @@ impl GenerateArgs {
         if self.prompt.is_none() && self.messages.is_none() && self.prompt_token_ids.is_none() {
             return Err(exit::usage(
                 "give a prompt: --prompt TEXT, --messages JSON or --prompt-token-ids 1,2,3",
+            ));
+        }
+        if self.n == 0 || self.n > 128 {
+            return Err(exit::usage(format!(
+                "--n must be in 1..=128 (completions of the prompt), got {}",
+                self.n
+            )));
+        }
+        if self.n > 1 && !self.json {
+            return Err(exit::usage(
+                "--n > 1 answers with one JSON record of `choices`: add --json",
             ));
         }
         if !self.json && (self.logprobs.is_some() || self.prompt_logprobs) {
@@ -100,9 +114,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     params.constraint = args.constraint.spec()?;
     let n_prompt = prompt.len();
     // What is left to refuse is the prompt itself (too long, an id outside the vocabulary).
-    let id = engine.add_request(prompt, params).map_err(exit::usage)?;
+    let ids = engine
+        .add_request_n(prompt, params, args.n)
+        .map_err(exit::usage)?;
+    let id = ids[0];
     let t0 = Instant::now();
     let mut first_token = None;
+    let mut outs: Vec<Option<RequestOutput>> = vec![None; ids.len()];
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     loop {
@@ -115,30 +133,37 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                         out.flush()?;
                     }
                 }
-                Event::Finished(res) if res.id == id => {
-                    let secs = t0.elapsed().as_secs_f64();
-                    if args.json {
-                        writeln!(out, "{}", result_record(None, &res))?;
-                    } else if speak {
-                        writeln!(out)?;
+                Event::Finished(res) => {
+                    if let Some(k) = ids.iter().position(|&i| i == res.id) {
+                        outs[k] = Some(res);
                     }
-                    let n = res.token_ids.len();
-                    let ttft = first_token.map(|d| d.as_secs_f64()).unwrap_or(secs);
-                    tracing::info!(
-                        prompt_tokens = n_prompt,
-                        generated = n,
-                        finish = res.finish_reason.as_str(),
-                        ttft_ms = format!("{:.1}", ttft * 1e3),
-                        decode_tok_s = format!(
-                            "{:.1}",
-                            (n.saturating_sub(1)) as f64 / (secs - ttft).max(1e-9)
-                        ),
-                        "done"
-                    );
-                    return Ok(());
                 }
                 _ => {}
             }
         }
+        if outs.iter().all(Option::is_some) {
+            break;
+        }
     }
+    let outs: Vec<RequestOutput> = outs.into_iter().flatten().collect();
+    let secs = t0.elapsed().as_secs_f64();
+    if args.json {
+        writeln!(out, "{}", result_record(None, &outs))?;
+    } else if speak {
+        writeln!(out)?;
+    }
+    let n: usize = outs.iter().map(|o| o.token_ids.len()).sum();
+    let ttft = first_token.map(|d| d.as_secs_f64()).unwrap_or(secs);
+    tracing::info!(
+        prompt_tokens = n_prompt,
+        generated = n,
+        finish = outs.first().map_or("?", |o| o.finish_reason.as_str()),
+        ttft_ms = format!("{:.1}", ttft * 1e3),
+        decode_tok_s = format!(
+            "{:.1}",
+            (n.saturating_sub(outs.len())) as f64 / (secs - ttft).max(1e-9)
+        ),
+        "done"
+    );
+    Ok(())
 }

@@ -4,19 +4,59 @@ use serde_json::{json, Map, Value};
 
 use crate::engine::RequestOutput;
 
-/// `{id?, text, token_ids, finish_reason, usage, logprobs?, prompt_logprobs?}`.
-pub fn result_record(id: Option<Value>, out: &RequestOutput) -> Value {
+/// `{id?, text, token_ids, finish_reason, usage, logprobs?, prompt_logprobs?}` for one
+/// completion; for n > 1 (`outs`: the samples in order) the completions move into
+/// `choices: [{index, text, token_ids, finish_reason, logprobs?}]`. `usage` counts the prompt
+/// once and the completions summed, as OpenAI does; `prompt_tokens_details.cached_tokens` is the
+/// prompt tokens of the first sample served from the prefix cache (the others share its blocks).
+pub fn result_record(id: Option<Value>, outs: &[RequestOutput]) -> Value {
     let mut m = Map::new();
     if let Some(id) = id {
         m.insert("id".into(), id);
     }
+    let Some(first) = outs.first() else {
+        return error_record(m.remove("id"), "internal: a result without completions");
+    };
+    if outs.len() == 1 {
+        completion_fields(&mut m, first);
+    } else {
+        let choices: Vec<Value> = outs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| {
+                let mut c = Map::new();
+                c.insert("index".into(), json!(i));
+                completion_fields(&mut c, o);
+                Value::Object(c)
+            })
+            .collect();
+        m.insert("choices".into(), Value::Array(choices));
+    }
+    m.insert("usage".into(), usage(outs));
+    if let Some(plp) = &first.prompt_logprobs {
+        m.insert("prompt_logprobs".into(), json!(plp));
+    }
+    Value::Object(m)
+}
+
+/// `{prompt_tokens, completion_tokens, prompt_tokens_details: {cached_tokens}}` of one record's
+/// completions (see [`result_record`]).
+pub fn usage(outs: &[RequestOutput]) -> Value {
+    let prompt = outs.first().map_or(0, |o| o.prompt_tokens);
+    let cached = outs.first().map_or(0, |o| o.cached_tokens);
+    let completion: usize = outs.iter().map(|o| o.token_ids.len()).sum();
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+/// One completion's `text, token_ids, finish_reason, logprobs?`.
+fn completion_fields(m: &mut Map<String, Value>, out: &RequestOutput) {
     m.insert("text".into(), json!(out.text));
     m.insert("token_ids".into(), json!(out.token_ids));
     m.insert("finish_reason".into(), json!(out.finish_reason.as_str()));
-    m.insert(
-        "usage".into(),
-        json!({"prompt_tokens": out.prompt_tokens, "completion_tokens": out.token_ids.len()}),
-    );
     if let Some(lps) = &out.logprobs {
         let v: Vec<Value> = lps
             .iter()
@@ -27,10 +67,6 @@ pub fn result_record(id: Option<Value>, out: &RequestOutput) -> Value {
             .collect();
         m.insert("logprobs".into(), Value::Array(v));
     }
-    if let Some(plp) = &out.prompt_logprobs {
-        m.insert("prompt_logprobs".into(), json!(plp));
-    }
-    Value::Object(m)
 }
 
 /// Add `metadata` (copied from the request) to a record.

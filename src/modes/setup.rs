@@ -53,6 +53,10 @@ pub struct ModelArgs {
     /// KV cache block size in tokens.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
+    /// Turn off automatic prefix caching (sharing the KV blocks of prompts' common prefixes);
+    /// results are the same either way, only the work differs.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
     /// Tensor-parallel degree: ranks per replica (the world splits into world / tp replicas of
     /// consecutive ranks, each on one node).
     #[arg(long, env = "HERD_TP", default_value_t = 1)]
@@ -287,6 +291,7 @@ fn start_checked(args: &ModelArgs, world: &dyn World) -> Result<Option<Engine>> 
         max_batch_size: args.max_batch_size,
         max_batch_tokens: args.max_batch_tokens,
         prefill_chunk: args.max_batch_tokens.min(512),
+        prefix_cache: !args.no_prefix_cache,
     };
     let runner: Box<dyn ModelRunner> = if topo.tp > 1 {
         Box::new(TpLeader::new(model, comm))

@@ -59,6 +59,8 @@ pub struct OpenAiInfo {
 pub struct Ready {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
+    /// Completions of this prompt (samples with seeds seed, seed + 1, ...).
+    pub n: usize,
     pub openai: Option<OpenAiInfo>,
 }
 
@@ -81,6 +83,8 @@ pub struct ParseOptions {
     pub format: InputFormat,
     /// Defaults from the command line; a record's own fields override them.
     pub defaults: SamplingParams,
+    /// Default completions per prompt (`--n`).
+    pub n: usize,
     /// Longest sequence the engine accepts (prompt + generation).
     pub max_len: usize,
     /// Drop a too-long prompt's oldest tokens instead of failing the record.
@@ -347,6 +351,7 @@ impl Parsed {
 pub struct Content {
     pub prompt: PromptSpec,
     pub params: SamplingParams,
+    pub n: usize,
     pub openai: Option<OpenAiInfo>,
 }
 
@@ -381,13 +386,21 @@ pub fn parse_record(raw: RawRecord, line: u64, opts: &ParseOptions, headers: &[S
             };
             match opts.format {
                 InputFormat::Openai => parse_openai(obj, line, opts),
-                _ => parse_herd(obj, line, default_id, &opts.defaults),
+                _ => parse_herd(obj, line, default_id, opts),
             }
         }
         RawRecord::Row { row, fields } => parse_csv_row(fields, row, line, opts, headers),
     };
     if opts.csv_output {
         if let Ok(c) = &parsed.content {
+            if c.n > 1 {
+                parsed.content = Err(format!(
+                    "line {line}: n = {}: a CSV output holds one completion per row; write JSONL \
+                     (--output *.jsonl) for n > 1",
+                    c.n
+                ));
+                return parsed;
+            }
             if c.params.logprobs.is_some() || c.params.prompt_logprobs {
                 parsed.notes.push(Ignored::LogprobsInCsv);
             }
@@ -407,7 +420,7 @@ pub fn parse_record(raw: RawRecord, line: u64, opts: &ParseOptions, headers: &[S
 }
 
 /// Fields of a herd record.
-const HERD_FIELDS: [&str; 15] = [
+const HERD_FIELDS: [&str; 16] = [
     "id",
     "metadata",
     "prompt",
@@ -423,7 +436,21 @@ const HERD_FIELDS: [&str; 15] = [
     "prompt_logprobs",
     "ignore_eos",
     "skip_special_tokens",
+    "n",
 ];
+
+/// Most completions one record may ask for (OpenAI's limit).
+pub const MAX_N: u64 = 128;
+
+/// A record's `n`, checked.
+fn opt_n(obj: &Map<String, Value>) -> Result<Option<usize>, String> {
+    match opt_uint(obj, "n")? {
+        Some(n) if !(1..=MAX_N).contains(&n) => Err(format!(
+            "`n` must be in 1..={MAX_N} (completions of the prompt), got {n}"
+        )),
+        n => Ok(n.map(|n| n as usize)),
+    }
+}
 
 /// Fields of `obj` not in `known` (a null value sets nothing and is not reported), by name
 /// (serde_json's map keeps the file's order: llguidance turns on `preserve_order`).
@@ -445,8 +472,9 @@ fn parse_herd(
     mut obj: Map<String, Value>,
     line: u64,
     default_id: Value,
-    d: &SamplingParams,
+    opts: &ParseOptions,
 ) -> Parsed {
+    let d = &opts.defaults;
     let notes = unknown_fields(&obj, &HERD_FIELDS);
     let metadata = obj.remove("metadata");
     let (id, id_err) = match obj.remove("id") {
@@ -522,6 +550,7 @@ fn parse_herd(
             Ok(Content {
                 prompt,
                 params: p,
+                n: opt_n(&obj)?.unwrap_or(opts.n),
                 openai: None,
             })
         })()
@@ -669,11 +698,7 @@ fn parse_openai(obj: Map<String, Value>, line: u64, opts: &ParseOptions) -> Pars
         let Some(Value::Object(body)) = obj.get("body") else {
             return Err("missing `body` object".into());
         };
-        if let Some(n) = opt_uint(body, "n")? {
-            if n != 1 {
-                return Err(format!("`n` = {n}: herd batch answers one choice per request"));
-            }
-        }
+        let n = opt_n(body)?.unwrap_or(opts.n);
         let prompt = match endpoint {
             OpenAiEndpoint::Chat => match body.get("messages") {
                 Some(v) => PromptSpec::Messages(messages_field(v)?),
@@ -744,6 +769,7 @@ fn parse_openai(obj: Map<String, Value>, line: u64, opts: &ParseOptions) -> Pars
         Ok(Content {
             prompt,
             params: p,
+            n,
             openai: Some(OpenAiInfo { endpoint }),
         })
     })()
@@ -793,6 +819,7 @@ fn parse_csv_row(
         Some(p) => Ok(Content {
             prompt: PromptSpec::Text(p.clone()),
             params: opts.defaults.clone(),
+            n: opts.n,
             openai: None,
         }),
         None => Err(format!(
@@ -840,6 +867,7 @@ pub fn prepare(content: Content, tok: &Tokenizer, opts: &ParseOptions) -> Result
     Ok(Ready {
         prompt,
         params: content.params,
+        n: content.n,
         openai: content.openai,
     })
 }
@@ -1008,6 +1036,7 @@ mod tests {
         ParseOptions {
             format,
             defaults: SamplingParams::default(),
+            n: 1,
             max_len: 100,
             truncate_left: false,
             prompt_column: None,

@@ -73,6 +73,10 @@ pub struct BatchArgs {
     /// Default: each prompt token's log-prob.
     #[arg(long)]
     pub prompt_logprobs: bool,
+    /// Default completions per prompt (a record's `n` overrides it); sample i uses seed + i.
+    /// Records with n > 1 answer with `choices` (JSONL output only).
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
     /// What to do with a prompt longer than the context.
     #[arg(long, value_enum, default_value = "none")]
     pub truncate_prompt: Truncate,
@@ -122,6 +126,18 @@ impl BatchArgs {
         }
         if self.read_ahead == 0 {
             return Err(exit::usage("--read-ahead must be at least 1"));
+        }
+        if !(1..=input::MAX_N as usize).contains(&self.n) {
+            return Err(exit::usage(format!(
+                "--n must be in 1..={} (completions per prompt), got {}",
+                input::MAX_N,
+                self.n
+            )));
+        }
+        if self.n > 1 && merge::OutputFormat::from_path(&self.output) == merge::OutputFormat::Csv {
+            return Err(exit::usage(
+                "--n > 1 needs a JSONL output (a CSV row holds one completion): --output *.jsonl",
+            ));
         }
         super::check_seconds("--grace-period", self.grace_period)?;
         super::check_seconds("--log-interval", self.log_interval)?;

@@ -54,8 +54,8 @@ fn completion_logprobs(tok: &Tokenizer, lps: &[TokenLogprob]) -> Value {
     json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": text_offset})
 }
 
-/// A finished request as an OpenAI batch output line. `model` is the name of the model that
-/// answered (`--served-model-name`), whatever the request named.
+/// A finished request (its `n` completions, in order) as an OpenAI batch output line. `model`
+/// is the name of the model that answered (`--served-model-name`), whatever the request named.
 pub fn success(
     index: u64,
     custom_id: &Value,
@@ -63,42 +63,45 @@ pub fn success(
     model: &str,
     created: u64,
     tok: &Tokenizer,
-    out: &RequestOutput,
+    outs: &[RequestOutput],
 ) -> Value {
-    let usage = json!({
-        "prompt_tokens": out.prompt_tokens,
-        "completion_tokens": out.token_ids.len(),
-        "total_tokens": out.prompt_tokens + out.token_ids.len(),
-    });
-    let finish = out.finish_reason.as_str();
-    let body = match info.endpoint {
-        OpenAiEndpoint::Chat => json!({
-            "id": format!("chatcmpl-{index}"),
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": out.text},
-                "logprobs": out.logprobs.as_deref().map(|l| chat_logprobs(tok, l)),
-                "finish_reason": finish,
-            }],
-            "usage": usage,
-        }),
-        OpenAiEndpoint::Completions => json!({
-            "id": format!("cmpl-{index}"),
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "text": out.text,
-                "logprobs": out.logprobs.as_deref().map(|l| completion_logprobs(tok, l)),
-                "finish_reason": finish,
-            }],
-            "usage": usage,
-        }),
+    let mut usage = crate::modes::record::usage(outs);
+    let total = usage["prompt_tokens"].as_u64().unwrap_or(0)
+        + usage["completion_tokens"].as_u64().unwrap_or(0);
+    usage["total_tokens"] = json!(total);
+    let choices: Vec<Value> = outs
+        .iter()
+        .enumerate()
+        .map(|(i, out)| {
+            let finish = out.finish_reason.as_str();
+            match info.endpoint {
+                OpenAiEndpoint::Chat => json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": out.text},
+                    "logprobs": out.logprobs.as_deref().map(|l| chat_logprobs(tok, l)),
+                    "finish_reason": finish,
+                }),
+                OpenAiEndpoint::Completions => json!({
+                    "index": i,
+                    "text": out.text,
+                    "logprobs": out.logprobs.as_deref().map(|l| completion_logprobs(tok, l)),
+                    "finish_reason": finish,
+                }),
+            }
+        })
+        .collect();
+    let (id, object) = match info.endpoint {
+        OpenAiEndpoint::Chat => (format!("chatcmpl-{index}"), "chat.completion"),
+        OpenAiEndpoint::Completions => (format!("cmpl-{index}"), "text_completion"),
     };
+    let body = json!({
+        "id": id,
+        "object": object,
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage,
+    });
     json!({
         "id": format!("batch_req_{index}"),
         "custom_id": custom_id,

@@ -14,6 +14,11 @@ pub struct Counts {
     /// Of `records`, those found already done at start.
     pub resumed: u64,
     pub prompt_tokens: u64,
+    /// Of `prompt_tokens`, those the records' usage reports served from the prefix cache.
+    pub cached_prompt_tokens: u64,
+    /// Prompt tokens the engine computed (recomputation after preemption and the samples'
+    /// own last blocks included).
+    pub computed_prompt_tokens: u64,
     pub generated_tokens: u64,
 }
 

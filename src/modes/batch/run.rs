@@ -18,6 +18,7 @@ use super::merge::{merge, OutputFormat};
 use super::progress::{self, Counts, Progress};
 use super::state::{self, PartWriter, Paths};
 use super::{openai, world, BatchArgs, Truncate};
+use crate::engine::kv_blocks::BlockPool;
 use crate::engine::{Engine, Event, RequestOutput};
 use crate::exit::{self, Coded};
 use crate::modes::record::{error_record, result_record, with_metadata};
@@ -87,6 +88,9 @@ fn identity(args: &BatchArgs, format: InputFormat, dp: usize) -> Result<Value> {
     if let Some(cap) = args.max_tokens_cap {
         id["max_tokens_cap"] = json!(cap);
     }
+    if args.n != 1 {
+        id["n"] = json!(args.n);
+    }
     Ok(id)
 }
 
@@ -120,6 +124,8 @@ fn replica_state(
         "errors": counts.errors,
         "resumed": counts.resumed,
         "prompt_tokens": counts.prompt_tokens,
+        "cached_prompt_tokens": counts.cached_prompt_tokens,
+        "computed_prompt_tokens": counts.computed_prompt_tokens,
         "generated_tokens": counts.generated_tokens,
         "wall_s": wall,
     })
@@ -516,12 +522,15 @@ struct Outcome {
     ignored: Tally,
 }
 
-/// What the writer needs to answer a running request.
+/// What the writer needs to answer a running record.
 struct Pending {
     index: u64,
     id: Value,
     metadata: Option<Value>,
     openai: Option<input::OpenAiInfo>,
+    /// Engine ids of its samples (n), in sample order, and their outputs as they finish.
+    samples: Vec<u64>,
+    outs: Vec<Option<RequestOutput>>,
 }
 
 /// Turns results into output records and appends them.
@@ -556,18 +565,24 @@ impl Writer<'_> {
     fn result(
         &mut self,
         p: Pending,
-        out: &RequestOutput,
+        outs: &[RequestOutput],
         tok: &Tokenizer,
         c: &mut Counts,
     ) -> Result<()> {
         let rec = match &p.openai {
-            Some(info) => openai::success(p.index, &p.id, info, self.model, self.created, tok, out),
-            None => with_metadata(result_record(Some(p.id), out), p.metadata),
+            Some(info) => {
+                openai::success(p.index, &p.id, info, self.model, self.created, tok, outs)
+            }
+            None => with_metadata(result_record(Some(p.id), outs), p.metadata),
         };
         self.part.append(p.index, false, &rec)?;
         c.records += 1;
-        c.prompt_tokens += out.prompt_tokens as u64;
-        c.generated_tokens += out.token_ids.len() as u64;
+        // The prompt once, the completions summed (as the record's usage).
+        if let Some(first) = outs.first() {
+            c.prompt_tokens += first.prompt_tokens as u64;
+            c.cached_prompt_tokens += first.cached_tokens as u64;
+        }
+        c.generated_tokens += outs.iter().map(|o| o.token_ids.len() as u64).sum::<u64>();
         // fsync about once a second: a machine crash loses at most that much work.
         if self.last_sync.elapsed() >= Duration::from_secs(1) {
             self.part.sync()?;
@@ -592,6 +607,7 @@ fn spawn_reader(
     let opts = ParseOptions {
         format,
         defaults: defaults(args),
+        n: args.n,
         max_len,
         truncate_left: matches!(args.truncate_prompt, Truncate::Left),
         prompt_column: args.prompt_column.clone(),
@@ -700,9 +716,13 @@ fn generate(
         last_sync: Instant::now(),
     };
     let is_openai = format == InputFormat::Openai;
-    // Enough queued to keep every batch slot busy; the reader's channel holds the rest.
+    // Enough engine requests queued to keep every batch slot busy; the reader's channel and the
+    // admission window hold the rest.
     let max_inflight = 2 * args.model.max_batch_size.max(1);
-    let mut inflight: HashMap<u64, Pending> = HashMap::new();
+    // Engine request id -> the record it is a sample of; records by index.
+    let mut inflight: HashMap<u64, u64> = HashMap::new();
+    let mut records: HashMap<u64, Pending> = HashMap::new();
+    let mut window = Window::new(args.read_ahead, engine.block_size());
     let mut input_open = true;
     let mut deadline: Option<Instant> = None;
     loop {
@@ -711,13 +731,15 @@ fn generate(
             eprintln!(
                 "{}: stopping: finishing {} in-flight records for up to {}s (a second signal stops at once)",
                 progress::label(dp, r),
-                inflight.len(),
+                records.len(),
                 args.grace_period
             );
         }
         if deadline.is_none() {
-            while input_open && inflight.len() < max_inflight {
-                let item = if inflight.is_empty() {
+            // Fill the admission window from the reader: records with errors are answered at
+            // once, ready ones wait to be admitted by prefix.
+            while input_open && window.len() < args.read_ahead {
+                let item = if inflight.is_empty() && window.len() == 0 {
                     match rx.recv() {
                         Ok(it) => it,
                         Err(_) => {
@@ -735,36 +757,51 @@ fn generate(
                         }
                     }
                 };
-                let ready = match item.body {
-                    Ok(ready) => ready,
+                match item.body {
+                    Ok(ready) => window.push(
+                        Waiting {
+                            index: item.index,
+                            line: item.line,
+                            id: item.id,
+                            metadata: item.metadata,
+                            ready,
+                        },
+                        engine.pool(),
+                    ),
                     Err(e) => {
-                        writer.error(item.index, item.id, item.metadata, is_openai, &e, counts)?;
-                        continue;
+                        writer.error(item.index, item.id, item.metadata, is_openai, &e, counts)?
                     }
+                }
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            while inflight.len() < max_inflight {
+                let Some(w) = window.pop() else {
+                    break;
                 };
-                let openai = ready.openai;
-                match engine.add_request(ready.prompt, ready.params) {
-                    Ok(rid) => {
-                        inflight.insert(
-                            rid,
+                let openai = w.ready.openai;
+                let n = w.ready.n;
+                match engine.add_request_n(w.ready.prompt, w.ready.params, n) {
+                    Ok(ids) => {
+                        for &rid in &ids {
+                            inflight.insert(rid, w.index);
+                        }
+                        records.insert(
+                            w.index,
                             Pending {
-                                index: item.index,
-                                id: item.id,
-                                metadata: item.metadata,
+                                index: w.index,
+                                id: w.id,
+                                metadata: w.metadata,
                                 openai,
+                                samples: ids,
+                                outs: vec![None; n],
                             },
                         );
                     }
                     Err(e) => {
-                        let msg = format!("line {}: {e}", item.line);
-                        writer.error(
-                            item.index,
-                            item.id,
-                            item.metadata,
-                            is_openai,
-                            &msg,
-                            counts,
-                        )?;
+                        let msg = format!("line {}: {e}", w.line);
+                        writer.error(w.index, w.id, w.metadata, is_openai, &msg, counts)?;
                     }
                 }
                 if stop.load(Ordering::Relaxed) {
@@ -774,7 +811,7 @@ fn generate(
         }
         progress.update(counts);
         if inflight.is_empty() {
-            if !input_open || deadline.is_some() {
+            if (!input_open && window.len() == 0) || deadline.is_some() {
                 break;
             }
             continue;
@@ -786,18 +823,43 @@ fn generate(
                 engine.abort(id);
             }
             inflight.clear();
+            records.clear();
             break;
         }
         let events = engine
             .step()
             .map_err(|e| Coded::with(exit::MODEL)(anyhow!(e).context("the model failed")))?;
         for ev in events {
-            if let Event::Finished(out) = ev {
-                if let Some(p) = inflight.remove(&out.id) {
-                    writer.result(p, &out, &tok, counts)?;
+            let Event::Finished(out) = ev else {
+                continue;
+            };
+            let Some(index) = inflight.remove(&out.id) else {
+                continue;
+            };
+            let Some(p) = records.get_mut(&index) else {
+                continue;
+            };
+            if let Some(k) = p.samples.iter().position(|&s| s == out.id) {
+                p.outs[k] = Some(out);
+            }
+            if p.outs.iter().all(Option::is_some) {
+                if let Some(mut p) = records.remove(&index) {
+                    let outs: Vec<RequestOutput> = p.outs.drain(..).flatten().collect();
+                    writer.result(p, &outs, &tok, counts)?;
                 }
             }
         }
+    }
+    counts.computed_prompt_tokens = engine.stats().prefill_tokens;
+    let st = engine.stats();
+    if st.prefill_tokens + st.cached_prompt_tokens > 0 {
+        tracing::info!(
+            computed = st.prefill_tokens,
+            from_cache = st.cached_prompt_tokens,
+            "{}: prefix cache served {:.1}% of prompt tokens",
+            progress::label(dp, r),
+            100.0 * st.prefix_hit_rate()
+        );
     }
     writer.part.sync()?;
     progress.update(counts);
@@ -817,6 +879,73 @@ fn generate(
     })
 }
 
+/// A record read and tokenized, waiting for admission.
+struct Waiting {
+    index: u64,
+    line: u64,
+    id: Value,
+    metadata: Option<Value>,
+    ready: input::Ready,
+}
+
+/// The admission window (`--read-ahead` records): the next record admitted is the one whose
+/// prompt shares the most leading KV blocks with the last one admitted (ties and no sharing: the
+/// oldest), so records with a common prefix run together and hit the prefix cache while it holds
+/// their blocks. Output order does not change (the merge orders by record), nor does any
+/// result (it never depends on the batch). A record passed over `capacity` times goes next.
+struct Window {
+    items: std::collections::VecDeque<(Waiting, Vec<u64>, usize)>,
+    last: Vec<u64>,
+    capacity: usize,
+    block_size: usize,
+}
+
+/// Leading blocks compared when grouping (longer prefixes group the same way).
+const GROUP_BLOCKS: usize = 64;
+
+impl Window {
+    fn new(capacity: usize, block_size: usize) -> Window {
+        Window {
+            items: Default::default(),
+            last: Vec::new(),
+            capacity: capacity.max(1),
+            block_size,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    fn push(&mut self, w: Waiting, pool: &BlockPool) {
+        let p = &w.ready.prompt;
+        let upto = p.len().min(GROUP_BLOCKS * self.block_size);
+        let mut hashes = Vec::new();
+        pool.extend_hashes(&mut hashes, &p[..upto]);
+        self.items.push_back((w, hashes, 0));
+    }
+
+    fn pop(&mut self) -> Option<Waiting> {
+        let shared = |h: &[u64]| h.iter().zip(&self.last).take_while(|(a, b)| a == b).count();
+        let mut pick = 0;
+        if self.items.front().is_some_and(|f| f.2 < self.capacity) {
+            let mut best = 0;
+            for (k, (_, h, _)) in self.items.iter().enumerate() {
+                let s = shared(h);
+                if s > best {
+                    (best, pick) = (s, k);
+                }
+            }
+        }
+        for item in self.items.iter_mut().take(pick) {
+            item.2 += 1;
+        }
+        let (w, hashes, _) = self.items.remove(pick)?;
+        self.last = hashes;
+        Some(w)
+    }
+}
+
 /// The summary on stderr (and a CSV row with --stats-csv).
 fn report(
     args: &BatchArgs,
@@ -828,10 +957,12 @@ fn report(
     let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     let pin: u64 = states.iter().map(|s| u(s, "prompt_tokens")).sum();
+    let cached: u64 = states.iter().map(|s| u(s, "cached_prompt_tokens")).sum();
+    let computed: u64 = states.iter().map(|s| u(s, "computed_prompt_tokens")).sum();
     let gen: u64 = states.iter().map(|s| u(s, "generated_tokens")).sum();
     let wall = states.iter().map(|s| f(s, "wall_s")).fold(0.0, f64::max);
     eprintln!(
-        "batch {}: {records} records ({errors} errors) -> {}; this run: prompt {pin} tokens, generated {gen} tokens in {wall:.1} s ({:.1} generated tokens/s), peak memory {} MB",
+        "batch {}: {records} records ({errors} errors) -> {}; this run: prompt {pin} tokens (cached_prompt_tokens {cached}, computed {computed}), generated {gen} tokens in {wall:.1} s ({:.1} generated tokens/s), peak memory {} MB",
         if complete { "done" } else { "interrupted" },
         args.output.display(),
         gen as f64 / wall.max(1e-9),
@@ -881,24 +1012,27 @@ fn report(
             "wall_s",
             "prompt_tokens_per_s",
             "generated_tokens_per_s",
+            "cached_prompt_tokens",
+            "computed_prompt_tokens",
+            "prefix_cache",
         ])?;
     }
     let machine = crate::modes::host::machine_name();
-    let mut rows: Vec<(String, u64, u64, u64, u64, f64)> =
-        vec![("all".into(), records, errors, pin, gen, wall)];
+    // The whole run first, then each replica when there are several: one shape for all rows.
+    let all = json!({
+        "records": records, "errors": errors, "prompt_tokens": pin, "generated_tokens": gen,
+        "wall_s": wall, "cached_prompt_tokens": cached, "computed_prompt_tokens": computed,
+    });
+    let mut rows: Vec<(String, &Value)> = vec![("all".into(), &all)];
     if states.len() > 1 {
-        for (k, s) in states.iter().enumerate() {
-            rows.push((
-                k.to_string(),
-                u(s, "records"),
-                u(s, "errors"),
-                u(s, "prompt_tokens"),
-                u(s, "generated_tokens"),
-                f(s, "wall_s"),
-            ));
-        }
+        rows.extend(states.iter().enumerate().map(|(k, s)| (k.to_string(), s)));
     }
-    for (replica, rec, err, pin, gen, wall) in rows {
+    for (replica, s) in rows {
+        let (pin, gen, wall) = (
+            u(s, "prompt_tokens"),
+            u(s, "generated_tokens"),
+            f(s, "wall_s"),
+        );
         w.write_record([
             crate::modes::host::today_utc(),
             env!("HERD_GIT_COMMIT").to_string(),
@@ -908,15 +1042,67 @@ fn report(
             replica,
             args.model.max_batch_size.to_string(),
             complete.to_string(),
-            rec.to_string(),
-            err.to_string(),
+            u(s, "records").to_string(),
+            u(s, "errors").to_string(),
             pin.to_string(),
             gen.to_string(),
             format!("{wall:.3}"),
             format!("{:.1}", pin as f64 / wall.max(1e-9)),
             format!("{:.1}", gen as f64 / wall.max(1e-9)),
+            u(s, "cached_prompt_tokens").to_string(),
+            u(s, "computed_prompt_tokens").to_string(),
+            (!args.model.no_prefix_cache).to_string(),
         ])?;
     }
     w.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(index: u64, prompt: Vec<u32>) -> Waiting {
+        Waiting {
+            index,
+            line: index + 1,
+            id: json!(index),
+            metadata: None,
+            ready: input::Ready {
+                prompt,
+                params: Default::default(),
+                n: 1,
+                openai: None,
+            },
+        }
+    }
+
+    /// Prompt of `blocks` 4-token blocks: a prefix family `fam`, then the record's own tokens.
+    fn prompt(fam: u32, own: u32) -> Vec<u32> {
+        let mut p: Vec<u32> = (0..8).map(|i| fam * 100 + i).collect();
+        p.extend((0..5).map(|i| 10_000 + own * 10 + i));
+        p
+    }
+
+    #[test]
+    fn the_window_admits_records_sharing_a_prefix_together_and_starves_none() {
+        let pool = BlockPool::new(4, 4);
+        let mut w = Window::new(3, 4);
+        // Families interleaved: 1 2 1 2 1 3.
+        for (i, fam) in [1, 2, 1, 2, 1, 3].into_iter().enumerate() {
+            w.push(waiting(i as u64, prompt(fam, i as u32)), &pool);
+        }
+        let order: Vec<u64> = std::iter::from_fn(|| w.pop().map(|x| x.index)).collect();
+        // 0 (oldest), then its family (2, 4); record 1 was passed over twice, then 3 (its
+        // family) and 5. With a capacity of 3 the front is passed over at most 3 times.
+        assert_eq!(order, vec![0, 2, 4, 1, 3, 5]);
+
+        let mut w = Window::new(1, 4);
+        for (i, fam) in [1, 2, 1, 1].into_iter().enumerate() {
+            w.push(waiting(i as u64, prompt(fam, i as u32)), &pool);
+        }
+        let order: Vec<u64> = std::iter::from_fn(|| w.pop().map(|x| x.index)).collect();
+        // Record 1 is passed over once (the capacity), then goes next.
+        assert_eq!(order, vec![0, 2, 1, 3]);
+    }
 }

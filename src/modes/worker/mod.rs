@@ -192,6 +192,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     };
     let t0 = Instant::now();
     let s = serve::serve(&mut engine, client, &settings, term)?;
+    serve::log_prefix_cache(&engine);
     tracing::info!(
         jobs = s.jobs,
         failed = s.failed,

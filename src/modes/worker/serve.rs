@@ -235,6 +235,10 @@ pub fn serve(
                                     .then(|| "aborted".to_string()),
                             },
                         );
+                        // A worker runs for days: the prefix cache's hit rate now and then.
+                        if summary.jobs % 100 == 0 {
+                            log_prefix_cache(engine);
+                        }
                     }
                 }
             }
@@ -266,6 +270,17 @@ pub fn serve(
         bail!("{msg} (check --api-auth-key / HERD_API_AUTH_KEY and --job-type / HERD_JOB_TYPE)");
     }
     Ok(summary)
+}
+
+/// The share of prompt tokens the prefix cache served so far (info).
+pub fn log_prefix_cache(engine: &Engine) {
+    let st = engine.stats();
+    tracing::info!(
+        computed = st.prefill_tokens,
+        from_cache = st.cached_prompt_tokens,
+        "prefix cache served {:.1}% of prompt tokens",
+        100.0 * st.prefix_hit_rate()
+    );
 }
 
 fn error_result(job_id: String, msg: String, max_len: usize) -> JobResult {
