@@ -173,6 +173,19 @@ pub trait Backend: Send {
         self.add_in_place(x, y);
         self.rmsnorm(x, w, eps)
     }
+    /// Called before each forward pass with everything the step needs from the host, so that a
+    /// device backend can send it in one copy. A backend that recorded a step of this shape may
+    /// run it here: `Some` is then the step's sampled rows (only when `sampling` is given, one
+    /// per logit row) and the forward pass must be skipped. The CPU backend does nothing.
+    fn begin_step(
+        &self,
+        _tokens: &[u32],
+        _batch: &AttnBatch,
+        _logit_rows: &[usize],
+        _sampling: Option<&[RowSampling]>,
+    ) -> Option<Result<Vec<Sampled>, BackendError>> {
+        None
+    }
     /// Sample every row of `logits` where it lives; `None` means "not supported here: copy the
     /// logits to the host and sample there" (the CPU backend, whose host sampler is the reference).
     fn sample(

@@ -165,7 +165,12 @@ impl<B: Backend> ModelRunner for Llama<B> {
     }
 
     fn forward(&mut self, step: &StepInput) -> Result<Vec<f32>, ModelError> {
-        let logits = self.logits(step)?;
+        let batch = self.step_batch(step)?;
+        // Without sampling rows a backend only stages the step (it never skips the forward).
+        let _ = self
+            .backend
+            .begin_step(&step.tokens, &batch, &step.logit_rows, None);
+        let logits = self.logits(step, &batch)?;
         let host = self.backend.take_to_host(logits);
         self.backend
             .check()
@@ -178,22 +183,30 @@ impl<B: Backend> ModelRunner for Llama<B> {
         step: &StepInput,
         rows: &[RowSampling],
     ) -> Result<StepOutput, ModelError> {
-        let logits = self.logits(step)?;
+        let batch = self.step_batch(step)?;
+        let backend_err = |e: crate::backend::BackendError| ModelError::Backend(e.to_string());
+        // A backend that recorded this step's shape (a CUDA graph) runs it here.
+        if let Some(r) = self
+            .backend
+            .begin_step(&step.tokens, &batch, &step.logit_rows, Some(rows))
+        {
+            let sampled = r.map_err(backend_err)?;
+            self.backend.check().map_err(backend_err)?;
+            return Ok(StepOutput::Sampled(sampled));
+        }
+        let logits = self.logits(step, &batch)?;
         let out = match self.backend.sample(&logits, rows) {
-            Some(r) => StepOutput::Sampled(r.map_err(|e| ModelError::Backend(e.to_string()))?),
+            Some(r) => StepOutput::Sampled(r.map_err(backend_err)?),
             None => StepOutput::Logits(self.backend.take_to_host(logits)),
         };
-        self.backend
-            .check()
-            .map_err(|e| ModelError::Backend(e.to_string()))?;
+        self.backend.check().map_err(backend_err)?;
         Ok(out)
     }
 }
 
 impl<B: Backend> Llama<B> {
-    /// The forward pass up to the logits `[logit_rows, vocab]`, left where the backend keeps them.
-    fn logits(&mut self, step: &StepInput) -> Result<B::Act, ModelError> {
-        let b = &self.backend;
+    /// The step's attention batch, after checking its tokens and plan.
+    fn step_batch(&self, step: &StepInput) -> Result<AttnBatch, ModelError> {
         let cfg = &self.cfg;
         if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
             return Err(ModelError::Input(format!(
@@ -207,6 +220,13 @@ impl<B: Backend> Llama<B> {
                 "step plan and token count disagree".into(),
             ));
         }
+        Ok(batch)
+    }
+
+    /// The forward pass up to the logits `[logit_rows, vocab]`, left where the backend keeps them.
+    fn logits(&mut self, step: &StepInput, batch: &AttnBatch) -> Result<B::Act, ModelError> {
+        let b = &self.backend;
+        let cfg = &self.cfg;
         let n_heads = self.shard.local_heads(cfg);
         let comm_err = |e: crate::backend::BackendError| ModelError::Backend(e.to_string());
         let mut x = b.embed(&self.tok_embeddings, &step.tokens);
@@ -221,8 +241,8 @@ impl<B: Backend> Llama<B> {
             let mut q = b.matmul(&h, &layer.wq);
             let mut k = b.matmul(&h, &layer.wk);
             let v = b.matmul(&h, &layer.wv);
-            b.rope_store_kv(&mut q, &mut k, &v, &self.inv_freq, &mut self.kv, l, &batch);
-            let attn = b.attention(&q, &self.kv, l, n_heads, &batch);
+            b.rope_store_kv(&mut q, &mut k, &v, &self.inv_freq, &mut self.kv, l, batch);
+            let attn = b.attention(&q, &self.kv, l, n_heads, batch);
             let mut o = b.matmul(&attn, &layer.wo);
             b.all_reduce_sum(&mut o).map_err(comm_err)?;
             let h = b.add_rmsnorm(&mut x, &o, &layer.ffn_norm, cfg.norm_eps);

@@ -11,6 +11,7 @@
 //!
 //! STATUS: compiled and NVRTC-checked without a GPU; never run on a GPU yet (see README "GPU").
 
+mod arena;
 mod backend;
 mod gemm;
 pub mod kernels;
@@ -18,10 +19,11 @@ pub mod nccl;
 pub mod plan;
 pub mod report;
 mod sample_model;
+mod staging;
 pub mod selftest;
 
 pub use backend::{
-    device_count, driver_present, CudaAct, CudaBackend, CudaKv, CudaMatrix, DeviceInfo, Numerics,
+    attn_splits, graph_bucket, StepCounters, device_count, driver_present, CudaAct, CudaBackend, CudaKv, CudaMatrix, DeviceInfo, Numerics,
     MAX_TOP_LOGPROBS,
 };
 pub use nccl::{nccl_present, NcclComm, NCCL_MISSING};
