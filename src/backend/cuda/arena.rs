@@ -168,7 +168,11 @@ mod tests {
         l.give(c, 256);
         assert_eq!(l.used(), 0);
         assert_eq!(l.peak, 768);
-        assert_eq!(l.take(1024), Some(0), "everything merged back into one range");
+        assert_eq!(
+            l.take(1024),
+            Some(0),
+            "everything merged back into one range"
+        );
     }
 
     #[test]

@@ -214,6 +214,8 @@ pub struct CudaBackend {
     block_size: Cell<usize>,
     inv_freq: RefCell<Option<(Vec<f32>, DevBuf)>>,
     graphs: RefCell<HashMap<GraphKey, Graph>>,
+    /// Shapes that ran once eagerly (the next one of each is captured).
+    warmed: RefCell<std::collections::HashSet<GraphKey>>,
     capturing: Cell<Option<GraphKey>>,
     /// Decode steps of at most this many rows run as graphs (0: never; HERD_CUDA_GRAPHS=0).
     graph_rows: usize,
@@ -373,6 +375,7 @@ impl CudaBackend {
             block_size: Cell::new(0),
             inv_freq: RefCell::new(None),
             graphs: RefCell::new(HashMap::new()),
+            warmed: RefCell::new(Default::default()),
             capturing: Cell::new(None),
             graph_rows: if graphs_on { 256 } else { 0 },
             counters: Cell::new(StepCounters::default()),
@@ -395,7 +398,9 @@ impl CudaBackend {
         max_batch: usize,
     ) -> Result<(), BackendError> {
         // The plan's figure includes the cuBLASLt workspace, which the GEMM holds itself.
-        let bytes = bytes.saturating_sub(super::gemm::WORKSPACE_BYTES).max(1 << 20);
+        let bytes = bytes
+            .saturating_sub(super::gemm::WORKSPACE_BYTES)
+            .max(1 << 20);
         // SAFETY: bytes handed out by the arena are written by kernels before they are read.
         let mem = unsafe { self.stream.alloc::<u8>(bytes) }.map_err(|e| {
             BackendError::OutOfMemory(format!("activation arena of {bytes} bytes: {e}"))
@@ -576,6 +581,20 @@ impl CudaBackend {
             }
         };
         self.fail(msg);
+    }
+
+    /// A failed collective: when a kernel of this step faulted (NCCL then reports only an
+    /// "unhandled cuda error"), the fault is the error, naming the kernels it can be in.
+    fn comm_failed(&self, e: BackendError) -> BackendError {
+        if self.err.borrow().is_none() {
+            if let Err(de) = self.stream.synchronize() {
+                self.driver_failed(de, "before a collective");
+            }
+        }
+        if self.err.borrow().is_some() {
+            return self.take_err();
+        }
+        e
     }
 
     /// A stream-ordered allocation of its own (persistent buffers, and what the arena cannot
@@ -814,6 +833,11 @@ impl CudaBackend {
             self.launched("the decode graph");
             return Some(self.fetch_sampled(rows));
         }
+        // The first step of a shape runs eagerly (it sets up what the graph then only uses:
+        // the RoPE table, cuBLASLt plans); the second is captured.
+        if self.warmed.borrow_mut().insert(key) {
+            return None;
+        }
         // Capture this step: the forward pass's work is recorded, not run, until sample().
         match self
             .stream
@@ -894,7 +918,12 @@ impl CudaBackend {
         self.launched.borrow_mut().clear();
         let b = host.bytes();
         let u32_at = |at: usize, i: usize| {
-            u32::from_le_bytes([b[at + 4 * i], b[at + 4 * i + 1], b[at + 4 * i + 2], b[at + 4 * i + 3]])
+            u32::from_le_bytes([
+                b[at + 4 * i],
+                b[at + 4 * i + 1],
+                b[at + 4 * i + 2],
+                b[at + 4 * i + 3],
+            ])
         };
         let f32_at = |at: usize, i: usize| f32::from_bits(u32_at(at, i));
         Ok(rows
@@ -904,7 +933,12 @@ impl CudaBackend {
                 token: u32_at(out.token(), i),
                 logprob: f32_at(out.logprob(), i),
                 top: (0..r.top_logprobs)
-                    .map(|t| (u32_at(out.top_id(), i * top + t), f32_at(out.top_lp(), i * top + t)))
+                    .map(|t| {
+                        (
+                            u32_at(out.top_id(), i * top + t),
+                            f32_at(out.top_lp(), i * top + t),
+                        )
+                    })
                     .collect(),
             })
             .collect())
@@ -957,7 +991,10 @@ impl CudaBackend {
     /// The RoPE frequency table on the device (uploaded once; a buffer of its own).
     fn inv_freq_dev(&self, inv_freq: &[f32]) -> Option<u64> {
         let mut c = self.inv_freq.borrow_mut();
-        if c.as_ref().map(|(h, _)| h.as_slice() != inv_freq).unwrap_or(true) {
+        if c.as_ref()
+            .map(|(h, _)| h.as_slice() != inv_freq)
+            .unwrap_or(true)
+        {
             *c = None;
             let b = self.alloc_own(std::mem::size_of_val(inv_freq), "RoPE frequencies")?;
             if !self.copy_up(&b, inv_freq, "RoPE frequencies") {
@@ -1036,7 +1073,11 @@ impl CudaBackend {
 
 /// Top log-prob slots per row a step's output holds (at least 1: the kernel's layout).
 fn top_slots(rows: &[RowSampling]) -> usize {
-    rows.iter().map(|r| r.top_logprobs).max().unwrap_or(0).max(1)
+    rows.iter()
+        .map(|r| r.top_logprobs)
+        .max()
+        .unwrap_or(0)
+        .max(1)
 }
 
 /// Keep freed pool memory instead of returning it to the OS after every synchronization (the
@@ -1406,6 +1447,7 @@ impl Backend for CudaBackend {
             return Err(self.take_err());
         };
         tp.all_reduce_sum(xb.ptr, n)
+            .map_err(|e| self.comm_failed(e))
     }
 
     /// The vocab-sharded logits `[rows, cols]` of every rank as `[rows, cols * tp]`, rank r's
@@ -1422,7 +1464,8 @@ impl Backend for CudaBackend {
             let (Some(xb), Some(ab)) = (x.buf.as_ref(), all.buf.as_ref()) else {
                 return Err(self.take_err());
             };
-            tp.all_gather(xb.ptr, n, ab.ptr, ab.bytes / 4)?;
+            tp.all_gather(xb.ptr, n, ab.ptr, ab.bytes / 4)
+                .map_err(|e| self.comm_failed(e))?;
         }
         self.reorder_gathered(&all, world)
     }

@@ -134,16 +134,8 @@ impl Gemm {
             )
             .map_err(err("workspace pref"))
             .and_then(|()| {
-                result::get_matmul_algo_heuristic(
-                    self.handle,
-                    self.desc,
-                    a_l,
-                    b_l,
-                    d_l,
-                    d_l,
-                    pref,
-                )
-                .map_err(err("heuristic"))
+                result::get_matmul_algo_heuristic(self.handle, self.desc, a_l, b_l, d_l, d_l, pref)
+                    .map_err(err("heuristic"))
             });
             let _ = result::destroy_matmul_pref(pref);
             r?.algo

@@ -19,12 +19,12 @@ pub mod nccl;
 pub mod plan;
 pub mod report;
 mod sample_model;
-mod staging;
 pub mod selftest;
+mod staging;
 
 pub use backend::{
-    attn_splits, graph_bucket, StepCounters, device_count, driver_present, CudaAct, CudaBackend, CudaKv, CudaMatrix, DeviceInfo, Numerics,
-    MAX_TOP_LOGPROBS,
+    attn_splits, device_count, driver_present, graph_bucket, CudaAct, CudaBackend, CudaKv,
+    CudaMatrix, DeviceInfo, Numerics, StepCounters, MAX_TOP_LOGPROBS,
 };
 pub use nccl::{nccl_present, NcclComm, NCCL_MISSING};
 pub use report::report;

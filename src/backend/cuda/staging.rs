@@ -128,7 +128,11 @@ impl StepData<'_> {
             }
             for j in 0..s.n_tokens {
                 let pos = s.position(j);
-                let blk = s.block_table.get(pos / self.block_size).copied().unwrap_or(0) as i64;
+                let blk = s
+                    .block_table
+                    .get(pos / self.block_size)
+                    .copied()
+                    .unwrap_or(0) as i64;
                 let slot = blk * self.block_size as i64 + (pos % self.block_size) as i64;
                 put(buf, l.slots, row, slot.to_le_bytes());
                 put(buf, l.row_table, row, off.to_le_bytes());
@@ -152,8 +156,17 @@ impl StepData<'_> {
         }
         for i in 0..l.logit_rows {
             // Padded logit rows take the padded token rows (rows >= n) in order.
-            let r = self.logit_rows.get(i).copied().unwrap_or_else(|| n + i - self.logit_rows.len());
-            put(buf, l.logit_idx, i, (r.min(l.rows.saturating_sub(1)) as u32).to_le_bytes());
+            let r = self
+                .logit_rows
+                .get(i)
+                .copied()
+                .unwrap_or_else(|| n + i - self.logit_rows.len());
+            put(
+                buf,
+                l.logit_idx,
+                i,
+                (r.min(l.rows.saturating_sub(1)) as u32).to_le_bytes(),
+            );
             let p = self.sampling.and_then(|s| s.get(i));
             let mut row = [0u8; SAMPLE_ROW_BYTES];
             let (temp, top_p, top_k, n_top, seed, gen) = match p {
@@ -236,11 +249,17 @@ mod tests {
         assert_eq!(i64_at(&b, l.slots, 1), 9 * 16 + 4);
         assert_eq!(i64_at(&b, l.slots, 2), -1, "padding rows write no KV");
         assert_eq!(u32_at(&b, l.row_table, 1), 2);
-        assert_eq!(u32_at(&b, l.row_table, 3), 3, "padding rows share the last entry");
+        assert_eq!(
+            u32_at(&b, l.row_table, 3),
+            3,
+            "padding rows share the last entry"
+        );
         assert_eq!(u32_at(&b, l.tables, 3), 0);
         assert_eq!(u32_at(&b, l.row_ctx, 3), 1);
         assert_eq!(
-            (0..4).map(|i| u32_at(&b, l.logit_idx, i)).collect::<Vec<_>>(),
+            (0..4)
+                .map(|i| u32_at(&b, l.logit_idx, i))
+                .collect::<Vec<_>>(),
             [0, 1, 2, 3]
         );
         assert_eq!(u32_at(&b, l.params + 8, 0), 40);
