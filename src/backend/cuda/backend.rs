@@ -32,6 +32,25 @@ pub struct CudaAct {
     /// `None` when its allocation failed: the error is noted, `check` reports it, and every
     /// kernel that would use the buffer is skipped.
     buf: Option<DevBuf>,
+    /// The same values as the next GEMM's bf16 operand (hi/lo halves with accurate numerics),
+    /// written by the kernel that made them or by the first GEMM that needed them; dropped
+    /// when the values change in place.
+    b16: RefCell<Option<DevBuf>>,
+}
+
+impl CudaAct {
+    fn new(rows: usize, cols: usize, buf: Option<DevBuf>) -> Self {
+        CudaAct {
+            rows,
+            cols,
+            buf,
+            b16: RefCell::new(None),
+        }
+    }
+    /// The values change: the bf16 copy no longer holds.
+    fn changed(&mut self) {
+        *self.b16.get_mut() = None;
+    }
 }
 
 /// A `[rows, cols]` bf16 weight on the GPU (raw bits).
@@ -190,7 +209,7 @@ struct Graph(#[allow(dead_code)] cudarc::driver::CudaGraph);
 // SAFETY: launched only from the backend's thread.
 unsafe impl Send for Graph {}
 
-/// Counters for bench and tests (host-side: what herd asked the driver for).
+/// What the CUDA backends of this process asked of the driver, for bench and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StepCounters {
     /// Kernels launched one by one (cuLaunchKernel), cuBLASLt products included.
@@ -200,6 +219,34 @@ pub struct StepCounters {
     /// Buffers the arena could not serve (each one a device allocation).
     pub arena_misses: u64,
     pub steps: u64,
+    /// Launches of one transformer layer, as last counted (from one layer's RoPE to the next).
+    pub launches_per_layer: u64,
+    /// With [`time_steps`] on: host time from a step's start to its synchronization, and the
+    /// device's time for the step's work (CUDA events), summed over steps.
+    pub host_ns: u64,
+    pub device_ns: u64,
+}
+
+static COUNTERS: std::sync::Mutex<StepCounters> = std::sync::Mutex::new(StepCounters {
+    launches: 0,
+    graph_launches: 0,
+    graph_captures: 0,
+    arena_misses: 0,
+    steps: 0,
+    launches_per_layer: 0,
+    host_ns: 0,
+    device_ns: 0,
+});
+static TIME_STEPS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The counters of every CUDA backend of this process so far.
+pub fn counters() -> StepCounters {
+    COUNTERS.lock().map(|c| *c).unwrap_or_default()
+}
+
+/// Time every step from now on (bench): two CUDA events per backend, recorded each step.
+pub fn time_steps(on: bool) {
+    TIME_STEPS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 pub struct CudaBackend {
@@ -219,7 +266,12 @@ pub struct CudaBackend {
     capturing: Cell<Option<GraphKey>>,
     /// Decode steps of at most this many rows run as graphs (0: never; HERD_CUDA_GRAPHS=0).
     graph_rows: usize,
-    counters: Cell<StepCounters>,
+    /// Launches when layer 0's RoPE ran this step (launches per layer = at layer 1's minus it).
+    layer0_launches: Cell<u64>,
+    arena_warned: Cell<bool>,
+    /// With time_steps: when this step began on the host, and its two events.
+    step_t0: Cell<Option<std::time::Instant>>,
+    step_events: RefCell<Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>>,
     /// First asynchronous failure since the last `check` (sticky, like CUDA's own errors).
     err: RefCell<Option<String>>,
     /// Kernels launched since the stream last synchronized without error: a kernel fault
@@ -378,7 +430,10 @@ impl CudaBackend {
             warmed: RefCell::new(Default::default()),
             capturing: Cell::new(None),
             graph_rows: if graphs_on { 256 } else { 0 },
-            counters: Cell::new(StepCounters::default()),
+            layer0_launches: Cell::new(0),
+            arena_warned: Cell::new(false),
+            step_t0: Cell::new(None),
+            step_events: RefCell::new(None),
             err: RefCell::new(None),
             launched: RefCell::new(Vec::new()),
             poison: false,
@@ -418,22 +473,55 @@ impl CudaBackend {
         self.arena.as_ref().map_or((0, 0, 0), |a| a.usage())
     }
 
-    /// What this backend has asked of the driver so far.
-    pub fn counters(&self) -> StepCounters {
-        let mut c = self.counters.get();
-        c.graph_captures = self.graphs.borrow().len() as u64;
-        c
-    }
-
     /// cuBLASLt heuristic queries so far (0 per step once every shape was seen).
     pub fn gemm_heuristics(&self) -> u64 {
         self.gemm.borrow().heuristics
     }
 
     fn count(&self, f: impl FnOnce(&mut StepCounters)) {
-        let mut c = self.counters.get();
-        f(&mut c);
-        self.counters.set(c);
+        if let Ok(mut c) = COUNTERS.lock() {
+            f(&mut c);
+        }
+    }
+
+    /// A step begins (bench timing: its host clock and its first event).
+    fn step_started(&self) {
+        self.count(|c| c.steps += 1);
+        if !TIME_STEPS.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let mut ev = self.step_events.borrow_mut();
+        if ev.is_none() {
+            let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            if let (Ok(a), Ok(b)) = (self.ctx.new_event(timed), self.ctx.new_event(timed)) {
+                *ev = Some((a, b));
+            }
+        }
+        if let Some((a, _)) = ev.as_ref() {
+            if a.record(&self.stream).is_ok() {
+                self.step_t0.set(Some(std::time::Instant::now()));
+            }
+        }
+    }
+
+    /// Wait for the stream; the first wait of a timed step adds its host and device times.
+    fn sync(&self) -> Result<(), cudarc::driver::DriverError> {
+        let Some(t0) = self.step_t0.take() else {
+            return self.stream.synchronize();
+        };
+        let host = t0.elapsed().as_nanos() as u64;
+        let ev = self.step_events.borrow();
+        let Some((a, b)) = ev.as_ref() else {
+            return self.stream.synchronize();
+        };
+        b.record(&self.stream)?;
+        self.stream.synchronize()?;
+        let dev = (a.elapsed_ms(b)? as f64 * 1e6) as u64;
+        self.count(|c| {
+            c.host_ns += host;
+            c.device_ns += dev;
+        });
+        Ok(())
     }
 
     /// Choose the precision (before `alloc_kv`: the KV cache's dtype follows it).
@@ -624,7 +712,7 @@ impl CudaBackend {
                 return Some(b);
             }
             self.count(|c| c.arena_misses += 1);
-            if self.counters.get().arena_misses == 1 {
+            if !self.arena_warned.replace(true) {
                 let (used, _, cap) = a.usage();
                 tracing::warn!(
                     bytes,
@@ -657,7 +745,17 @@ impl CudaBackend {
                 let _ = self.note(r, "poisoning an activation");
             }
         }
-        CudaAct { rows, cols, buf }
+        CudaAct::new(rows, cols, buf)
+    }
+
+    /// A bf16 twin for a fresh output of `n` values that its kernel fills as well (bf16
+    /// numerics only): `(address or 0 for none, the buffer)`.
+    fn twin(&self, n: usize) -> (u64, Option<DevBuf>) {
+        if self.numerics != Numerics::Bf16 || n == 0 {
+            return (0, None);
+        }
+        let b = self.alloc(2 * n, "a bf16 GEMM input");
+        (b.as_ref().map_or(0, |b| b.ptr), b)
     }
 
     /// Host data into `dst` (pageable: outside graphs only; steps go through the staging
@@ -687,11 +785,7 @@ impl CudaBackend {
     /// An f32 host slice as a device activation (tests, self-test).
     pub fn act_from_host(&self, rows: usize, cols: usize, data: &[f32]) -> CudaAct {
         assert_eq!(data.len(), rows * cols);
-        CudaAct {
-            rows,
-            cols,
-            buf: self.upload(data, "an activation"),
-        }
+        CudaAct::new(rows, cols, self.upload(data, "an activation"))
     }
 
     /// Make sure the staging buffers hold `up` and `down` bytes. Growing moves them, so the
@@ -797,7 +891,7 @@ impl CudaBackend {
         sampling: Option<&[RowSampling]>,
     ) -> Option<Result<Vec<Sampled>, BackendError>> {
         self.abandon_capture();
-        self.count(|c| c.steps += 1);
+        self.step_started();
         let bs = self.block_size.get();
         if bs == 0 || tokens.len() != batch.n_tokens() {
             // No KV cache yet, or a malformed step: the ops report it (or run unstaged).
@@ -883,7 +977,10 @@ impl CudaBackend {
             self.driver_failed(e, "launching the decode graph");
             self.take_err()
         })?;
-        self.count(|c| c.graph_launches += 1);
+        self.count(|c| {
+            c.graph_launches += 1;
+            c.graph_captures += 1;
+        });
         self.graphs.borrow_mut().insert(key, Graph(g));
         Ok(())
     }
@@ -911,7 +1008,7 @@ impl CudaBackend {
             )
             .result()
         };
-        if let Err(e) = r.and_then(|()| self.stream.synchronize()) {
+        if let Err(e) = r.and_then(|()| self.sync()) {
             self.driver_failed(e, "copying the sampled tokens");
             return Err(self.take_err());
         }
@@ -1007,7 +1104,10 @@ impl CudaBackend {
 
     /// `x` cast to bf16 (the GEMM's operand): `[m, k]`, or `[2m, k]` (hi rows then lo rows)
     /// when `split`.
-    fn to_bf16(&self, x: &CudaAct, split: bool) -> Option<DevBuf> {
+    fn to_bf16(&self, x: &CudaAct, split: bool) -> Option<u64> {
+        if let Some(b) = x.b16.borrow().as_ref() {
+            return Some(b.ptr);
+        }
         let n = x.rows * x.cols;
         let xb = x.buf.as_ref()?;
         let out = self.alloc(if split { 4 * n } else { 2 * n }, "a bf16 GEMM input")?;
@@ -1018,7 +1118,9 @@ impl CudaBackend {
             (&self.f.cast_bf16, "cast_bf16")
         };
         launch!(self, f, name, grid_for(n, self.info.sm_count); &xb.ptr, &out.ptr, &n64);
-        Some(out)
+        let p = out.ptr;
+        *x.b16.borrow_mut() = Some(out);
+        Some(p)
     }
 
     /// Device-to-device copy bandwidth (GB/s, bytes read + written) and bf16 GEMM rate
@@ -1236,12 +1338,15 @@ impl Backend for CudaBackend {
         let (Some(xb), Some(ob)) = (x.buf.as_ref(), out.buf.as_ref()) else {
             return out;
         };
+        let (t16, twin) = self.twin(x.rows * x.cols);
         launch!(self, &self.f.add_rmsnorm, "add_rmsnorm", cfg((x.rows as u32, 1, 1), 512);
-            &xb.ptr, &null, w, &ob.ptr, &cols, &eps);
+            &xb.ptr, &null, w, &ob.ptr, &t16, &cols, &eps);
+        *out.b16.borrow_mut() = twin;
         out
     }
 
     fn add_rmsnorm(&self, x: &mut CudaAct, y: &CudaAct, w: &CudaSlice<f32>, eps: f32) -> CudaAct {
+        x.changed();
         let out = self.act(x.rows, x.cols);
         let cols = x.cols as i32;
         if x.rows == 0 {
@@ -1251,8 +1356,10 @@ impl Backend for CudaBackend {
         else {
             return out;
         };
+        let (t16, twin) = self.twin(x.rows * x.cols);
         launch!(self, &self.f.add_rmsnorm, "add_rmsnorm", cfg((x.rows as u32, 1, 1), 512);
-            &xb.ptr, &yb.ptr, w, &ob.ptr, &cols, &eps);
+            &xb.ptr, &yb.ptr, w, &ob.ptr, &t16, &cols, &eps);
+        *out.b16.borrow_mut() = twin;
         out
     }
 
@@ -1270,7 +1377,7 @@ impl Backend for CudaBackend {
         };
         let r = self.gemm.borrow_mut().bf16_f32(
             &self.stream,
-            xb.ptr,
+            xb,
             w.ptr,
             ob.ptr,
             m,
@@ -1303,6 +1410,8 @@ impl Backend for CudaBackend {
         batch: &AttnBatch,
     ) {
         let s = kv.shape;
+        q.changed();
+        k.changed();
         if q.rows == 0 {
             return;
         }
@@ -1318,6 +1427,13 @@ impl Backend for CudaBackend {
         ) else {
             return;
         };
+        // Count one layer's launches: from layer 0's RoPE to layer 1's.
+        let launches = counters().launches;
+        match layer {
+            0 => self.layer0_launches.set(launches),
+            1 => self.count(|c| c.launches_per_layer = launches - self.layer0_launches.get()),
+            _ => {}
+        }
         let at = kv.layer_at(layer);
         let (kc, vc) = (kv.k + at, kv.v + at);
         let (f, name) = match self.numerics {
@@ -1373,8 +1489,10 @@ impl Backend for CudaBackend {
             &kc, &vc, &qb.ptr, &m.row_ctx, &m.row_table, &m.tables, &acc.ptr, &ml.ptr,
             &nh, &nkv, &hdi, &bs, &scale);
         let sp = splits as i32;
+        let (t16, twin) = self.twin(q.rows * n_heads * hd);
         launch!(self, &self.f.attn_combine, "attn_combine",
-            cfg((blocks as u32, 1, 1), hd.min(256) as u32); &acc.ptr, &ml.ptr, &ob.ptr, &sp, &hdi);
+            cfg((blocks as u32, 1, 1), hd.min(256) as u32); &acc.ptr, &ml.ptr, &ob.ptr, &t16, &sp, &hdi);
+        *out.b16.borrow_mut() = twin;
         out
     }
 
@@ -1386,12 +1504,15 @@ impl Backend for CudaBackend {
         else {
             return out;
         };
+        let (t16, twin) = self.twin(n);
         launch!(self, &self.f.silu_mul, "silu_mul", grid_for(n, self.info.sm_count);
-            &gb.ptr, &ub.ptr, &ob.ptr, &n64);
+            &gb.ptr, &ub.ptr, &ob.ptr, &t16, &n64);
+        *out.b16.borrow_mut() = twin;
         out
     }
 
     fn add_in_place(&self, x: &mut CudaAct, y: &CudaAct) {
+        x.changed();
         let n = x.rows * x.cols;
         let n64 = n as u64;
         let (Some(xb), Some(yb)) = (x.buf.as_ref(), y.buf.as_ref()) else {
@@ -1480,7 +1601,7 @@ impl Backend for CudaBackend {
         let r = unsafe {
             cudarc::driver::result::memcpy_dtoh_async(&mut v, xb.ptr, self.stream.cu_stream())
         };
-        match r.and_then(|()| self.stream.synchronize()) {
+        match r.and_then(|()| self.sync()) {
             Ok(()) => v,
             Err(e) => {
                 self.driver_failed(e, "copying to the host");
@@ -1511,7 +1632,7 @@ impl Backend for CudaBackend {
         // Nothing launched since the last good synchronization (a replayed step's results
         // were fetched with one): nothing to wait for.
         if self.err.borrow().is_none() && !self.launched.borrow().is_empty() {
-            match self.stream.synchronize() {
+            match self.sync() {
                 Ok(()) => self.launched.borrow_mut().clear(),
                 Err(e) => self.driver_failed(e, "finishing the step's kernels"),
             }

@@ -23,8 +23,8 @@ pub mod selftest;
 mod staging;
 
 pub use backend::{
-    attn_splits, device_count, driver_present, graph_bucket, CudaAct, CudaBackend, CudaKv,
-    CudaMatrix, DeviceInfo, Numerics, StepCounters, MAX_TOP_LOGPROBS,
+    attn_splits, counters, device_count, driver_present, graph_bucket, time_steps, CudaAct,
+    CudaBackend, CudaKv, CudaMatrix, DeviceInfo, Numerics, StepCounters, MAX_TOP_LOGPROBS,
 };
 pub use nccl::{nccl_present, NcclComm, NCCL_MISSING};
 pub use report::report;

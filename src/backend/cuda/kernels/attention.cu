@@ -95,11 +95,13 @@ attn_partial_f32(const float* kc, const float* vc, ATTN_ARGS) {
     attn_partial_impl<float>(q, kc, vc, row_ctx, row_table, tables, part_acc, part_ml, nh, nkv, hd, bs, scale);
 }
 
-// out[row, h, :] = sum_s acc_s * e^(m_s - M) / sum_s l_s * e^(m_s - M). One block per (row, head).
+// out[row, h, :] = sum_s acc_s * e^(m_s - M) / sum_s l_s * e^(m_s - M). One block per (row, head);
+// out16 (when not null) also gets it in bf16, the output projection's operand.
 // An empty split has m = -inf and contributes nothing; split 0 always holds position 0.
 extern "C" __global__ void attn_combine(const float* __restrict__ part_acc,
                                         const float* __restrict__ part_ml,
-                                        float* __restrict__ out, int splits, int head_dim) {
+                                        float* __restrict__ out, bf16_t* __restrict__ out16,
+                                        int splits, int head_dim) {
     u64 rh = blockIdx.x;
     const float* ml = part_ml + rh * splits * 2;
     float gm = -INFINITY;
@@ -111,6 +113,8 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part_acc,
         float a = 0.f;
         for (int s = 0; s < splits; s++)
             if (ml[2 * s] != -INFINITY) a += part_acc[(rh * splits + s) * head_dim + d] * expf(ml[2 * s] - gm);
-        out[rh * head_dim + d] = a / denom;
+        float v = a / denom;
+        out[rh * head_dim + d] = v;
+        if (out16) out16[rh * head_dim + d] = f32_to_bf16(v);
     }
 }
