@@ -114,6 +114,8 @@ struct Funcs {
     attn_partial_bf16: CudaFunction,
     attn_partial_f32: CudaFunction,
     attn_combine: CudaFunction,
+    attn_prefill_bf16: CudaFunction,
+    attn_prefill_f32: CudaFunction,
     sample: CudaFunction,
 }
 
@@ -397,6 +399,8 @@ impl CudaBackend {
             attn_partial_bf16: load("attn_partial_bf16")?,
             attn_partial_f32: load("attn_partial_f32")?,
             attn_combine: load("attn_combine")?,
+            attn_prefill_bf16: load("attn_prefill_bf16")?,
+            attn_prefill_f32: load("attn_prefill_f32")?,
             sample: load("sample_rows")?,
         };
         let (free, total) = ctx.mem_get_info().map_err(be)?;
@@ -1123,6 +1127,74 @@ impl CudaBackend {
         Some(p)
     }
 
+    /// Attention with the tiled prefill kernel (`flash`) or the split-context decode kernel
+    /// (the self-test compares the two).
+    pub fn attention_with(
+        &self,
+        q: &CudaAct,
+        kv: &CudaKv,
+        layer: usize,
+        n_heads: usize,
+        batch: &AttnBatch,
+        flash: bool,
+    ) -> CudaAct {
+        let s = kv.shape;
+        let hd = s.head_dim;
+        let out = self.act(q.rows, n_heads * hd);
+        if q.rows == 0 {
+            return out;
+        }
+        let (Some(qb), Some(ob)) = (q.buf.as_ref(), out.buf.as_ref()) else {
+            return out;
+        };
+        let Some(m) = self.meta(batch, q.rows, s.block_size) else {
+            return out;
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (nh, nkv, hdi, bs) = (
+            n_heads as i32,
+            s.n_kv_heads as i32,
+            hd as i32,
+            s.block_size as i32,
+        );
+        let at = kv.layer_at(layer);
+        let (kc, vc) = (kv.k + at, kv.v + at);
+        if flash {
+            let (f, name) = match self.numerics {
+                Numerics::Bf16 => (&self.f.attn_prefill_bf16, "attn_prefill_bf16"),
+                Numerics::Accurate => (&self.f.attn_prefill_f32, "attn_prefill_f32"),
+            };
+            let (t16, twin) = self.twin(q.rows * n_heads * hd);
+            let rows = q.rows as i32;
+            launch!(self, f, name, cfg((q.rows.div_ceil(8) as u32, n_heads as u32, 1), 128);
+                &kc, &vc, &qb.ptr, &m.row_ctx, &m.row_table, &m.tables, &ob.ptr, &t16, &rows,
+                &nh, &nkv, &hdi, &bs, &scale);
+            *out.b16.borrow_mut() = twin;
+            return out;
+        }
+        let blocks = q.rows * n_heads;
+        let splits = attn_splits(q.rows, n_heads, self.info.sm_count);
+        let (Some(acc), Some(ml)) = (
+            self.alloc(4 * blocks * splits * hd, "attention partials"),
+            self.alloc(4 * blocks * splits * 2, "attention partial maxima"),
+        ) else {
+            return out;
+        };
+        let (f, name) = match self.numerics {
+            Numerics::Bf16 => (&self.f.attn_partial_bf16, "attn_partial_bf16"),
+            Numerics::Accurate => (&self.f.attn_partial_f32, "attn_partial_f32"),
+        };
+        launch!(self, f, name, cfg((q.rows as u32, n_heads as u32, splits as u32), 128);
+            &kc, &vc, &qb.ptr, &m.row_ctx, &m.row_table, &m.tables, &acc.ptr, &ml.ptr,
+            &nh, &nkv, &hdi, &bs, &scale);
+        let sp = splits as i32;
+        let (t16, twin) = self.twin(q.rows * n_heads * hd);
+        launch!(self, &self.f.attn_combine, "attn_combine",
+            cfg((blocks as u32, 1, 1), hd.min(256) as u32); &acc.ptr, &ml.ptr, &ob.ptr, &t16, &sp, &hdi);
+        *out.b16.borrow_mut() = twin;
+        out
+    }
+
     /// Device-to-device copy bandwidth (GB/s, bytes read + written) and bf16 GEMM rate
     /// (TFLOP/s), measured now with events: the limits bench compares against.
     pub fn measure_limits(&self) -> Result<(f64, f64), BackendError> {
@@ -1444,6 +1516,8 @@ impl Backend for CudaBackend {
             &qb.ptr, &kb.ptr, &vb.ptr, &inv, &m.positions, &m.slots, &kc, &vc, &n_heads, &n_kv, &hd);
     }
 
+    /// Steps with prompt rows (a sequence with more than one new token) use the tiled prefill
+    /// kernel; decode steps the split-context decode kernel.
     fn attention(
         &self,
         q: &CudaAct,
@@ -1452,48 +1526,8 @@ impl Backend for CudaBackend {
         n_heads: usize,
         batch: &AttnBatch,
     ) -> CudaAct {
-        let s = kv.shape;
-        let hd = s.head_dim;
-        let out = self.act(q.rows, n_heads * hd);
-        if q.rows == 0 {
-            return out;
-        }
-        let (Some(qb), Some(ob)) = (q.buf.as_ref(), out.buf.as_ref()) else {
-            return out;
-        };
-        let Some(m) = self.meta(batch, q.rows, s.block_size) else {
-            return out;
-        };
-        let blocks = q.rows * n_heads;
-        let splits = attn_splits(q.rows, n_heads, self.info.sm_count);
-        let (Some(acc), Some(ml)) = (
-            self.alloc(4 * blocks * splits * hd, "attention partials"),
-            self.alloc(4 * blocks * splits * 2, "attention partial maxima"),
-        ) else {
-            return out;
-        };
-        let at = kv.layer_at(layer);
-        let (kc, vc) = (kv.k + at, kv.v + at);
-        let (nh, nkv, hdi, bs) = (
-            n_heads as i32,
-            s.n_kv_heads as i32,
-            hd as i32,
-            s.block_size as i32,
-        );
-        let scale = 1.0 / (hd as f32).sqrt();
-        let (f, name) = match self.numerics {
-            Numerics::Bf16 => (&self.f.attn_partial_bf16, "attn_partial_bf16"),
-            Numerics::Accurate => (&self.f.attn_partial_f32, "attn_partial_f32"),
-        };
-        launch!(self, f, name, cfg((q.rows as u32, n_heads as u32, splits as u32), 128);
-            &kc, &vc, &qb.ptr, &m.row_ctx, &m.row_table, &m.tables, &acc.ptr, &ml.ptr,
-            &nh, &nkv, &hdi, &bs, &scale);
-        let sp = splits as i32;
-        let (t16, twin) = self.twin(q.rows * n_heads * hd);
-        launch!(self, &self.f.attn_combine, "attn_combine",
-            cfg((blocks as u32, 1, 1), hd.min(256) as u32); &acc.ptr, &ml.ptr, &ob.ptr, &t16, &sp, &hdi);
-        *out.b16.borrow_mut() = twin;
-        out
+        let prefill = batch.seqs.iter().any(|s| s.n_tokens > 1);
+        self.attention_with(q, kv, layer, n_heads, batch, prefill)
     }
 
     fn silu_mul(&self, gate: &CudaAct, up: &CudaAct) -> CudaAct {

@@ -13,6 +13,7 @@
 
 mod arena;
 mod backend;
+mod flash_model;
 mod gemm;
 pub mod kernels;
 pub mod nccl;
