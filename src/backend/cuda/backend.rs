@@ -1457,9 +1457,17 @@ impl Backend for CudaBackend {
             w.cols,
             false,
         );
-        if self.note(r, "matmul").is_some() {
-            self.count(|c| c.launches += 1);
-            self.launched("cublasLtMatmul");
+        match r {
+            Ok(()) => {
+                self.count(|c| c.launches += 1);
+                self.launched("cublasLtMatmul");
+            }
+            // cuBLASLt only says "execution failed" when an earlier kernel faulted: the
+            // stream's sticky error names the kernels it can be in.
+            Err(e) => match self.stream.synchronize() {
+                Err(de) => self.driver_failed(de, "matmul"),
+                Ok(()) => self.fail(format!("matmul: {e}")),
+            },
         }
         if split {
             let n = x.rows * w.rows;

@@ -361,9 +361,11 @@ fn attention_checks(gpu: &CudaBackend, cpu: &CpuBackend, rng: &mut Rng, hd: usiz
     let inv_freq: Vec<f32> = (0..64)
         .map(|i| 500000f32.powf(-(i as f32) / 64.0))
         .collect();
+    // Prefill, mixed (both run the tiled prefill kernel), decode only (the decode kernel).
     let steps = [
         vec![(0usize, 37usize, 37usize), (1, 400, 400)],
         vec![(0, 1, 38), (1, 1, 401), (2, 20, 20)],
+        vec![(0, 1, 39), (1, 1, 402), (2, 1, 21)],
     ];
     let layer = 1;
     for (si, plan) in steps.iter().enumerate() {
