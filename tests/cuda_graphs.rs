@@ -287,3 +287,117 @@ fn a_decode_shaped_first_step_runs_eagerly_then_replays() {
     };
     assert_eq!(run(&[]), run(&[("HERD_CUDA_GRAPHS", "0")]));
 }
+
+fn mpi_available() -> bool {
+    if cfg!(feature = "mpi") {
+        return true;
+    }
+    if std::env::var("HERD_NO_MPI").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: HERD_NO_MPI=1");
+        return false;
+    }
+    panic!("needs a build with MPI: cargo test --features mpi (or HERD_NO_MPI=1)");
+}
+
+/// `--tp 2` on two emulated GPUs producing `tokens` tokens: (the JSON result, the API calls of
+/// both ranks summed).
+fn tp2_generate(dir: &Path, tokens: usize, graphs: bool) -> (String, Value) {
+    let tag = format!("{tokens}-{graphs}");
+    let stats_dir = dir.join(&tag);
+    std::fs::create_dir_all(&stats_dir).unwrap();
+    let stats = stats_dir
+        .join("stats-%p.json")
+        .to_string_lossy()
+        .into_owned();
+    let m = model("llama31");
+    let n = tokens.to_string();
+    let mut c = Command::new(root().join("scripts/cuda-emu"));
+    c.args(["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none"])
+        .args(["-x", "HERD_CUDA_GRAPHS"])
+        .arg(env!("CARGO_BIN_EXE_herd"))
+        .args([
+            "generate",
+            "--model",
+            &m,
+            "--tp",
+            "2",
+            "--device",
+            "cuda",
+            "--kv-cache-gb",
+            "0.05",
+            "--prompt-token-ids",
+            "1,17,33,5",
+            "--max-tokens",
+            &n,
+            "--temperature",
+            "0.7",
+            "--seed",
+            "4",
+            "--logprobs",
+            "3",
+            "--ignore-eos",
+            "--json",
+        ])
+        .env("RUST_LOG", "warn")
+        .env("CUDA_EMU_QUIET", "1")
+        .env("CUDA_EMU_DEVICES", "2")
+        .env("CUDA_EMU_STATS", &stats)
+        .env("HERD_CUDA_GRAPHS", if graphs { "1" } else { "0" })
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    let out = c.output().expect("scripts/cuda-emu mpirun");
+    let all = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{all}");
+    let json = all
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON in:\n{all}"))
+        .to_string();
+    let mut sum = serde_json::Map::new();
+    let mut ranks = 0;
+    for e in std::fs::read_dir(&stats_dir).unwrap() {
+        let v: Value =
+            serde_json::from_str(&std::fs::read_to_string(e.unwrap().path()).unwrap()).unwrap();
+        ranks += 1;
+        for (k, n) in v["calls"].as_object().unwrap() {
+            let have = sum.get(k).and_then(Value::as_u64).unwrap_or(0);
+            sum.insert(k.clone(), json!(have + n.as_u64().unwrap_or(0)));
+        }
+    }
+    assert_eq!(ranks, 2, "{all}");
+    (json, Value::Object(sum))
+}
+
+/// Tensor parallel: both ranks capture the decode step with its NCCL collectives and replay it
+/// (the follower's graph ends at the gathered logits, the leader's at the sampled tokens): per
+/// decode step and rank one graph launch and nothing loose, at most one copy each way; the
+/// result equals eager steps'.
+#[test]
+fn tensor_parallel_decode_steps_replay_graphs_with_their_collectives() {
+    if !mpi_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_, short) = tp2_generate(dir.path(), 16, true);
+    let (long_json, long) = tp2_generate(dir.path(), 48, true);
+    let (eager_json, eager) = tp2_generate(dir.path(), 48, false);
+    assert_eq!(
+        long_json, eager_json,
+        "graph replay differs from eager steps at tp 2"
+    );
+    assert_eq!(count(&eager, &["cuGraphLaunch"]), 0);
+    let per = |n: &[&str]| count(&long, n) as i64 - count(&short, n) as i64;
+    let report = format!("16: {short}\n48: {long}");
+    let (steps, ranks) = (32, 2);
+    assert_eq!(per(&["cuGraphLaunch"]), steps * ranks, "{report}");
+    assert_eq!(per(&["cuLaunchKernel"]), 0, "{report}");
+    assert_eq!(per(&["ncclAllReduce", "ncclAllGather"]), 0, "{report}");
+    assert_eq!(per(&["cuMemAllocAsync", "cuMemFreeAsync"]), 0, "{report}");
+    assert_eq!(per(&["cuEventCreate"]), 0, "{report}");
+    assert!(per(&["cuMemcpyHtoDAsync_v2"]) <= steps * ranks, "{report}");
+    assert!(per(&["cuMemcpyDtoHAsync_v2"]) <= steps * ranks, "{report}");
+}

@@ -104,6 +104,14 @@ pub struct Sampled {
     pub top: Vec<(u32, f32)>,
 }
 
+/// A step a backend ran from a recording (see [`Backend::begin_step`]).
+#[derive(Clone, Debug)]
+pub enum Replayed {
+    Sampled(Vec<Sampled>),
+    /// `[logit_rows, vocab]` f32, row-major.
+    Logits(Vec<f32>),
+}
+
 /// Kernels the Llama forward pass needs. Activations are row-major `[rows, cols]` matrices.
 pub trait Backend: Send {
     type Act: Send;
@@ -175,15 +183,16 @@ pub trait Backend: Send {
     }
     /// Called before each forward pass with everything the step needs from the host, so that a
     /// device backend can send it in one copy. A backend that recorded a step of this shape may
-    /// run it here: `Some` is then the step's sampled rows (only when `sampling` is given, one
-    /// per logit row) and the forward pass must be skipped. The CPU backend does nothing.
+    /// run it here: `Some` is then the step's result (sampled rows when `sampling` is given, one
+    /// per logit row; else the logits) and the forward pass must be skipped. The CPU backend
+    /// does nothing.
     fn begin_step(
         &self,
         _tokens: &[u32],
         _batch: &AttnBatch,
         _logit_rows: &[usize],
         _sampling: Option<&[RowSampling]>,
-    ) -> Option<Result<Vec<Sampled>, BackendError>> {
+    ) -> Option<Result<Replayed, BackendError>> {
         None
     }
     /// Sample every row of `logits` where it lives; `None` means "not supported here: copy the

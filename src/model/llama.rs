@@ -5,7 +5,7 @@ use std::time::Instant;
 use super::config::LlamaConfig;
 use super::shard::ShardPlan;
 use super::{ModelError, ModelRunner, StepInput, StepOutput};
-use crate::backend::{AttnBatch, Backend, KvShape, RowSampling};
+use crate::backend::{AttnBatch, Backend, KvShape, Replayed, RowSampling};
 use crate::checkpoint::{Slice, TensorSource};
 
 struct Layer<B: Backend> {
@@ -166,10 +166,24 @@ impl<B: Backend> ModelRunner for Llama<B> {
 
     fn forward(&mut self, step: &StepInput) -> Result<Vec<f32>, ModelError> {
         let batch = self.step_batch(step)?;
-        // Without sampling rows a backend only stages the step (it never skips the forward).
-        let _ = self
+        let backend_err = |e: crate::backend::BackendError| ModelError::Backend(e.to_string());
+        // A backend that recorded this step's shape (a CUDA graph) runs it here.
+        match self
             .backend
-            .begin_step(&step.tokens, &batch, &step.logit_rows, None);
+            .begin_step(&step.tokens, &batch, &step.logit_rows, None)
+        {
+            Some(Ok(Replayed::Logits(v))) => {
+                self.backend.check().map_err(backend_err)?;
+                return Ok(v);
+            }
+            Some(Ok(Replayed::Sampled(_))) => {
+                return Err(ModelError::Backend(
+                    "the backend sampled a step that asked for logits".into(),
+                ))
+            }
+            Some(Err(e)) => return Err(backend_err(e)),
+            None => {}
+        }
         let logits = self.logits(step, &batch)?;
         let host = self.backend.take_to_host(logits);
         self.backend
@@ -190,9 +204,12 @@ impl<B: Backend> ModelRunner for Llama<B> {
             .backend
             .begin_step(&step.tokens, &batch, &step.logit_rows, Some(rows))
         {
-            let sampled = r.map_err(backend_err)?;
+            let out = match r.map_err(backend_err)? {
+                Replayed::Sampled(s) => StepOutput::Sampled(s),
+                Replayed::Logits(v) => StepOutput::Logits(v),
+            };
             self.backend.check().map_err(backend_err)?;
-            return Ok(StepOutput::Sampled(sampled));
+            return Ok(out);
         }
         let logits = self.logits(step, &batch)?;
         let out = match self.backend.sample(&logits, rows) {

@@ -22,7 +22,7 @@ use super::gemm::{m_bucket, Gemm};
 use super::kernels;
 use super::nccl::NcclComm;
 use super::staging::{OutLayout, StepData, StepLayout};
-use crate::backend::{AttnBatch, Backend, BackendError, KvShape, RowSampling, Sampled};
+use crate::backend::{AttnBatch, Backend, BackendError, KvShape, Replayed, RowSampling, Sampled};
 use crate::checkpoint::{DType, Tensor};
 
 /// A row-major `[rows, cols]` f32 matrix on the GPU.
@@ -207,7 +207,12 @@ struct Meta {
 /// A captured decode step: (rows bucket, top log-probs slots) -> graph.
 type GraphKey = (usize, usize);
 
-struct Graph(#[allow(dead_code)] cudarc::driver::CudaGraph);
+struct Graph {
+    exec: cudarc::driver::CudaGraph,
+    /// Where a graph without sampling (a tensor-parallel follower's step) leaves its logits:
+    /// (device address, columns).
+    logits: Option<(u64, usize)>,
+}
 // SAFETY: launched only from the backend's thread.
 unsafe impl Send for Graph {}
 
@@ -867,23 +872,33 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// A decode step may replay a graph: every row one new token, every row sampled on the
-    /// device, one GPU (NCCL-in-graph for tp > 1 is future work), at most `graph_rows` rows.
+    /// A decode step may replay a graph: every row one new token and needing logits, at most
+    /// `graph_rows` rows, and either every row sampled on the device, or (a tensor-parallel
+    /// follower, which only takes part in the collectives) no sampling at all. The NCCL calls
+    /// are captured with the rest; every rank captures and replays at the same steps (the key
+    /// and the warm-up depend on the step's shape), so the collectives stay in order.
     fn graph_key(
         &self,
         batch: &AttnBatch,
         logit_rows: &[usize],
-        rows: &[RowSampling],
+        sampling: Option<&[RowSampling]>,
     ) -> Option<GraphKey> {
         let n = batch.n_tokens();
         let decode = n > 0
             && batch.seqs.iter().all(|s| s.n_tokens == 1)
-            && logit_rows.iter().copied().eq(0..n)
-            && rows.len() == n
-            && rows.iter().all(|r| r.top_logprobs <= MAX_TOP_LOGPROBS);
+            && logit_rows.iter().copied().eq(0..n);
+        let top = match sampling {
+            Some(rows)
+                if rows.len() == n && rows.iter().all(|r| r.top_logprobs <= MAX_TOP_LOGPROBS) =>
+            {
+                top_slots(rows)
+            }
+            None if self.tp_size() > 1 => 0,
+            _ => return None,
+        };
         let bucket = graph_bucket(n);
-        (decode && bucket <= self.graph_rows && self.tp.is_none() && self.err.borrow().is_none())
-            .then(|| (bucket, top_slots(rows)))
+        (decode && bucket <= self.graph_rows && self.err.borrow().is_none())
+            .then_some((bucket, top))
     }
 
     /// Stage a step and, for a decode step whose graph exists, run it (one launch).
@@ -893,7 +908,7 @@ impl CudaBackend {
         batch: &AttnBatch,
         logit_rows: &[usize],
         sampling: Option<&[RowSampling]>,
-    ) -> Option<Result<Vec<Sampled>, BackendError>> {
+    ) -> Option<Result<Replayed, BackendError>> {
         self.abandon_capture();
         self.step_started();
         let bs = self.block_size.get();
@@ -901,9 +916,9 @@ impl CudaBackend {
             // No KV cache yet, or a malformed step: the ops report it (or run unstaged).
             return None;
         }
-        let key = sampling.and_then(|r| self.graph_key(batch, logit_rows, r));
+        let key = self.graph_key(batch, logit_rows, sampling);
         let (pad, top) = match key {
-            Some((b, t)) => (b, t),
+            Some((b, t)) => (b, t.max(1)),
             None => (0, sampling.map_or(1, top_slots)),
         };
         let d = StepData {
@@ -918,18 +933,22 @@ impl CudaBackend {
         if let Err(e) = self.stage(&d, top) {
             return Some(Err(e));
         }
-        let (key, rows) = match (key, sampling) {
-            (Some(k), Some(r)) => (k, r),
-            _ => return None,
-        };
+        let key = key?;
         if let Some(g) = self.graphs.borrow().get(&key) {
-            if let Err(e) = g.0.launch() {
+            if let Err(e) = g.exec.launch() {
                 self.driver_failed(e, "launching the decode graph");
                 return Some(Err(self.take_err()));
             }
             self.count(|c| c.graph_launches += 1);
             self.launched("the decode graph");
-            return Some(self.fetch_sampled(rows));
+            return Some(match (sampling, g.logits) {
+                (Some(rows), _) => self.fetch_sampled(rows).map(Replayed::Sampled),
+                (None, Some((ptr, cols))) => {
+                    let n = logit_rows.len();
+                    self.logits_to_host(ptr, n * cols).map(Replayed::Logits)
+                }
+                (None, None) => Err(be("a decode graph without logits")),
+            });
         }
         // The first step of a shape runs eagerly (it sets up what the graph then only uses:
         // the RoPE table, cuBLASLt plans); the second is captured.
@@ -961,7 +980,11 @@ impl CudaBackend {
 
     /// Finish the capture begun by `begin` (the sampling kernel was its last work), keep the
     /// graph and run it.
-    fn finish_capture(&self, key: GraphKey) -> Result<(), BackendError> {
+    fn finish_capture(
+        &self,
+        key: GraphKey,
+        logits: Option<(u64, usize)>,
+    ) -> Result<(), BackendError> {
         self.capturing.set(None);
         let g = self
             .stream
@@ -985,8 +1008,29 @@ impl CudaBackend {
             c.graph_launches += 1;
             c.graph_captures += 1;
         });
-        self.graphs.borrow_mut().insert(key, Graph(g));
+        self.graphs
+            .borrow_mut()
+            .insert(key, Graph { exec: g, logits });
         Ok(())
+    }
+
+    /// `n` f32 at `ptr` to the host: one copy, one synchronization (a failure is noted too).
+    fn logits_to_host(&self, ptr: u64, n: usize) -> Result<Vec<f32>, BackendError> {
+        let mut v = vec![0f32; n];
+        // SAFETY: ptr holds at least n f32s; the copy completes at the synchronization below.
+        let r = unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut v, ptr, self.stream.cu_stream())
+        };
+        match r.and_then(|()| self.sync()) {
+            Ok(()) => {
+                self.launched.borrow_mut().clear();
+                Ok(v)
+            }
+            Err(e) => {
+                self.driver_failed(e, "copying to the host");
+                Err(be(self.err.borrow().clone().unwrap_or_default()))
+            }
+        }
     }
 
     /// The sampled rows of the staged step: one copy down, one synchronization.
@@ -1367,7 +1411,7 @@ impl Backend for CudaBackend {
         batch: &AttnBatch,
         logit_rows: &[usize],
         sampling: Option<&[RowSampling]>,
-    ) -> Option<Result<Vec<Sampled>, BackendError>> {
+    ) -> Option<Result<Replayed, BackendError>> {
         self.begin(tokens, batch, logit_rows, sampling)
     }
 
@@ -1634,22 +1678,24 @@ impl Backend for CudaBackend {
     }
 
     fn to_host(&self, x: &CudaAct) -> Vec<f32> {
-        let n = x.rows * x.cols;
+        // A staged step padded for a graph: only its real logit rows go back.
+        let rows = match self.staged.borrow().as_ref() {
+            Some(s) if s.layout.logit_rows == x.rows => s.logit_rows.len(),
+            _ => x.rows,
+        };
+        let n = rows * x.cols;
         let Some(xb) = x.buf.as_ref() else {
             return vec![f32::NAN; n];
         };
-        let mut v = vec![0f32; n];
-        // SAFETY: xb holds at least n f32s; the copy completes at the synchronization below.
-        let r = unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(&mut v, xb.ptr, self.stream.cu_stream())
-        };
-        match r.and_then(|()| self.sync()) {
-            Ok(()) => v,
-            Err(e) => {
-                self.driver_failed(e, "copying to the host");
-                vec![f32::NAN; n]
+        // A captured follower step ends here: run its graph, then copy.
+        if let Some(key) = self.capturing.get() {
+            if let Err(e) = self.finish_capture(key, Some((xb.ptr, x.cols))) {
+                self.fail(e.to_string());
+                return vec![f32::NAN; n];
             }
         }
+        self.logits_to_host(xb.ptr, n)
+            .unwrap_or_else(|_| vec![f32::NAN; n])
     }
 
     fn sample(
@@ -1757,7 +1803,7 @@ impl CudaBackend {
         launch!(self, &self.f.sample, "sample_rows", cfg((n_logits as u32, 1, 1), 1024);
             &lb.ptr, &vocab, &params, &mt, &tok, &lp, &tid, &tlp);
         if let Some(key) = self.capturing.get() {
-            self.finish_capture(key)?;
+            self.finish_capture(key, None)?;
         }
         self.fetch_sampled(rows)
     }
