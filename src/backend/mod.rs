@@ -195,6 +195,12 @@ pub trait Backend: Send {
     ) -> Option<Result<Replayed, BackendError>> {
         None
     }
+    /// `x += a · Wᵀ` (the residual add of a projection): cuBLASLt adds it in the GEMM for free
+    /// (beta = 1). The default is `matmul` then `add_in_place`.
+    fn matmul_add(&self, x: &mut Self::Act, a: &Self::Act, w: &Self::Matrix) {
+        let o = self.matmul(a, w);
+        self.add_in_place(x, &o);
+    }
     /// Sample every row of `logits` where it lives; `None` means "not supported here: copy the
     /// logits to the host and sample there" (the CPU backend, whose host sampler is the reference).
     fn sample(

@@ -247,8 +247,11 @@ impl<B: Backend> Llama<B> {
         let n_heads = self.shard.local_heads(cfg);
         let comm_err = |e: crate::backend::BackendError| ModelError::Backend(e.to_string());
         let mut x = b.embed(&self.tok_embeddings, &step.tokens);
-        // The residual add of each block is fused with the norm that follows it
-        // (x += down; h = norm(x)): `pending` is the branch output not yet added to x.
+        // One GPU: each residual add rides on its projection's GEMM (x += a·Wᵀ). Tensor
+        // parallel: the partial products are summed over the ranks first, and the add is fused
+        // with the norm that follows it (x += down; h = norm(x)): `pending` is the branch output
+        // not yet added to x. The same operations in the same order on the CPU either way.
+        let solo = self.shard.tp == 1;
         let mut pending: Option<B::Act> = None;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = match pending.take() {
@@ -260,14 +263,24 @@ impl<B: Backend> Llama<B> {
             let v = b.matmul(&h, &layer.wv);
             b.rope_store_kv(&mut q, &mut k, &v, &self.inv_freq, &mut self.kv, l, batch);
             let attn = b.attention(&q, &self.kv, l, n_heads, batch);
-            let mut o = b.matmul(&attn, &layer.wo);
-            b.all_reduce_sum(&mut o).map_err(comm_err)?;
-            let h = b.add_rmsnorm(&mut x, &o, &layer.ffn_norm, cfg.norm_eps);
+            let h = if solo {
+                b.matmul_add(&mut x, &attn, &layer.wo);
+                b.rmsnorm(&x, &layer.ffn_norm, cfg.norm_eps)
+            } else {
+                let mut o = b.matmul(&attn, &layer.wo);
+                b.all_reduce_sum(&mut o).map_err(comm_err)?;
+                b.add_rmsnorm(&mut x, &o, &layer.ffn_norm, cfg.norm_eps)
+            };
             let gate = b.matmul(&h, &layer.w1);
             let up = b.matmul(&h, &layer.w3);
-            let mut down = b.matmul(&b.silu_mul(&gate, &up), &layer.w2);
-            b.all_reduce_sum(&mut down).map_err(comm_err)?;
-            pending = Some(down);
+            let act = b.silu_mul(&gate, &up);
+            if solo {
+                b.matmul_add(&mut x, &act, &layer.w2);
+            } else {
+                let mut down = b.matmul(&act, &layer.w2);
+                b.all_reduce_sum(&mut down).map_err(comm_err)?;
+                pending = Some(down);
+            }
         }
         if let Some(d) = pending {
             b.add_in_place(&mut x, &d);

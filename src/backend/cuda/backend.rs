@@ -1523,6 +1523,42 @@ impl Backend for CudaBackend {
         out
     }
 
+    /// `x += a · Wᵀ` in the GEMM (beta = 1): no product buffer, no add kernel. The accurate
+    /// numerics' split GEMM sums two halves first: matmul then add there.
+    fn matmul_add(&self, x: &mut CudaAct, a: &CudaAct, w: &CudaMatrix) {
+        x.changed();
+        if self.numerics == Numerics::Accurate || a.rows != x.rows || x.cols != w.rows {
+            let o = self.matmul(a, w);
+            return self.add_in_place(x, &o);
+        }
+        if a.rows == 0 {
+            return;
+        }
+        let (Some(ab), Some(xb)) = (self.to_bf16(a, false), x.buf.as_ref()) else {
+            return;
+        };
+        let r = self.gemm.borrow_mut().bf16_f32(
+            &self.stream,
+            ab,
+            w.ptr,
+            xb.ptr,
+            a.rows,
+            w.rows,
+            w.cols,
+            true,
+        );
+        match r {
+            Ok(()) => {
+                self.count(|c| c.launches += 1);
+                self.launched("cublasLtMatmul");
+            }
+            Err(e) => match self.stream.synchronize() {
+                Err(de) => self.driver_failed(de, "matmul"),
+                Ok(()) => self.fail(format!("matmul: {e}")),
+            },
+        }
+    }
+
     fn rope_store_kv(
         &self,
         q: &mut CudaAct,
