@@ -477,16 +477,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// (bytes in use, most in use at once, capacity) of the arena; zeros without one.
-    pub fn arena_usage(&self) -> (usize, usize, usize) {
-        self.arena.as_ref().map_or((0, 0, 0), |a| a.usage())
-    }
-
-    /// cuBLASLt heuristic queries so far (0 per step once every shape was seen).
-    pub fn gemm_heuristics(&self) -> u64 {
-        self.gemm.borrow().heuristics
-    }
-
     fn count(&self, f: impl FnOnce(&mut StepCounters)) {
         if let Ok(mut c) = COUNTERS.lock() {
             f(&mut c);

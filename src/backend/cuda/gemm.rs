@@ -24,8 +24,6 @@ pub struct Gemm {
     desc: sys::cublasLtMatmulDesc_t,
     layouts: HashMap<(bool, u64, u64), sys::cublasLtMatrixLayout_t>,
     algos: HashMap<(u64, u64, u64), sys::cublasLtMatmulAlgo_t>,
-    /// Heuristic queries made (bench and tests read it: 0 in the steady state).
-    pub heuristics: u64,
 }
 
 // SAFETY: the handle is only used from the backend's one stream, by one thread at a time.
@@ -78,7 +76,6 @@ impl Gemm {
             desc,
             layouts: HashMap::new(),
             algos: HashMap::new(),
-            heuristics: 0,
         })
     }
 
@@ -140,7 +137,6 @@ impl Gemm {
             let _ = result::destroy_matmul_pref(pref);
             r?.algo
         };
-        self.heuristics += 1;
         self.algos.insert(key, algo);
         Ok(algo)
     }
