@@ -104,6 +104,14 @@ pub struct Sampled {
     pub top: Vec<(u32, f32)>,
 }
 
+/// A step a backend ran from a recording (see [`Backend::begin_step`]).
+#[derive(Clone, Debug)]
+pub enum Replayed {
+    Sampled(Vec<Sampled>),
+    /// `[logit_rows, vocab]` f32, row-major.
+    Logits(Vec<f32>),
+}
+
 /// Kernels the Llama forward pass needs. Activations are row-major `[rows, cols]` matrices.
 pub trait Backend: Send {
     type Act: Send;
@@ -172,6 +180,26 @@ pub trait Backend: Send {
     ) -> Self::Act {
         self.add_in_place(x, y);
         self.rmsnorm(x, w, eps)
+    }
+    /// Called before each forward pass with everything the step needs from the host, so that a
+    /// device backend can send it in one copy. A backend that recorded a step of this shape may
+    /// run it here: `Some` is then the step's result (sampled rows when `sampling` is given, one
+    /// per logit row; else the logits) and the forward pass must be skipped. The CPU backend
+    /// does nothing.
+    fn begin_step(
+        &self,
+        _tokens: &[u32],
+        _batch: &AttnBatch,
+        _logit_rows: &[usize],
+        _sampling: Option<&[RowSampling]>,
+    ) -> Option<Result<Replayed, BackendError>> {
+        None
+    }
+    /// `x += a · Wᵀ` (the residual add of a projection): cuBLASLt adds it in the GEMM for free
+    /// (beta = 1). The default is `matmul` then `add_in_place`.
+    fn matmul_add(&self, x: &mut Self::Act, a: &Self::Act, w: &Self::Matrix) {
+        let o = self.matmul(a, w);
+        self.add_in_place(x, &o);
     }
     /// Sample every row of `logits` where it lives; `None` means "not supported here: copy the
     /// logits to the host and sample there" (the CPU backend, whose host sampler is the reference).

@@ -5,7 +5,7 @@ use std::time::Instant;
 use super::config::LlamaConfig;
 use super::shard::ShardPlan;
 use super::{ModelError, ModelRunner, StepInput, StepOutput};
-use crate::backend::{AttnBatch, Backend, KvShape, RowSampling};
+use crate::backend::{AttnBatch, Backend, KvShape, Replayed, RowSampling};
 use crate::checkpoint::{Slice, TensorSource};
 
 struct Layer<B: Backend> {
@@ -165,7 +165,26 @@ impl<B: Backend> ModelRunner for Llama<B> {
     }
 
     fn forward(&mut self, step: &StepInput) -> Result<Vec<f32>, ModelError> {
-        let logits = self.logits(step)?;
+        let batch = self.step_batch(step)?;
+        let backend_err = |e: crate::backend::BackendError| ModelError::Backend(e.to_string());
+        // A backend that recorded this step's shape (a CUDA graph) runs it here.
+        match self
+            .backend
+            .begin_step(&step.tokens, &batch, &step.logit_rows, None)
+        {
+            Some(Ok(Replayed::Logits(v))) => {
+                self.backend.check().map_err(backend_err)?;
+                return Ok(v);
+            }
+            Some(Ok(Replayed::Sampled(_))) => {
+                return Err(ModelError::Backend(
+                    "the backend sampled a step that asked for logits".into(),
+                ))
+            }
+            Some(Err(e)) => return Err(backend_err(e)),
+            None => {}
+        }
+        let logits = self.logits(step, &batch)?;
         let host = self.backend.take_to_host(logits);
         self.backend
             .check()
@@ -178,22 +197,33 @@ impl<B: Backend> ModelRunner for Llama<B> {
         step: &StepInput,
         rows: &[RowSampling],
     ) -> Result<StepOutput, ModelError> {
-        let logits = self.logits(step)?;
+        let batch = self.step_batch(step)?;
+        let backend_err = |e: crate::backend::BackendError| ModelError::Backend(e.to_string());
+        // A backend that recorded this step's shape (a CUDA graph) runs it here.
+        if let Some(r) = self
+            .backend
+            .begin_step(&step.tokens, &batch, &step.logit_rows, Some(rows))
+        {
+            let out = match r.map_err(backend_err)? {
+                Replayed::Sampled(s) => StepOutput::Sampled(s),
+                Replayed::Logits(v) => StepOutput::Logits(v),
+            };
+            self.backend.check().map_err(backend_err)?;
+            return Ok(out);
+        }
+        let logits = self.logits(step, &batch)?;
         let out = match self.backend.sample(&logits, rows) {
-            Some(r) => StepOutput::Sampled(r.map_err(|e| ModelError::Backend(e.to_string()))?),
+            Some(r) => StepOutput::Sampled(r.map_err(backend_err)?),
             None => StepOutput::Logits(self.backend.take_to_host(logits)),
         };
-        self.backend
-            .check()
-            .map_err(|e| ModelError::Backend(e.to_string()))?;
+        self.backend.check().map_err(backend_err)?;
         Ok(out)
     }
 }
 
 impl<B: Backend> Llama<B> {
-    /// The forward pass up to the logits `[logit_rows, vocab]`, left where the backend keeps them.
-    fn logits(&mut self, step: &StepInput) -> Result<B::Act, ModelError> {
-        let b = &self.backend;
+    /// The step's attention batch, after checking its tokens and plan.
+    fn step_batch(&self, step: &StepInput) -> Result<AttnBatch, ModelError> {
         let cfg = &self.cfg;
         if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
             return Err(ModelError::Input(format!(
@@ -207,11 +237,21 @@ impl<B: Backend> Llama<B> {
                 "step plan and token count disagree".into(),
             ));
         }
+        Ok(batch)
+    }
+
+    /// The forward pass up to the logits `[logit_rows, vocab]`, left where the backend keeps them.
+    fn logits(&mut self, step: &StepInput, batch: &AttnBatch) -> Result<B::Act, ModelError> {
+        let b = &self.backend;
+        let cfg = &self.cfg;
         let n_heads = self.shard.local_heads(cfg);
         let comm_err = |e: crate::backend::BackendError| ModelError::Backend(e.to_string());
         let mut x = b.embed(&self.tok_embeddings, &step.tokens);
-        // The residual add of each block is fused with the norm that follows it
-        // (x += down; h = norm(x)): `pending` is the branch output not yet added to x.
+        // One GPU: each residual add rides on its projection's GEMM (x += a·Wᵀ). Tensor
+        // parallel: the partial products are summed over the ranks first, and the add is fused
+        // with the norm that follows it (x += down; h = norm(x)): `pending` is the branch output
+        // not yet added to x. The same operations in the same order on the CPU either way.
+        let solo = self.shard.tp == 1;
         let mut pending: Option<B::Act> = None;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = match pending.take() {
@@ -221,16 +261,26 @@ impl<B: Backend> Llama<B> {
             let mut q = b.matmul(&h, &layer.wq);
             let mut k = b.matmul(&h, &layer.wk);
             let v = b.matmul(&h, &layer.wv);
-            b.rope_store_kv(&mut q, &mut k, &v, &self.inv_freq, &mut self.kv, l, &batch);
-            let attn = b.attention(&q, &self.kv, l, n_heads, &batch);
-            let mut o = b.matmul(&attn, &layer.wo);
-            b.all_reduce_sum(&mut o).map_err(comm_err)?;
-            let h = b.add_rmsnorm(&mut x, &o, &layer.ffn_norm, cfg.norm_eps);
+            b.rope_store_kv(&mut q, &mut k, &v, &self.inv_freq, &mut self.kv, l, batch);
+            let attn = b.attention(&q, &self.kv, l, n_heads, batch);
+            let h = if solo {
+                b.matmul_add(&mut x, &attn, &layer.wo);
+                b.rmsnorm(&x, &layer.ffn_norm, cfg.norm_eps)
+            } else {
+                let mut o = b.matmul(&attn, &layer.wo);
+                b.all_reduce_sum(&mut o).map_err(comm_err)?;
+                b.add_rmsnorm(&mut x, &o, &layer.ffn_norm, cfg.norm_eps)
+            };
             let gate = b.matmul(&h, &layer.w1);
             let up = b.matmul(&h, &layer.w3);
-            let mut down = b.matmul(&b.silu_mul(&gate, &up), &layer.w2);
-            b.all_reduce_sum(&mut down).map_err(comm_err)?;
-            pending = Some(down);
+            let act = b.silu_mul(&gate, &up);
+            if solo {
+                b.matmul_add(&mut x, &act, &layer.w2);
+            } else {
+                let mut down = b.matmul(&act, &layer.w2);
+                b.all_reduce_sum(&mut down).map_err(comm_err)?;
+                pending = Some(down);
+            }
         }
         if let Some(d) = pending {
             b.add_in_place(&mut x, &d);

@@ -467,9 +467,13 @@ fn load_cuda(
     } else {
         cfg.vocab_size
     };
+    // Decode graphs pad their rows up to a power of two (at most 256).
+    let graph_rows = cuda::graph_bucket(args.max_batch_size.max(1))
+        .min(256)
+        .max(args.max_batch_size.max(1));
     let activations = plan::activation_bytes(
-        args.max_batch_tokens as u64,
-        args.max_batch_size.max(1) as u64,
+        args.max_batch_tokens.max(graph_rows) as u64,
+        graph_rows as u64,
         cfg.dim as u64,
         cfg.ffn_dim as u64,
         q_dim,
@@ -520,6 +524,9 @@ fn load_cuda(
         budget_gb = format!("{:.2}", p.budget_bytes as f64 / 1e9),
         "loading"
     );
+    backend
+        .reserve_activations(activations as usize, args.max_batch_size)
+        .map_err(|e| anyhow::anyhow!("{} on {}: {e}", args.model, info.name))?;
     load_llama(
         backend,
         src,

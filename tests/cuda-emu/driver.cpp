@@ -535,6 +535,43 @@ EXPORT int cuMemFreeAsync(CUdeviceptr p, CUstream s) {
     return enqueue(s, "cuMemFreeAsync", [p] { return mem_free((uintptr_t)p, true); });
 }
 
+// The default memory pool of each device: herd only sets its release threshold (how much freed
+// memory the pool keeps instead of returning it at a synchronization). The emulated pool keeps
+// nothing either way; the value is recorded and checked.
+struct MemPool {
+    int device;
+    uint64_t release_threshold = 0;
+};
+static MemPool g_pools[64];
+
+EXPORT int cuDeviceGetDefaultMemPool(MemPool** pool, CUdevice d) {
+    API(cuDeviceGetDefaultMemPool);
+    CHECK(dev_ok(d));
+    if (!pool) return INVALID_VALUE;
+    if (!config().pools) {
+        say("cuDeviceGetDefaultMemPool: this device reports no memory pools (CUDA_EMU_POOLS=0)");
+        return NOT_SUPPORTED;
+    }
+    g_pools[d].device = d;
+    *pool = &g_pools[d];
+    return OK;
+}
+
+EXPORT int cuMemPoolSetAttribute(MemPool* pool, int attr, void* value) {
+    API(cuMemPoolSetAttribute);
+    CHECK(need_ctx_ok());
+    if (!pool || pool < g_pools || pool >= g_pools + 64 || !value) {
+        say("cuMemPoolSetAttribute: %p is not a memory pool from cuDeviceGetDefaultMemPool", (void*)pool);
+        return INVALID_VALUE;
+    }
+    if (attr != 4) {  // CU_MEMPOOL_ATTR_RELEASE_THRESHOLD (cuuint64_t)
+        say("cuMemPoolSetAttribute(%d): attribute not emulated", attr);
+        return INVALID_VALUE;
+    }
+    memcpy(&pool->release_threshold, value, sizeof(uint64_t));
+    return OK;
+}
+
 EXPORT int cuMemHostAlloc(void** p, size_t bytes, unsigned flags) {
     API(cuMemHostAlloc);
     CHECK(need_ctx_ok());

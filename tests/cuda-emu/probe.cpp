@@ -285,10 +285,11 @@ int main(int argc, char** argv) {
         expect("add_in_place with 1025 threads per block", add_in_place(x, y, N, 1025), 1);
         expect("synchronize (refused launches leave no sticky error)", cuCtxSynchronize(), 0);
     } else if (sc == "grid-limit") {
-        // attn_combine(part_acc, part_ml, out, splits, head_dim) reads blockIdx.x only: extra
-        // blocks along y redo row 0.
+        // attn_combine(part_acc, part_ml, out, out16, splits, head_dim) reads blockIdx.x only:
+        // extra blocks along y redo row 0.
         int splits = 1, hd = 1;
-        void* args[] = {&y, &y, &x, &splits, &hd};
+        CUdeviceptr null = 0;
+        void* args[] = {&y, &y, &x, &null, &splits, &hd};
         expect("attn_combine with grid y = 65535",
                cuLaunchKernel(func("attn_combine"), 1, 65535, 1, 32, 1, 1, 0, nullptr, args, nullptr), 0);
         expect("attn_combine with grid y = 65536",
@@ -302,7 +303,7 @@ int main(int argc, char** argv) {
         float eps = 1e-5f;
         CUdeviceptr w = upload(std::vector<float>(N, 1.0f)), o = upload(std::vector<float>(N, 0.0f));
         CUdeviceptr null = 0;
-        void* args[] = {&x, &null, &w, &o, &cols, &eps};
+        void* args[] = {&x, &null, &w, &o, &null, &cols, &eps};
         expect("add_rmsnorm with 128 threads",
                cuLaunchKernel(func("add_rmsnorm"), 1, 1, 1, 128, 1, 1, 0, nullptr, args, nullptr), 0);
         expect("synchronize", cuCtxSynchronize(), 0);

@@ -1,19 +1,28 @@
 //! `CudaBackend`: the [`Backend`] trait on one GPU. Weights bf16, activations f32 between
 //! kernels (accuracy first: the residual stream stays f32 like the CPU reference; GEMM inputs
 //! are cast to bf16 on the way in), KV cache bf16, f32 logits and softmax.
-//! NOTE: this file has compiled but never run on a GPU (no GPU was lent while writing it).
+//!
+//! A step has no host overhead beyond its launches: activations live in an arena sized by the
+//! memory plan (no allocation per buffer), everything the step needs from the host goes up in one
+//! copy from a pinned buffer and the sampled tokens come back in one, cuBLASLt plans are cached,
+//! and a decode step (every row one new token, all rows sampled) is a CUDA graph captured once
+//! per batch-size bucket and replayed with one launch.
+//! NOTE: the graph, arena and staging paths have run on the emulated device only.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use super::gemm::Gemm;
+use super::arena::{Arena, DevBuf};
+use super::gemm::{m_bucket, Gemm};
 use super::kernels;
 use super::nccl::NcclComm;
-use crate::backend::{AttnBatch, Backend, BackendError, KvShape, RowSampling, Sampled};
+use super::staging::{OutLayout, StepData, StepLayout};
+use crate::backend::{AttnBatch, Backend, BackendError, KvShape, Replayed, RowSampling, Sampled};
 use crate::checkpoint::{DType, Tensor};
 
 /// A row-major `[rows, cols]` f32 matrix on the GPU.
@@ -22,32 +31,45 @@ pub struct CudaAct {
     pub cols: usize,
     /// `None` when its allocation failed: the error is noted, `check` reports it, and every
     /// kernel that would use the buffer is skipped.
-    buf: Option<CudaSlice<f32>>,
+    buf: Option<DevBuf>,
+    /// The same values as the next GEMM's bf16 operand (hi/lo halves with accurate numerics),
+    /// written by the kernel that made them or by the first GEMM that needed them; dropped
+    /// when the values change in place.
+    b16: RefCell<Option<DevBuf>>,
+}
+
+impl CudaAct {
+    fn new(rows: usize, cols: usize, buf: Option<DevBuf>) -> Self {
+        CudaAct {
+            rows,
+            cols,
+            buf,
+            b16: RefCell::new(None),
+        }
+    }
+    /// The values change: the bf16 copy no longer holds.
+    fn changed(&mut self) {
+        *self.b16.get_mut() = None;
+    }
 }
 
 /// A `[rows, cols]` bf16 weight on the GPU (raw bits).
 pub struct CudaMatrix {
     pub rows: usize,
     pub cols: usize,
-    buf: CudaSlice<u8>,
+    _buf: CudaSlice<u8>,
+    ptr: u64,
 }
 
 /// The paged KV pool: K and V each `[layer, slot, kv_head, head_dim]`, one allocation each;
 /// bf16 (half the bytes attention must read) or f32 (`Numerics::Accurate`).
 pub struct CudaKv {
     pub shape: KvShape,
-    store: KvStore,
-}
-
-enum KvStore {
-    Bf16 {
-        k: CudaSlice<u16>,
-        v: CudaSlice<u16>,
-    },
-    F32 {
-        k: CudaSlice<f32>,
-        v: CudaSlice<f32>,
-    },
+    _k: CudaSlice<u8>,
+    _v: CudaSlice<u8>,
+    k: u64,
+    v: u64,
+    elem: usize,
 }
 
 /// How much precision the GPU keeps.
@@ -71,9 +93,10 @@ impl Numerics {
 }
 
 impl CudaKv {
-    fn per_layer(&self) -> usize {
+    /// Byte offset of `layer` in K (and V).
+    fn layer_at(&self, layer: usize) -> u64 {
         let s = self.shape;
-        s.num_blocks * s.block_size * s.n_kv_heads * s.head_dim
+        (layer * s.num_blocks * s.block_size * s.n_kv_heads * s.head_dim * self.elem) as u64
     }
 }
 
@@ -91,18 +114,9 @@ struct Funcs {
     attn_partial_bf16: CudaFunction,
     attn_partial_f32: CudaFunction,
     attn_combine: CudaFunction,
+    attn_prefill_bf16: CudaFunction,
+    attn_prefill_f32: CudaFunction,
     sample: CudaFunction,
-}
-
-/// Per-step attention metadata, uploaded once per step and reused by every layer.
-struct BatchMeta {
-    host: (Vec<u32>, Vec<i64>, Vec<u32>, Vec<u32>),
-    positions: CudaSlice<u32>,
-    slots: CudaSlice<i64>,
-    row_table: CudaSlice<u32>,
-    tables: CudaSlice<u32>,
-    row_ctx: CudaSlice<u32>,
-    max_ctx: usize,
 }
 
 /// Facts about the card, for logs, doctor and bench.
@@ -117,13 +131,154 @@ pub struct DeviceInfo {
     pub arch: &'static str,
 }
 
+/// Page-locked host memory (copies from it are truly asynchronous and can be captured).
+struct Pinned {
+    _mem: cudarc::driver::PinnedHostSlice<u8>,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the memory is only touched by the backend's thread, between stream synchronizations.
+unsafe impl Send for Pinned {}
+
+impl Pinned {
+    fn new(ctx: &Arc<CudaContext>, len: usize, write_combined: bool) -> Result<Self, String> {
+        let flags = if write_combined {
+            cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED
+        } else {
+            0
+        };
+        // SAFETY: bytes; every byte is written before it is read.
+        let mut mem = unsafe { ctx.alloc_pinned_with_flags::<u8>(len, flags) }
+            .map_err(|e| format!("pinned host buffer of {len} bytes: {e}"))?;
+        let ptr = mem.as_mut_ptr().map_err(|e| e.to_string())?;
+        Ok(Pinned {
+            _mem: mem,
+            ptr,
+            len,
+        })
+    }
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: ptr/len describe the allocation this struct owns.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+/// The staging buffers: step data up, sampled results down (pinned on the host, a device
+/// allocation of their own each, grown when a step needs more; growing drops the graphs, which
+/// point into them).
+#[derive(Default)]
+struct Staging {
+    up_host: Option<Pinned>,
+    up_dev: Option<DevBuf>,
+    down_host: Option<Pinned>,
+    down_dev: Option<DevBuf>,
+}
+
+/// The current step's tables on the device (the staging buffer) and what they hold.
+struct Staged {
+    layout: StepLayout,
+    base: u64,
+    tokens: Vec<u32>,
+    positions: Vec<u32>,
+    logit_rows: Vec<usize>,
+    /// Top log-probs slots per row in the output (at least 1).
+    top: usize,
+}
+
+impl Staged {
+    fn at(&self, off: usize) -> u64 {
+        self.base + off as u64
+    }
+}
+
+/// Device addresses of a step's attention tables.
+struct Meta {
+    rows: usize,
+    positions: u64,
+    slots: u64,
+    row_table: u64,
+    row_ctx: u64,
+    tables: u64,
+    /// Uploaded for this call only (ops called outside a staged step: the self-test).
+    _own: Vec<DevBuf>,
+}
+
+/// A captured decode step: (rows bucket, top log-probs slots) -> graph.
+type GraphKey = (usize, usize);
+
+struct Graph {
+    exec: cudarc::driver::CudaGraph,
+    /// Where a graph without sampling (a tensor-parallel follower's step) leaves its logits:
+    /// (device address, columns).
+    logits: Option<(u64, usize)>,
+}
+// SAFETY: launched only from the backend's thread.
+unsafe impl Send for Graph {}
+
+/// What the CUDA backends of this process asked of the driver, for bench and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepCounters {
+    /// Kernels launched one by one (cuLaunchKernel), cuBLASLt products included.
+    pub launches: u64,
+    pub graph_launches: u64,
+    pub graph_captures: u64,
+    /// Buffers the arena could not serve (each one a device allocation).
+    pub arena_misses: u64,
+    pub steps: u64,
+    /// Launches of one transformer layer, as last counted (from one layer's RoPE to the next).
+    pub launches_per_layer: u64,
+    /// With [`time_steps`] on: host time from a step's start to its synchronization, and the
+    /// device's time for the step's work (CUDA events), summed over steps.
+    pub host_ns: u64,
+    pub device_ns: u64,
+}
+
+static COUNTERS: std::sync::Mutex<StepCounters> = std::sync::Mutex::new(StepCounters {
+    launches: 0,
+    graph_launches: 0,
+    graph_captures: 0,
+    arena_misses: 0,
+    steps: 0,
+    launches_per_layer: 0,
+    host_ns: 0,
+    device_ns: 0,
+});
+static TIME_STEPS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The counters of every CUDA backend of this process so far.
+pub fn counters() -> StepCounters {
+    COUNTERS.lock().map(|c| *c).unwrap_or_default()
+}
+
+/// Time every step from now on (bench): two CUDA events per backend, recorded each step.
+pub fn time_steps(on: bool) {
+    TIME_STEPS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     f: Funcs,
     gemm: RefCell<Gemm>,
-    meta: RefCell<Option<BatchMeta>>,
-    inv_freq: RefCell<Option<(Vec<f32>, CudaSlice<f32>)>>,
+    arena: Option<Arena>,
+    staging: RefCell<Staging>,
+    staged: RefCell<Option<Staged>>,
+    /// Block size of the KV cache (set by alloc_kv; staging computes slots with it).
+    block_size: Cell<usize>,
+    inv_freq: RefCell<Option<(Vec<f32>, DevBuf)>>,
+    graphs: RefCell<HashMap<GraphKey, Graph>>,
+    /// Shapes that ran once eagerly (the next one of each is captured).
+    warmed: RefCell<std::collections::HashSet<GraphKey>>,
+    capturing: Cell<Option<GraphKey>>,
+    /// Decode steps of at most this many rows run as graphs (0: never; HERD_CUDA_GRAPHS=0).
+    graph_rows: usize,
+    /// Launches when layer 0's RoPE ran this step (launches per layer = at layer 1's minus it).
+    layer0_launches: Cell<u64>,
+    arena_warned: Cell<bool>,
+    /// With time_steps: when this step began on the host, and its two events.
+    step_t0: Cell<Option<std::time::Instant>>,
+    step_events: RefCell<Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>>,
     /// First asynchronous failure since the last `check` (sticky, like CUDA's own errors).
     err: RefCell<Option<String>>,
     /// Kernels launched since the stream last synchronized without error: a kernel fault
@@ -180,6 +335,32 @@ fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
     }
 }
 
+/// Context splits of the decode attention kernel for `rows` query rows: enough (row, head,
+/// split) blocks for ~2 per SM. A function of the row bucket only, so that an eager step and
+/// the graph of its bucket split (and so round) exactly alike; the kernel leaves a split with no
+/// positions empty, which the combine skips.
+pub fn attn_splits(rows: usize, n_heads: usize, sm: u32) -> usize {
+    let blocks = m_bucket(rows) * n_heads.max(1);
+    (2 * sm as usize).div_ceil(blocks).clamp(1, 32)
+}
+
+/// Rows of a decode graph for a step of `n` rows: the next power of two.
+pub fn graph_bucket(n: usize) -> usize {
+    n.max(1).next_power_of_two()
+}
+
+/// Launch a kernel with the given arguments (each a reference to a local), noting the result.
+macro_rules! launch {
+    ($self:expr, $f:expr, $name:expr, $cfg:expr; $($a:expr),* $(,)?) => {{
+        let mut b = $self.stream.launch_builder($f);
+        $( b.arg($a); )*
+        // SAFETY: every kernel's parameter list matches these arguments (the emulated device
+        // checks it against the PTX at load), and every pointer is a live device buffer.
+        let r = unsafe { b.launch($cfg) };
+        $self.launch_note(r, $name);
+    }};
+}
+
 impl CudaBackend {
     /// Open GPU `ordinal`, compile (or load cached) kernels, create the cuBLASLt handle.
     pub fn new(ordinal: usize) -> Result<Self, BackendError> {
@@ -190,7 +371,12 @@ impl CudaBackend {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(be)?;
-        let stream = ctx.default_stream();
+        // One stream, synchronized by hand: cudarc's per-buffer read/write events (two created
+        // and destroyed per allocation) buy nothing here.
+        // SAFETY: all work goes to `stream` (NCCL included); nothing is shared across streams.
+        unsafe { ctx.disable_event_tracking() };
+        // A stream of our own: graphs cannot be captured on the legacy default stream.
+        let stream = ctx.new_stream().map_err(be)?;
         let cc = ctx.compute_capability().map_err(be)?;
         let arch = kernels::arch_for(cc.0, cc.1).ok_or_else(|| {
             BackendError::Unsupported(format!(
@@ -198,6 +384,7 @@ impl CudaBackend {
                 cc.0, cc.1
             ))
         })?;
+        keep_pool_memory(&ctx);
         let (ptx, path, hit) = kernels::ptx_cached(arch).map_err(be)?;
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
@@ -217,6 +404,8 @@ impl CudaBackend {
             attn_partial_bf16: load("attn_partial_bf16")?,
             attn_partial_f32: load("attn_partial_f32")?,
             attn_combine: load("attn_combine")?,
+            attn_prefill_bf16: load("attn_prefill_bf16")?,
+            attn_prefill_f32: load("attn_prefill_f32")?,
             sample: load("sample_rows")?,
         };
         let (free, total) = ctx.mem_get_info().map_err(be)?;
@@ -235,13 +424,25 @@ impl CudaBackend {
             arch,
         };
         let gemm = Gemm::new(&stream).map_err(BackendError::Unsupported)?;
+        let graphs_on = std::env::var("HERD_CUDA_GRAPHS").map_or(true, |v| v != "0");
         Ok(CudaBackend {
             ctx,
             stream,
             f,
             gemm: RefCell::new(gemm),
-            meta: RefCell::new(None),
+            arena: None,
+            staging: RefCell::new(Staging::default()),
+            staged: RefCell::new(None),
+            block_size: Cell::new(0),
             inv_freq: RefCell::new(None),
+            graphs: RefCell::new(HashMap::new()),
+            warmed: RefCell::new(Default::default()),
+            capturing: Cell::new(None),
+            graph_rows: if graphs_on { 256 } else { 0 },
+            layer0_launches: Cell::new(0),
+            arena_warned: Cell::new(false),
+            step_t0: Cell::new(None),
+            step_events: RefCell::new(None),
             err: RefCell::new(None),
             launched: RefCell::new(Vec::new()),
             poison: false,
@@ -250,6 +451,76 @@ impl CudaBackend {
             info,
             kernel_cache: (path, hit),
         })
+    }
+
+    /// Set aside the memory plan's activation bytes as the arena every step's buffers come
+    /// from, and decode graphs for up to `max_batch` rows (rounded up to a power of two, at
+    /// most 256). Call once, after the plan and before loading.
+    pub fn reserve_activations(
+        &mut self,
+        bytes: usize,
+        max_batch: usize,
+    ) -> Result<(), BackendError> {
+        // The plan's figure includes the cuBLASLt workspace, which the GEMM holds itself.
+        let bytes = bytes
+            .saturating_sub(super::gemm::WORKSPACE_BYTES)
+            .max(1 << 20);
+        // SAFETY: bytes handed out by the arena are written by kernels before they are read.
+        let mem = unsafe { self.stream.alloc::<u8>(bytes) }.map_err(|e| {
+            BackendError::OutOfMemory(format!("activation arena of {bytes} bytes: {e}"))
+        })?;
+        let base = mem.device_ptr(&self.stream).0;
+        self.arena = Some(Arena::new(mem, base, bytes));
+        if self.graph_rows > 0 {
+            self.graph_rows = graph_bucket(max_batch).min(256);
+        }
+        Ok(())
+    }
+
+    fn count(&self, f: impl FnOnce(&mut StepCounters)) {
+        if let Ok(mut c) = COUNTERS.lock() {
+            f(&mut c);
+        }
+    }
+
+    /// A step begins (bench timing: its host clock and its first event).
+    fn step_started(&self) {
+        self.count(|c| c.steps += 1);
+        if !TIME_STEPS.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let mut ev = self.step_events.borrow_mut();
+        if ev.is_none() {
+            let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            if let (Ok(a), Ok(b)) = (self.ctx.new_event(timed), self.ctx.new_event(timed)) {
+                *ev = Some((a, b));
+            }
+        }
+        if let Some((a, _)) = ev.as_ref() {
+            if a.record(&self.stream).is_ok() {
+                self.step_t0.set(Some(std::time::Instant::now()));
+            }
+        }
+    }
+
+    /// Wait for the stream; the first wait of a timed step adds its host and device times.
+    fn sync(&self) -> Result<(), cudarc::driver::DriverError> {
+        let Some(t0) = self.step_t0.take() else {
+            return self.stream.synchronize();
+        };
+        let host = t0.elapsed().as_nanos() as u64;
+        let ev = self.step_events.borrow();
+        let Some((a, b)) = ev.as_ref() else {
+            return self.stream.synchronize();
+        };
+        b.record(&self.stream)?;
+        self.stream.synchronize()?;
+        let dev = (a.elapsed_ms(b)? as f64 * 1e6) as u64;
+        self.count(|c| {
+            c.host_ns += host;
+            c.device_ns += dev;
+        });
+        Ok(())
     }
 
     /// Choose the precision (before `alloc_kv`: the KV cache's dtype follows it).
@@ -292,26 +563,16 @@ impl CudaBackend {
             )));
         }
         let (rows, cols) = (all.rows / world, all.cols);
-        let mut out = self.act(rows, cols * world);
+        let out = self.act(rows, cols * world);
         if rows * cols == 0 {
             return Ok(out);
         }
-        let (Some(src), Some(dst)) = (all.buf.as_ref(), out.buf.as_mut()) else {
+        let (Some(src), Some(dst)) = (all.buf.as_ref(), out.buf.as_ref()) else {
             return Err(self.take_err());
         };
         let (r, c, w) = (rows as i32, cols as i32, world as i32);
-        unsafe {
-            self.stream
-                .launch_builder(&self.f.gather_cols_reorder)
-                .arg(src)
-                .arg(dst)
-                .arg(&r)
-                .arg(&c)
-                .arg(&w)
-                .launch(cfg((rows as u32, world as u32, 1), 256))
-        }
-        .map_err(be)?;
-        self.launched("gather_cols_reorder");
+        launch!(self, &self.f.gather_cols_reorder, "gather_cols_reorder",
+            cfg((rows as u32, world as u32, 1), 256); &src.ptr, &dst.ptr, &r, &c, &w);
         Ok(out)
     }
 
@@ -365,7 +626,10 @@ impl CudaBackend {
     /// synchronization (its own fault, if any, appears later).
     fn launch_note<T>(&self, r: Result<T, cudarc::driver::DriverError>, kernel: &'static str) {
         match r {
-            Ok(_) => self.launched(kernel),
+            Ok(_) => {
+                self.count(|c| c.launches += 1);
+                self.launched(kernel)
+            }
             Err(e) => self.driver_failed(e, &format!("launching {kernel}")),
         }
     }
@@ -373,8 +637,10 @@ impl CudaBackend {
     fn launched(&self, kernel: &'static str) {
         let mut l = self.launched.borrow_mut();
         // Each kernel once, in the order of their latest launch.
-        l.retain(|&k| k != kernel);
-        l.push(kernel);
+        if l.last() != Some(&kernel) {
+            l.retain(|&k| k != kernel);
+            l.push(kernel);
+        }
     }
 
     /// A driver call failed: out of memory means the memory plan was wrong; any other error
@@ -404,146 +670,563 @@ impl CudaBackend {
         self.fail(msg);
     }
 
-    /// A fresh, uninitialized device buffer of `n` elements (every kernel writes all of its
-    /// output, so zeroing would only cost a pass of bandwidth; the self-test poisons outputs
-    /// instead to prove it). Stream-ordered allocation (cuMemAllocAsync pool) makes this cheap.
-    /// `None` when the driver refuses: the failure is noted for `check` (never a panic).
-    fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-        &self,
-        n: usize,
-        what: &str,
-    ) -> Option<CudaSlice<T>> {
-        // SAFETY: callers only hand the buffer to kernels that write every element before
+    /// A failed collective: when a kernel of this step faulted (NCCL then reports only an
+    /// "unhandled cuda error"), the fault is the error, naming the kernels it can be in.
+    fn comm_failed(&self, e: BackendError) -> BackendError {
+        if self.err.borrow().is_none() {
+            if let Err(de) = self.stream.synchronize() {
+                self.driver_failed(de, "before a collective");
+            }
+        }
+        if self.err.borrow().is_some() {
+            return self.take_err();
+        }
+        e
+    }
+
+    /// A stream-ordered allocation of its own (persistent buffers, and what the arena cannot
+    /// serve). `None` (noted) when the driver refuses.
+    fn alloc_own(&self, bytes: usize, what: &str) -> Option<DevBuf> {
+        let bytes = bytes.max(1);
+        // SAFETY: callers only hand the buffer to kernels or copies that write it before
         // anything reads it.
-        match unsafe { self.stream.alloc::<T>(n.max(1)) } {
-            Ok(b) => Some(b),
+        match unsafe { self.stream.alloc::<u8>(bytes) } {
+            Ok(b) => {
+                let p = b.device_ptr(&self.stream).0;
+                Some(DevBuf::owned(b, p, bytes))
+            }
             Err(e) => {
-                let bytes = n.max(1) * std::mem::size_of::<T>();
                 self.driver_failed(e, &format!("allocating {bytes} bytes for {what}"));
                 None
             }
         }
     }
 
-    fn act(&self, rows: usize, cols: usize) -> CudaAct {
-        let buf = if self.poison {
-            self.upload(
-                &vec![f32::NAN; (rows * cols).max(1)],
-                "a poisoned activation",
-            )
-        } else {
-            self.alloc::<f32>(rows * cols, "an activation")
-        };
-        CudaAct { rows, cols, buf }
+    /// A step buffer of `bytes`, uninitialized (every kernel writes all of its output, so
+    /// zeroing would only cost a pass of bandwidth; the self-test poisons outputs instead to
+    /// prove it): from the arena, else an allocation of its own.
+    fn alloc(&self, bytes: usize, what: &str) -> Option<DevBuf> {
+        if let Some(a) = self.arena.as_ref() {
+            if let Some(b) = a.take(bytes) {
+                return Some(b);
+            }
+            self.count(|c| c.arena_misses += 1);
+            if !self.arena_warned.replace(true) {
+                let (used, _, cap) = a.usage();
+                tracing::warn!(
+                    bytes,
+                    used,
+                    cap,
+                    what,
+                    "the activation arena is full: allocating instead (the memory plan \
+                     underestimated this step)"
+                );
+            }
+        }
+        self.alloc_own(bytes, what)
     }
 
-    /// Upload host data (small per-step tables); `None` (noted) when the driver refuses.
-    fn upload<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-        &self,
-        data: &[T],
-        what: &str,
-    ) -> Option<CudaSlice<T>> {
-        if data.is_empty() {
-            return self.alloc::<T>(1, what);
+    fn act(&self, rows: usize, cols: usize) -> CudaAct {
+        let n = rows * cols;
+        let buf = self.alloc(4 * n, "an activation");
+        if self.poison {
+            if let Some(b) = buf.as_ref() {
+                // SAFETY: b holds at least n f32s.
+                let r = unsafe {
+                    cudarc::driver::sys::cuMemsetD32Async(
+                        b.ptr,
+                        0x7fc0_0000,
+                        n.max(1),
+                        self.stream.cu_stream(),
+                    )
+                    .result()
+                };
+                let _ = self.note(r, "poisoning an activation");
+            }
         }
-        match self.stream.clone_htod(data) {
-            Ok(b) => Some(b),
+        CudaAct::new(rows, cols, buf)
+    }
+
+    /// A bf16 twin for a fresh output of `n` values that its kernel fills as well (bf16
+    /// numerics only): `(address or 0 for none, the buffer)`.
+    fn twin(&self, n: usize) -> (u64, Option<DevBuf>) {
+        if self.numerics != Numerics::Bf16 || n == 0 {
+            return (0, None);
+        }
+        let b = self.alloc(2 * n, "a bf16 GEMM input");
+        (b.as_ref().map_or(0, |b| b.ptr), b)
+    }
+
+    /// Host data into `dst` (pageable: outside graphs only; steps go through the staging
+    /// buffer).
+    fn copy_up<T: cudarc::driver::DeviceRepr>(&self, dst: &DevBuf, data: &[T], what: &str) -> bool {
+        // SAFETY: dst holds at least size_of_val(data) bytes; a pageable source is copied
+        // before the call returns.
+        let r = unsafe {
+            cudarc::driver::result::memcpy_htod_async(dst.ptr, data, self.stream.cu_stream())
+        };
+        match r {
+            Ok(()) => true,
             Err(e) => {
                 let bytes = std::mem::size_of_val(data);
                 self.driver_failed(e, &format!("uploading {bytes} bytes of {what}"));
-                None
+                false
             }
         }
+    }
+
+    /// Upload host data as a step buffer; `None` (noted) when the driver refuses.
+    fn upload<T: cudarc::driver::DeviceRepr>(&self, data: &[T], what: &str) -> Option<DevBuf> {
+        let b = self.alloc(std::mem::size_of_val(data), what)?;
+        self.copy_up(&b, data, what).then_some(b)
     }
 
     /// An f32 host slice as a device activation (tests, self-test).
     pub fn act_from_host(&self, rows: usize, cols: usize, data: &[f32]) -> CudaAct {
         assert_eq!(data.len(), rows * cols);
-        CudaAct {
-            rows,
-            cols,
-            buf: self.upload(data, "an activation"),
-        }
+        CudaAct::new(rows, cols, self.upload(data, "an activation"))
     }
 
-    /// Step metadata for `batch`, uploaded only when it changed since the last call: every
-    /// layer's rope and attention of one step share it.
-    fn with_meta<R>(
+    /// Make sure the staging buffers hold `up` and `down` bytes. Growing moves them, so the
+    /// graphs (which point into them) are dropped and captured again.
+    fn staging_room(&self, up: usize, down: usize) -> Result<(), BackendError> {
+        let mut st = self.staging.borrow_mut();
+        let grow = |have: usize, want: usize| have < want;
+        let up_have = st.up_host.as_ref().map_or(0, |p| p.len);
+        let down_have = st.down_host.as_ref().map_or(0, |p| p.len);
+        if !grow(up_have, up) && !grow(down_have, down) {
+            return Ok(());
+        }
+        self.graphs.borrow_mut().clear();
+        if grow(up_have, up) {
+            let want = up.next_power_of_two().max(64 << 10);
+            st.up_host = None;
+            st.up_dev = None;
+            st.up_host = Some(Pinned::new(&self.ctx, want, true).map_err(be)?);
+            st.up_dev = Some(
+                self.alloc_own(want, "the step staging buffer")
+                    .ok_or_else(|| self.take_err())?,
+            );
+        }
+        if grow(down_have, down) {
+            let want = down.next_power_of_two().max(16 << 10);
+            st.down_host = None;
+            st.down_dev = None;
+            st.down_host = Some(Pinned::new(&self.ctx, want, false).map_err(be)?);
+            st.down_dev = Some(
+                self.alloc_own(want, "the sampled-token buffer")
+                    .ok_or_else(|| self.take_err())?,
+            );
+        }
+        Ok(())
+    }
+
+    /// Pack the step into the pinned buffer and send it with one copy.
+    fn stage(&self, d: &StepData<'_>, top: usize) -> Result<(), BackendError> {
+        *self.staged.borrow_mut() = None;
+        let layout = d.layout();
+        let out = OutLayout {
+            rows: layout.logit_rows,
+            top,
+        };
+        self.staging_room(layout.end, out.end())?;
+        let mut st = self.staging.borrow_mut();
+        let st = &mut *st;
+        let (Some(host), Some(dev)) = (st.up_host.as_mut(), st.up_dev.as_ref()) else {
+            return Err(be("the staging buffer is missing"));
+        };
+        d.pack(&layout, host.bytes());
+        // SAFETY: pinned source of layout.end bytes, device buffer at least as large; the host
+        // buffer is not written again before the next step's synchronization.
+        unsafe {
+            cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
+                dev.ptr,
+                host.ptr as *const std::ffi::c_void,
+                layout.end,
+                self.stream.cu_stream(),
+            )
+            .result()
+        }
+        .map_err(|e| {
+            self.driver_failed(e, "uploading the step");
+            self.take_err()
+        })?;
+        *self.staged.borrow_mut() = Some(Staged {
+            layout,
+            base: dev.ptr,
+            tokens: d.tokens.to_vec(),
+            positions: d.batch.positions.clone(),
+            logit_rows: d.logit_rows.to_vec(),
+            top,
+        });
+        Ok(())
+    }
+
+    /// A decode step may replay a graph: every row one new token and needing logits, at most
+    /// `graph_rows` rows, and either every row sampled on the device, or (a tensor-parallel
+    /// follower, which only takes part in the collectives) no sampling at all. The NCCL calls
+    /// are captured with the rest; every rank captures and replays at the same steps (the key
+    /// and the warm-up depend on the step's shape), so the collectives stay in order.
+    fn graph_key(
         &self,
         batch: &AttnBatch,
-        block_size: usize,
-        f: impl FnOnce(&BatchMeta) -> R,
-    ) -> Option<R> {
-        let mut slots = Vec::with_capacity(batch.n_tokens());
-        let mut row_table = Vec::with_capacity(batch.n_tokens());
-        let mut tables = Vec::new();
-        let mut max_ctx = 0;
-        for s in &batch.seqs {
-            let off = tables.len() as u32;
-            tables.extend_from_slice(&s.block_table);
-            for j in 0..s.n_tokens {
-                let pos = s.position(j);
-                let blk = s.block_table.get(pos / block_size).copied().unwrap_or(0) as i64;
-                slots.push(blk * block_size as i64 + (pos % block_size) as i64);
-                row_table.push(off);
+        logit_rows: &[usize],
+        sampling: Option<&[RowSampling]>,
+    ) -> Option<GraphKey> {
+        let n = batch.n_tokens();
+        let decode = n > 0
+            && batch.seqs.iter().all(|s| s.n_tokens == 1)
+            && logit_rows.iter().copied().eq(0..n);
+        let top = match sampling {
+            Some(rows)
+                if rows.len() == n && rows.iter().all(|r| r.top_logprobs <= MAX_TOP_LOGPROBS) =>
+            {
+                top_slots(rows)
             }
-            max_ctx = max_ctx.max(s.context_len);
-        }
-        let host = (batch.positions.clone(), slots, row_table, tables);
-        let mut meta = self.meta.borrow_mut();
-        if meta.as_ref().map(|m| m.host != host).unwrap_or(true) {
-            let row_ctx: Vec<u32> = host.0.iter().map(|p| p + 1).collect();
-            *meta = None;
-            *meta = Some(BatchMeta {
-                positions: self.upload(&host.0, "positions")?,
-                slots: self.upload(&host.1, "KV slots")?,
-                row_table: self.upload(&host.2, "block-table offsets")?,
-                tables: self.upload(&host.3, "block tables")?,
-                row_ctx: self.upload(&row_ctx, "context lengths")?,
-                max_ctx,
-                host,
-            });
-        }
-        meta.as_ref().map(f)
+            None if self.tp_size() > 1 => 0,
+            _ => return None,
+        };
+        let bucket = graph_bucket(n);
+        (decode && bucket <= self.graph_rows && self.err.borrow().is_none())
+            .then_some((bucket, top))
     }
 
-    fn inv_freq_dev<R>(&self, inv_freq: &[f32], f: impl FnOnce(&CudaSlice<f32>) -> R) -> Option<R> {
+    /// Stage a step and, for a decode step whose graph exists, run it (one launch).
+    fn begin(
+        &self,
+        tokens: &[u32],
+        batch: &AttnBatch,
+        logit_rows: &[usize],
+        sampling: Option<&[RowSampling]>,
+    ) -> Option<Result<Replayed, BackendError>> {
+        self.abandon_capture();
+        self.step_started();
+        let bs = self.block_size.get();
+        if bs == 0 || tokens.len() != batch.n_tokens() {
+            // No KV cache yet, or a malformed step: the ops report it (or run unstaged).
+            return None;
+        }
+        let key = self.graph_key(batch, logit_rows, sampling);
+        let (pad, top) = match key {
+            Some((b, t)) => (b, t.max(1)),
+            None => (0, sampling.map_or(1, top_slots)),
+        };
+        let d = StepData {
+            tokens,
+            batch,
+            logit_rows,
+            sampling,
+            block_size: bs,
+            pad_rows: pad,
+            pad_logit_rows: pad,
+        };
+        if let Err(e) = self.stage(&d, top) {
+            return Some(Err(e));
+        }
+        let key = key?;
+        if let Some(g) = self.graphs.borrow().get(&key) {
+            if let Err(e) = g.exec.launch() {
+                self.driver_failed(e, "launching the decode graph");
+                return Some(Err(self.take_err()));
+            }
+            self.count(|c| c.graph_launches += 1);
+            self.launched("the decode graph");
+            return Some(match (sampling, g.logits) {
+                (Some(rows), _) => self.fetch_sampled(rows).map(Replayed::Sampled),
+                (None, Some((ptr, cols))) => {
+                    let n = logit_rows.len();
+                    self.logits_to_host(ptr, n * cols).map(Replayed::Logits)
+                }
+                (None, None) => Err(be("a decode graph without logits")),
+            });
+        }
+        // The first step of a shape runs eagerly (it sets up what the graph then only uses:
+        // the RoPE table, cuBLASLt plans); the second is captured.
+        if self.warmed.borrow_mut().insert(key) {
+            return None;
+        }
+        // Capture this step: the forward pass's work is recorded, not run, until sample().
+        match self
+            .stream
+            .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL)
+        {
+            Ok(()) => self.capturing.set(Some(key)),
+            Err(e) => tracing::debug!("not capturing the decode step: {e}"),
+        }
+        None
+    }
+
+    /// End a capture the forward pass did not finish (an error on the way): discard it.
+    fn abandon_capture(&self) {
+        if self.capturing.take().is_some() {
+            let r = self
+                .stream
+                .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+            if let Err(e) = r {
+                tracing::debug!("discarding an unfinished capture: {e}");
+            }
+        }
+    }
+
+    /// Finish the capture begun by `begin` (the sampling kernel was its last work), keep the
+    /// graph and run it.
+    fn finish_capture(
+        &self,
+        key: GraphKey,
+        logits: Option<(u64, usize)>,
+    ) -> Result<(), BackendError> {
+        self.capturing.set(None);
+        let g = self
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        let g = match g {
+            Ok(Some(g)) => g,
+            Ok(None) => return Err(be("capturing the decode step gave no graph")),
+            Err(e) => {
+                self.driver_failed(e, "capturing the decode step");
+                return Err(self.take_err());
+            }
+        };
+        if self.err.borrow().is_some() {
+            return Err(self.take_err());
+        }
+        g.launch().map_err(|e| {
+            self.driver_failed(e, "launching the decode graph");
+            self.take_err()
+        })?;
+        self.count(|c| {
+            c.graph_launches += 1;
+            c.graph_captures += 1;
+        });
+        self.graphs
+            .borrow_mut()
+            .insert(key, Graph { exec: g, logits });
+        Ok(())
+    }
+
+    /// `n` f32 at `ptr` to the host: one copy, one synchronization (a failure is noted too).
+    fn logits_to_host(&self, ptr: u64, n: usize) -> Result<Vec<f32>, BackendError> {
+        let mut v = vec![0f32; n];
+        // SAFETY: ptr holds at least n f32s; the copy completes at the synchronization below.
+        let r = unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(&mut v, ptr, self.stream.cu_stream())
+        };
+        match r.and_then(|()| self.sync()) {
+            Ok(()) => {
+                self.launched.borrow_mut().clear();
+                Ok(v)
+            }
+            Err(e) => {
+                self.driver_failed(e, "copying to the host");
+                Err(be(self.err.borrow().clone().unwrap_or_default()))
+            }
+        }
+    }
+
+    /// The sampled rows of the staged step: one copy down, one synchronization.
+    fn fetch_sampled(&self, rows: &[RowSampling]) -> Result<Vec<Sampled>, BackendError> {
+        let (lrows, top) = match self.staged.borrow().as_ref() {
+            Some(s) => (s.layout.logit_rows, s.top),
+            None => return Err(be("no staged step to fetch")),
+        };
+        let out = OutLayout { rows: lrows, top };
+        let mut st = self.staging.borrow_mut();
+        let st = &mut *st;
+        let (Some(host), Some(dev)) = (st.down_host.as_mut(), st.down_dev.as_ref()) else {
+            return Err(be("the sampled-token buffer is missing"));
+        };
+        // SAFETY: both buffers hold out.end() bytes (staging_room); the host reads after the
+        // stream synchronization below.
+        let r = unsafe {
+            cudarc::driver::sys::cuMemcpyDtoHAsync_v2(
+                host.ptr as *mut std::ffi::c_void,
+                dev.ptr,
+                out.end(),
+                self.stream.cu_stream(),
+            )
+            .result()
+        };
+        if let Err(e) = r.and_then(|()| self.sync()) {
+            self.driver_failed(e, "copying the sampled tokens");
+            return Err(self.take_err());
+        }
+        self.launched.borrow_mut().clear();
+        let b = host.bytes();
+        let u32_at = |at: usize, i: usize| {
+            u32::from_le_bytes([
+                b[at + 4 * i],
+                b[at + 4 * i + 1],
+                b[at + 4 * i + 2],
+                b[at + 4 * i + 3],
+            ])
+        };
+        let f32_at = |at: usize, i: usize| f32::from_bits(u32_at(at, i));
+        Ok(rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Sampled {
+                token: u32_at(out.token(), i),
+                logprob: f32_at(out.logprob(), i),
+                top: (0..r.top_logprobs)
+                    .map(|t| {
+                        (
+                            u32_at(out.top_id(), i * top + t),
+                            f32_at(out.top_lp(), i * top + t),
+                        )
+                    })
+                    .collect(),
+            })
+            .collect())
+    }
+
+    /// The step's attention tables: the staged ones when `batch` is the staged step, else
+    /// uploaded for this call (ops driven one by one: the self-test).
+    fn meta(&self, batch: &AttnBatch, rows: usize, block_size: usize) -> Option<Meta> {
+        if let Some(s) = self
+            .staged
+            .borrow()
+            .as_ref()
+            .filter(|s| s.positions == batch.positions && s.layout.rows == rows)
+        {
+            let l = &s.layout;
+            return Some(Meta {
+                rows: l.rows,
+                positions: s.at(l.positions),
+                slots: s.at(l.slots),
+                row_table: s.at(l.row_table),
+                row_ctx: s.at(l.row_ctx),
+                tables: s.at(l.tables),
+                _own: Vec::new(),
+            });
+        }
+        let d = StepData {
+            tokens: &vec![0; batch.n_tokens()],
+            batch,
+            logit_rows: &[],
+            sampling: None,
+            block_size,
+            pad_rows: 0,
+            pad_logit_rows: 0,
+        };
+        let l = d.layout();
+        let mut host = vec![0u8; l.end];
+        d.pack(&l, &mut host);
+        let buf = self.upload(&host, "attention tables")?;
+        Some(Meta {
+            rows: l.rows,
+            positions: buf.ptr + l.positions as u64,
+            slots: buf.ptr + l.slots as u64,
+            row_table: buf.ptr + l.row_table as u64,
+            row_ctx: buf.ptr + l.row_ctx as u64,
+            tables: buf.ptr + l.tables as u64,
+            _own: vec![buf],
+        })
+    }
+
+    /// The RoPE frequency table on the device (uploaded once; a buffer of its own).
+    fn inv_freq_dev(&self, inv_freq: &[f32]) -> Option<u64> {
         let mut c = self.inv_freq.borrow_mut();
         if c.as_ref()
             .map(|(h, _)| h.as_slice() != inv_freq)
             .unwrap_or(true)
         {
             *c = None;
-            *c = Some((
-                inv_freq.to_vec(),
-                self.upload(inv_freq, "RoPE frequencies")?,
-            ));
+            let b = self.alloc_own(std::mem::size_of_val(inv_freq), "RoPE frequencies")?;
+            if !self.copy_up(&b, inv_freq, "RoPE frequencies") {
+                return None;
+            }
+            *c = Some((inv_freq.to_vec(), b));
         }
-        c.as_ref().map(|(_, d)| f(d))
+        c.as_ref().map(|(_, d)| d.ptr)
     }
 
     /// `x` cast to bf16 (the GEMM's operand): `[m, k]`, or `[2m, k]` (hi rows then lo rows)
     /// when `split`.
-    fn to_bf16(&self, x: &CudaAct, split: bool) -> Option<CudaSlice<u16>> {
+    fn to_bf16(&self, x: &CudaAct, split: bool) -> Option<u64> {
+        if let Some(b) = x.b16.borrow().as_ref() {
+            return Some(b.ptr);
+        }
         let n = x.rows * x.cols;
         let xb = x.buf.as_ref()?;
-        let mut out = self.alloc::<u16>(if split { 2 * n } else { n }, "a bf16 GEMM input")?;
+        let out = self.alloc(if split { 4 * n } else { 2 * n }, "a bf16 GEMM input")?;
         let n64 = n as u64;
         let (f, name) = if split {
             (&self.f.cast_bf16_split, "cast_bf16_split")
         } else {
             (&self.f.cast_bf16, "cast_bf16")
         };
-        let r = unsafe {
-            self.stream
-                .launch_builder(f)
-                .arg(xb)
-                .arg(&mut out)
-                .arg(&n64)
-                .launch(grid_for(n, self.info.sm_count))
+        launch!(self, f, name, grid_for(n, self.info.sm_count); &xb.ptr, &out.ptr, &n64);
+        let p = out.ptr;
+        *x.b16.borrow_mut() = Some(out);
+        Some(p)
+    }
+
+    /// Attention with the tiled prefill kernel (`flash`) or the split-context decode kernel
+    /// (the self-test compares the two).
+    pub fn attention_with(
+        &self,
+        q: &CudaAct,
+        kv: &CudaKv,
+        layer: usize,
+        n_heads: usize,
+        batch: &AttnBatch,
+        flash: bool,
+    ) -> CudaAct {
+        let s = kv.shape;
+        let hd = s.head_dim;
+        let out = self.act(q.rows, n_heads * hd);
+        if q.rows == 0 {
+            return out;
+        }
+        let (Some(qb), Some(ob)) = (q.buf.as_ref(), out.buf.as_ref()) else {
+            return out;
         };
-        self.launch_note(r, name);
-        Some(out)
+        let Some(m) = self.meta(batch, q.rows, s.block_size) else {
+            return out;
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (nh, nkv, hdi, bs) = (
+            n_heads as i32,
+            s.n_kv_heads as i32,
+            hd as i32,
+            s.block_size as i32,
+        );
+        let at = kv.layer_at(layer);
+        let (kc, vc) = (kv.k + at, kv.v + at);
+        if flash {
+            let (f, name) = match self.numerics {
+                Numerics::Bf16 => (&self.f.attn_prefill_bf16, "attn_prefill_bf16"),
+                Numerics::Accurate => (&self.f.attn_prefill_f32, "attn_prefill_f32"),
+            };
+            let (t16, twin) = self.twin(q.rows * n_heads * hd);
+            let rows = q.rows as i32;
+            launch!(self, f, name, cfg((q.rows.div_ceil(8) as u32, n_heads as u32, 1), 128);
+                &kc, &vc, &qb.ptr, &m.row_ctx, &m.row_table, &m.tables, &ob.ptr, &t16, &rows,
+                &nh, &nkv, &hdi, &bs, &scale);
+            *out.b16.borrow_mut() = twin;
+            return out;
+        }
+        let blocks = q.rows * n_heads;
+        let splits = attn_splits(q.rows, n_heads, self.info.sm_count);
+        let (Some(acc), Some(ml)) = (
+            self.alloc(4 * blocks * splits * hd, "attention partials"),
+            self.alloc(4 * blocks * splits * 2, "attention partial maxima"),
+        ) else {
+            return out;
+        };
+        let (f, name) = match self.numerics {
+            Numerics::Bf16 => (&self.f.attn_partial_bf16, "attn_partial_bf16"),
+            Numerics::Accurate => (&self.f.attn_partial_f32, "attn_partial_f32"),
+        };
+        launch!(self, f, name, cfg((q.rows as u32, n_heads as u32, splits as u32), 128);
+            &kc, &vc, &qb.ptr, &m.row_ctx, &m.row_table, &m.tables, &acc.ptr, &ml.ptr,
+            &nh, &nkv, &hdi, &bs, &scale);
+        let sp = splits as i32;
+        let (t16, twin) = self.twin(q.rows * n_heads * hd);
+        launch!(self, &self.f.attn_combine, "attn_combine",
+            cfg((blocks as u32, 1, 1), hd.min(256) as u32); &acc.ptr, &ml.ptr, &ob.ptr, &t16, &sp, &hdi);
+        *out.b16.borrow_mut() = twin;
+        out
     }
 
     /// Device-to-device copy bandwidth (GB/s, bytes read + written) and bf16 GEMM rate
@@ -579,16 +1262,55 @@ impl CudaBackend {
             })
             .collect();
         let x = self.stream.clone_htod(&host).map_err(be)?;
-        let bytes: Vec<u8> = host.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let w = self.stream.clone_htod(&bytes).map_err(be)?;
-        let mut d = self.stream.alloc_zeros::<f32>(s * s).map_err(be)?;
+        let w = self.stream.clone_htod(&host).map_err(be)?;
+        let d = self.stream.alloc_zeros::<f32>(s * s).map_err(be)?;
+        let (xp, wp, dp) = (
+            x.device_ptr(&self.stream).0,
+            w.device_ptr(&self.stream).0,
+            d.device_ptr(&self.stream).0,
+        );
         let secs = time(&mut || {
             self.gemm
                 .borrow_mut()
-                .bf16_f32(&self.stream, &x, &w, &mut d, s, s, s)
+                .bf16_f32(&self.stream, xp, wp, dp, s, s, s, false)
                 .map_err(BackendError::Unsupported)
         })?;
         Ok((bw, 2.0 * (s * s * s) as f64 / secs / 1e12))
+    }
+}
+
+/// Top log-prob slots per row a step's output holds (at least 1: the kernel's layout).
+fn top_slots(rows: &[RowSampling]) -> usize {
+    rows.iter()
+        .map(|r| r.top_logprobs)
+        .max()
+        .unwrap_or(0)
+        .max(1)
+}
+
+/// Keep freed pool memory instead of returning it to the OS after every synchronization (the
+/// default release threshold is 0): allocations outside the arena then cost no remapping.
+fn keep_pool_memory(ctx: &Arc<CudaContext>) {
+    use cudarc::driver::sys;
+    let pools = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED);
+    if pools.unwrap_or(0) == 0 {
+        return;
+    }
+    // SAFETY: the device is the context's; the attribute takes a u64 (cuuint64_t).
+    unsafe {
+        let mut pool = std::ptr::null_mut();
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == sys::CUresult::CUDA_SUCCESS
+        {
+            let mut keep = u64::MAX;
+            let r = sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep) as *mut u64 as *mut std::ffi::c_void,
+            );
+            if r != sys::CUresult::CUDA_SUCCESS {
+                tracing::debug!("cuMemPoolSetAttribute(RELEASE_THRESHOLD): {r:?}");
+            }
+        }
     }
 }
 
@@ -627,10 +1349,12 @@ impl Backend for CudaBackend {
             }
         }
         .map_err(|e| BackendError::OutOfMemory(format!("uploading a {:?} weight: {e}", t.shape)))?;
+        let ptr = buf.device_ptr(&self.stream).0;
         Ok(CudaMatrix {
             rows: t.shape[0],
             cols: t.shape[1],
-            buf,
+            _buf: buf,
+            ptr,
         })
     }
 
@@ -647,100 +1371,101 @@ impl Backend for CudaBackend {
                 shape.head_dim
             )));
         }
-        let n = shape.n_layers
+        let elem = self.numerics.kv_elem_bytes();
+        let bytes = shape.n_layers
             * shape.num_blocks
             * shape.block_size
             * shape.n_kv_heads
-            * shape.head_dim;
+            * shape.head_dim
+            * elem;
         let oom = |e: cudarc::driver::DriverError| {
-            BackendError::OutOfMemory(format!(
-                "KV cache of {} bytes: {e}",
-                2 * n * self.numerics.kv_elem_bytes()
-            ))
+            BackendError::OutOfMemory(format!("KV cache of {} bytes: {e}", 2 * bytes))
         };
-        let store = match self.numerics {
-            Numerics::Bf16 => KvStore::Bf16 {
-                k: self.stream.alloc_zeros::<u16>(n).map_err(oom)?,
-                v: self.stream.alloc_zeros::<u16>(n).map_err(oom)?,
-            },
-            Numerics::Accurate => KvStore::F32 {
-                k: self.stream.alloc_zeros::<f32>(n).map_err(oom)?,
-                v: self.stream.alloc_zeros::<f32>(n).map_err(oom)?,
-            },
-        };
-        Ok(CudaKv { shape, store })
+        let k = self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(oom)?;
+        let v = self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(oom)?;
+        let (kp, vp) = (k.device_ptr(&self.stream).0, v.device_ptr(&self.stream).0);
+        self.block_size.set(shape.block_size);
+        Ok(CudaKv {
+            shape,
+            _k: k,
+            _v: v,
+            k: kp,
+            v: vp,
+            elem,
+        })
+    }
+
+    fn begin_step(
+        &self,
+        tokens: &[u32],
+        batch: &AttnBatch,
+        logit_rows: &[usize],
+        sampling: Option<&[RowSampling]>,
+    ) -> Option<Result<Replayed, BackendError>> {
+        self.begin(tokens, batch, logit_rows, sampling)
     }
 
     fn embed(&self, table: &CudaMatrix, tokens: &[u32]) -> CudaAct {
-        let mut out = self.act(tokens.len(), table.cols);
-        if tokens.is_empty() {
+        let staged = self.staged.borrow();
+        let staged = staged.as_ref().filter(|s| s.tokens == tokens);
+        let rows = staged.map_or(tokens.len(), |s| s.layout.rows);
+        let out = self.act(rows, table.cols);
+        if rows == 0 {
             return out;
         }
-        let (Some(tok), Some(ob)) = (self.upload(tokens, "token ids"), out.buf.as_mut()) else {
+        let own;
+        let tok = match staged {
+            Some(s) => s.at(s.layout.tokens),
+            None => {
+                own = self.upload(tokens, "token ids");
+                match own.as_ref() {
+                    Some(b) => b.ptr,
+                    None => return out,
+                }
+            }
+        };
+        let Some(ob) = out.buf.as_ref() else {
             return out;
         };
         let dim = table.cols as i32;
-        let r = unsafe {
-            self.stream
-                .launch_builder(&self.f.embed)
-                .arg(&table.buf)
-                .arg(&tok)
-                .arg(ob)
-                .arg(&dim)
-                .launch(cfg((tokens.len() as u32, 1, 1), 256))
-        };
-        self.launch_note(r, "embed_gather");
+        launch!(self, &self.f.embed, "embed_gather", cfg((rows as u32, 1, 1), 256);
+            &table.ptr, &tok, &ob.ptr, &dim);
         out
     }
 
     fn rmsnorm(&self, x: &CudaAct, w: &CudaSlice<f32>, eps: f32) -> CudaAct {
-        let mut out = self.act(x.rows, x.cols);
+        let out = self.act(x.rows, x.cols);
         // add_rmsnorm with y = null writes x only when y is given: x is read-only here.
         let null: u64 = 0;
         let cols = x.cols as i32;
         if x.rows == 0 {
             return out;
         }
-        let (Some(xb), Some(ob)) = (x.buf.as_ref(), out.buf.as_mut()) else {
+        let (Some(xb), Some(ob)) = (x.buf.as_ref(), out.buf.as_ref()) else {
             return out;
         };
-        let r = unsafe {
-            self.stream
-                .launch_builder(&self.f.add_rmsnorm)
-                .arg(xb)
-                .arg(&null)
-                .arg(w)
-                .arg(ob)
-                .arg(&cols)
-                .arg(&eps)
-                .launch(cfg((x.rows as u32, 1, 1), 512))
-        };
-        self.launch_note(r, "add_rmsnorm");
+        let (t16, twin) = self.twin(x.rows * x.cols);
+        launch!(self, &self.f.add_rmsnorm, "add_rmsnorm", cfg((x.rows as u32, 1, 1), 512);
+            &xb.ptr, &null, w, &ob.ptr, &t16, &cols, &eps);
+        *out.b16.borrow_mut() = twin;
         out
     }
 
     fn add_rmsnorm(&self, x: &mut CudaAct, y: &CudaAct, w: &CudaSlice<f32>, eps: f32) -> CudaAct {
-        let mut out = self.act(x.rows, x.cols);
+        x.changed();
+        let out = self.act(x.rows, x.cols);
         let cols = x.cols as i32;
         if x.rows == 0 {
             return out;
         }
-        let (Some(xb), Some(yb), Some(ob)) = (x.buf.as_mut(), y.buf.as_ref(), out.buf.as_mut())
+        let (Some(xb), Some(yb), Some(ob)) = (x.buf.as_ref(), y.buf.as_ref(), out.buf.as_ref())
         else {
             return out;
         };
-        let r = unsafe {
-            self.stream
-                .launch_builder(&self.f.add_rmsnorm)
-                .arg(xb)
-                .arg(yb)
-                .arg(w)
-                .arg(ob)
-                .arg(&cols)
-                .arg(&eps)
-                .launch(cfg((x.rows as u32, 1, 1), 512))
-        };
-        self.launch_note(r, "add_rmsnorm");
+        let (t16, twin) = self.twin(x.rows * x.cols);
+        launch!(self, &self.f.add_rmsnorm, "add_rmsnorm", cfg((x.rows as u32, 1, 1), 512);
+            &xb.ptr, &yb.ptr, w, &ob.ptr, &t16, &cols, &eps);
+        *out.b16.borrow_mut() = twin;
         out
     }
 
@@ -753,31 +1478,75 @@ impl Backend for CudaBackend {
         if x.rows == 0 {
             return out;
         }
-        let (Some(xb), Some(ob)) = (self.to_bf16(x, split), out.buf.as_mut()) else {
+        let (Some(xb), Some(ob)) = (self.to_bf16(x, split), out.buf.as_ref()) else {
             return out;
         };
-        let r = self
-            .gemm
-            .borrow_mut()
-            .bf16_f32(&self.stream, &xb, &w.buf, ob, m, w.rows, w.cols);
-        if self.note(r, "matmul").is_some() {
-            self.launched("cublasLtMatmul");
+        let r = self.gemm.borrow_mut().bf16_f32(
+            &self.stream,
+            xb,
+            w.ptr,
+            ob.ptr,
+            m,
+            w.rows,
+            w.cols,
+            false,
+        );
+        match r {
+            Ok(()) => {
+                self.count(|c| c.launches += 1);
+                self.launched("cublasLtMatmul");
+            }
+            // cuBLASLt only says "execution failed" when an earlier kernel faulted: the
+            // stream's sticky error names the kernels it can be in.
+            Err(e) => match self.stream.synchronize() {
+                Err(de) => self.driver_failed(de, "matmul"),
+                Ok(()) => self.fail(format!("matmul: {e}")),
+            },
         }
         if split {
             let n = x.rows * w.rows;
             let n64 = n as u64;
-            let (mut hi, mut lo) = ob.split_at_mut(n);
-            let r = unsafe {
-                self.stream
-                    .launch_builder(&self.f.add_in_place)
-                    .arg(&mut hi)
-                    .arg(&mut lo)
-                    .arg(&n64)
-                    .launch(grid_for(n, self.info.sm_count))
-            };
-            self.launch_note(r, "add_in_place (split GEMM sum)");
+            let lo = ob.at::<f32>(n);
+            launch!(self, &self.f.add_in_place, "add_in_place (split GEMM sum)",
+                grid_for(n, self.info.sm_count); &ob.ptr, &lo, &n64);
         }
         out
+    }
+
+    /// `x += a · Wᵀ` in the GEMM (beta = 1): no product buffer, no add kernel. The accurate
+    /// numerics' split GEMM sums two halves first: matmul then add there.
+    fn matmul_add(&self, x: &mut CudaAct, a: &CudaAct, w: &CudaMatrix) {
+        x.changed();
+        if self.numerics == Numerics::Accurate || a.rows != x.rows || x.cols != w.rows {
+            let o = self.matmul(a, w);
+            return self.add_in_place(x, &o);
+        }
+        if a.rows == 0 {
+            return;
+        }
+        let (Some(ab), Some(xb)) = (self.to_bf16(a, false), x.buf.as_ref()) else {
+            return;
+        };
+        let r = self.gemm.borrow_mut().bf16_f32(
+            &self.stream,
+            ab,
+            w.ptr,
+            xb.ptr,
+            a.rows,
+            w.rows,
+            w.cols,
+            true,
+        );
+        match r {
+            Ok(()) => {
+                self.count(|c| c.launches += 1);
+                self.launched("cublasLtMatmul");
+            }
+            Err(e) => match self.stream.synchronize() {
+                Err(de) => self.driver_failed(de, "matmul"),
+                Ok(()) => self.fail(format!("matmul: {e}")),
+            },
+        }
     }
 
     fn rope_store_kv(
@@ -791,55 +1560,42 @@ impl Backend for CudaBackend {
         batch: &AttnBatch,
     ) {
         let s = kv.shape;
+        q.changed();
+        k.changed();
         if q.rows == 0 {
             return;
         }
-        let per_layer = kv.per_layer();
-        let range = layer * per_layer..(layer + 1) * per_layer;
         let n_heads = (q.cols / s.head_dim) as i32;
         let (n_kv, hd) = (s.n_kv_heads as i32, s.head_dim as i32);
-        let launch_cfg = cfg((q.rows as u32, 1, 1), 256);
-        let (Some(qb), Some(kb), Some(vb)) = (q.buf.as_mut(), k.buf.as_mut(), v.buf.as_ref())
+        let (Some(qb), Some(kb), Some(vb)) = (q.buf.as_ref(), k.buf.as_ref(), v.buf.as_ref())
         else {
             return;
         };
-        self.with_meta(batch, s.block_size, |m| {
-            self.inv_freq_dev(inv_freq, |inv| {
-                macro_rules! launch {
-                    ($f:expr, $kc:expr, $vc:expr) => {{
-                        let mut kc = $kc.slice_mut(range.clone());
-                        let mut vc = $vc.slice_mut(range.clone());
-                        unsafe {
-                            self.stream
-                                .launch_builder($f)
-                                .arg(qb)
-                                .arg(kb)
-                                .arg(vb)
-                                .arg(inv)
-                                .arg(&m.positions)
-                                .arg(&m.slots)
-                                .arg(&mut kc)
-                                .arg(&mut vc)
-                                .arg(&n_heads)
-                                .arg(&n_kv)
-                                .arg(&hd)
-                                .launch(launch_cfg)
-                        }
-                    }};
-                }
-                let (r, name) = match &mut kv.store {
-                    KvStore::Bf16 { k: kc, v: vc } => {
-                        (launch!(&self.f.rope_bf16, kc, vc), "rope_store_kv_bf16")
-                    }
-                    KvStore::F32 { k: kc, v: vc } => {
-                        (launch!(&self.f.rope_f32, kc, vc), "rope_store_kv_f32")
-                    }
-                };
-                self.launch_note(r, name);
-            })
-        });
+        let (Some(m), Some(inv)) = (
+            self.meta(batch, q.rows, s.block_size),
+            self.inv_freq_dev(inv_freq),
+        ) else {
+            return;
+        };
+        // Count one layer's launches: from layer 0's RoPE to layer 1's.
+        let launches = counters().launches;
+        match layer {
+            0 => self.layer0_launches.set(launches),
+            1 => self.count(|c| c.launches_per_layer = launches - self.layer0_launches.get()),
+            _ => {}
+        }
+        let at = kv.layer_at(layer);
+        let (kc, vc) = (kv.k + at, kv.v + at);
+        let (f, name) = match self.numerics {
+            Numerics::Bf16 => (&self.f.rope_bf16, "rope_store_kv_bf16"),
+            Numerics::Accurate => (&self.f.rope_f32, "rope_store_kv_f32"),
+        };
+        launch!(self, f, name, cfg((m.rows as u32, 1, 1), 256);
+            &qb.ptr, &kb.ptr, &vb.ptr, &inv, &m.positions, &m.slots, &kc, &vc, &n_heads, &n_kv, &hd);
     }
 
+    /// Steps with prompt rows (a sequence with more than one new token) use the tiled prefill
+    /// kernel; decode steps the split-context decode kernel.
     fn attention(
         &self,
         q: &CudaAct,
@@ -848,150 +1604,64 @@ impl Backend for CudaBackend {
         n_heads: usize,
         batch: &AttnBatch,
     ) -> CudaAct {
-        let s = kv.shape;
-        let hd = s.head_dim;
-        let mut out = self.act(q.rows, n_heads * hd);
-        if q.rows == 0 {
-            return out;
-        }
-        let per_layer = kv.per_layer();
-        let (Some(qb), Some(ob)) = (q.buf.as_ref(), out.buf.as_mut()) else {
-            return out;
-        };
-        self.with_meta(batch, s.block_size, |m| {
-            // Split the context so that the grid has at least ~2 blocks per SM, but never
-            // give a split fewer than 64 positions (the partials would cost more than they save).
-            let blocks = q.rows * n_heads;
-            let want = (2 * self.info.sm_count as usize).div_ceil(blocks);
-            let splits = want.min(m.max_ctx.div_ceil(64)).clamp(1, 32);
-            let (Some(mut acc), Some(mut ml)) = (
-                self.alloc::<f32>(blocks * splits * hd, "attention partials"),
-                self.alloc::<f32>(blocks * splits * 2, "attention partial maxima"),
-            ) else {
-                return;
-            };
-            let range = layer * per_layer..(layer + 1) * per_layer;
-            let (nh, nkv, hdi, bs) = (
-                n_heads as i32,
-                s.n_kv_heads as i32,
-                hd as i32,
-                s.block_size as i32,
-            );
-            let scale = 1.0 / (hd as f32).sqrt();
-            let launch_cfg = cfg((q.rows as u32, n_heads as u32, splits as u32), 128);
-            macro_rules! launch {
-                ($f:expr, $kc:expr, $vc:expr) => {{
-                    let kc = $kc.slice(range.clone());
-                    let vc = $vc.slice(range.clone());
-                    unsafe {
-                        self.stream
-                            .launch_builder($f)
-                            .arg(&kc)
-                            .arg(&vc)
-                            .arg(qb)
-                            .arg(&m.row_ctx)
-                            .arg(&m.row_table)
-                            .arg(&m.tables)
-                            .arg(&mut acc)
-                            .arg(&mut ml)
-                            .arg(&nh)
-                            .arg(&nkv)
-                            .arg(&hdi)
-                            .arg(&bs)
-                            .arg(&scale)
-                            .launch(launch_cfg)
-                    }
-                }};
-            }
-            let (r, name) = match &kv.store {
-                KvStore::Bf16 { k: kc, v: vc } => (
-                    launch!(&self.f.attn_partial_bf16, kc, vc),
-                    "attn_partial_bf16",
-                ),
-                KvStore::F32 { k: kc, v: vc } => (
-                    launch!(&self.f.attn_partial_f32, kc, vc),
-                    "attn_partial_f32",
-                ),
-            };
-            self.launch_note(r, name);
-            let sp = splits as i32;
-            let r = unsafe {
-                self.stream
-                    .launch_builder(&self.f.attn_combine)
-                    .arg(&acc)
-                    .arg(&ml)
-                    .arg(ob)
-                    .arg(&sp)
-                    .arg(&hdi)
-                    .launch(cfg((blocks as u32, 1, 1), hd.min(256) as u32))
-            };
-            self.launch_note(r, "attn_combine");
-        });
-        out
+        let prefill = batch.seqs.iter().any(|s| s.n_tokens > 1);
+        self.attention_with(q, kv, layer, n_heads, batch, prefill)
     }
 
     fn silu_mul(&self, gate: &CudaAct, up: &CudaAct) -> CudaAct {
-        let mut out = self.act(gate.rows, gate.cols);
+        let out = self.act(gate.rows, gate.cols);
         let n = gate.rows * gate.cols;
         let n64 = n as u64;
-        let (Some(gb), Some(ub), Some(ob)) = (gate.buf.as_ref(), up.buf.as_ref(), out.buf.as_mut())
+        let (Some(gb), Some(ub), Some(ob)) = (gate.buf.as_ref(), up.buf.as_ref(), out.buf.as_ref())
         else {
             return out;
         };
-        let r = unsafe {
-            self.stream
-                .launch_builder(&self.f.silu_mul)
-                .arg(gb)
-                .arg(ub)
-                .arg(ob)
-                .arg(&n64)
-                .launch(grid_for(n, self.info.sm_count))
-        };
-        self.launch_note(r, "silu_mul");
+        let (t16, twin) = self.twin(n);
+        launch!(self, &self.f.silu_mul, "silu_mul", grid_for(n, self.info.sm_count);
+            &gb.ptr, &ub.ptr, &ob.ptr, &t16, &n64);
+        *out.b16.borrow_mut() = twin;
         out
     }
 
     fn add_in_place(&self, x: &mut CudaAct, y: &CudaAct) {
+        x.changed();
         let n = x.rows * x.cols;
         let n64 = n as u64;
-        let (Some(xb), Some(yb)) = (x.buf.as_mut(), y.buf.as_ref()) else {
+        let (Some(xb), Some(yb)) = (x.buf.as_ref(), y.buf.as_ref()) else {
             return;
         };
-        let r = unsafe {
-            self.stream
-                .launch_builder(&self.f.add_in_place)
-                .arg(xb)
-                .arg(yb)
-                .arg(&n64)
-                .launch(grid_for(n, self.info.sm_count))
-        };
-        self.launch_note(r, "add_in_place");
+        launch!(self, &self.f.add_in_place, "add_in_place", grid_for(n, self.info.sm_count);
+            &xb.ptr, &yb.ptr, &n64);
     }
 
     fn select_rows(&self, x: &CudaAct, rows: &[usize]) -> CudaAct {
-        let mut out = self.act(rows.len(), x.cols);
-        if rows.is_empty() {
+        let staged = self.staged.borrow();
+        let staged = staged
+            .as_ref()
+            .filter(|s| s.logit_rows == rows && s.layout.rows == x.rows);
+        let n = staged.map_or(rows.len(), |s| s.layout.logit_rows);
+        let out = self.act(n, x.cols);
+        if n == 0 {
             return out;
         }
-        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let (Some(idx), Some(xb), Some(ob)) = (
-            self.upload(&idx, "row indices"),
-            x.buf.as_ref(),
-            out.buf.as_mut(),
-        ) else {
+        let own;
+        let idx = match staged {
+            Some(s) => s.at(s.layout.logit_idx),
+            None => {
+                let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                own = self.upload(&idx, "row indices");
+                match own.as_ref() {
+                    Some(b) => b.ptr,
+                    None => return out,
+                }
+            }
+        };
+        let (Some(xb), Some(ob)) = (x.buf.as_ref(), out.buf.as_ref()) else {
             return out;
         };
         let cols = x.cols as i32;
-        let r = unsafe {
-            self.stream
-                .launch_builder(&self.f.select_rows)
-                .arg(xb)
-                .arg(&idx)
-                .arg(ob)
-                .arg(&cols)
-                .launch(cfg((rows.len() as u32, 1, 1), 256))
-        };
-        self.launch_note(r, "select_rows");
+        launch!(self, &self.f.select_rows, "select_rows", cfg((n as u32, 1, 1), 256);
+            &xb.ptr, &idx, &ob.ptr, &cols);
         out
     }
 
@@ -1006,10 +1676,11 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        let Some(xb) = x.buf.as_mut() else {
+        let Some(xb) = x.buf.as_ref() else {
             return Err(self.take_err());
         };
-        tp.all_reduce_sum(&mut xb.slice_mut(0..n))
+        tp.all_reduce_sum(xb.ptr, n)
+            .map_err(|e| self.comm_failed(e))
     }
 
     /// The vocab-sharded logits `[rows, cols]` of every rank as `[rows, cols * tp]`, rank r's
@@ -1021,31 +1692,36 @@ impl Backend for CudaBackend {
         };
         let world = tp.size();
         let n = x.rows * x.cols;
-        let mut all = self.act(x.rows * world, x.cols);
+        let all = self.act(x.rows * world, x.cols);
         if n > 0 {
-            let (Some(xb), Some(ab)) = (x.buf.as_ref(), all.buf.as_mut()) else {
+            let (Some(xb), Some(ab)) = (x.buf.as_ref(), all.buf.as_ref()) else {
                 return Err(self.take_err());
             };
-            tp.all_gather(&xb.slice(0..n), ab)?;
+            tp.all_gather(xb.ptr, n, ab.ptr, ab.bytes / 4)
+                .map_err(|e| self.comm_failed(e))?;
         }
         self.reorder_gathered(&all, world)
     }
 
     fn to_host(&self, x: &CudaAct) -> Vec<f32> {
-        let n = x.rows * x.cols;
+        // A staged step padded for a graph: only its real logit rows go back.
+        let rows = match self.staged.borrow().as_ref() {
+            Some(s) if s.layout.logit_rows == x.rows => s.logit_rows.len(),
+            _ => x.rows,
+        };
+        let n = rows * x.cols;
         let Some(xb) = x.buf.as_ref() else {
             return vec![f32::NAN; n];
         };
-        match self.stream.clone_dtoh(xb) {
-            Ok(mut v) => {
-                v.truncate(n);
-                v
-            }
-            Err(e) => {
-                self.driver_failed(e, "copying to the host");
-                vec![f32::NAN; n]
+        // A captured follower step ends here: run its graph, then copy.
+        if let Some(key) = self.capturing.get() {
+            if let Err(e) = self.finish_capture(key, Some((xb.ptr, x.cols))) {
+                self.fail(e.to_string());
+                return vec![f32::NAN; n];
             }
         }
+        self.logits_to_host(xb.ptr, n)
+            .unwrap_or_else(|_| vec![f32::NAN; n])
     }
 
     fn sample(
@@ -1055,6 +1731,7 @@ impl Backend for CudaBackend {
     ) -> Option<Result<Vec<Sampled>, BackendError>> {
         // More alternatives than the kernel's passes are worth: sample on the host instead.
         if rows.iter().any(|r| r.top_logprobs > MAX_TOP_LOGPROBS) {
+            self.abandon_capture();
             return None;
         }
         Some(self.sample_rows(logits, rows))
@@ -1064,8 +1741,12 @@ impl Backend for CudaBackend {
     /// stream is synchronized here so that a fault in this step's kernels is reported with this
     /// step (naming the kernels it can be in), not at some later, unrelated call.
     fn check(&self) -> Result<(), BackendError> {
-        if self.err.borrow().is_none() {
-            match self.stream.synchronize() {
+        self.abandon_capture();
+        *self.staged.borrow_mut() = None;
+        // Nothing launched since the last good synchronization (a replayed step's results
+        // were fetched with one): nothing to wait for.
+        if self.err.borrow().is_none() && !self.launched.borrow().is_empty() {
+            match self.sync() {
                 Ok(()) => self.launched.borrow_mut().clear(),
                 Err(e) => self.driver_failed(e, "finishing the step's kernels"),
             }
@@ -1086,7 +1767,15 @@ impl CudaBackend {
         logits: &CudaAct,
         rows: &[RowSampling],
     ) -> Result<Vec<Sampled>, BackendError> {
-        if rows.len() != logits.rows {
+        let staged_rows = self
+            .staged
+            .borrow()
+            .as_ref()
+            .map(|s| (s.layout.logit_rows, s.logit_rows.len(), s.top));
+        let staged = staged_rows.filter(|&(l, n, _)| l == logits.rows && n == rows.len());
+        let n_logits = staged.map_or(rows.len(), |s| s.0);
+        if n_logits != logits.rows {
+            self.abandon_capture();
             return Err(BackendError::Unsupported(format!(
                 "{} sampling rows for {} logits rows",
                 rows.len(),
@@ -1096,87 +1785,52 @@ impl CudaBackend {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        // struct SampleRow in sample.cu: f32, f32, u32, u32, u64, u64 = 32 bytes, 8-aligned.
-        let mut params: Vec<u64> = Vec::with_capacity(rows.len() * 4);
-        for r in rows {
-            params.push(r.temperature.to_bits() as u64 | ((r.top_p.to_bits() as u64) << 32));
-            let top_k = r.top_k.min(u32::MAX as usize) as u64;
-            params.push(top_k | ((r.top_logprobs as u64) << 32));
-            params.push(r.seed);
-            params.push(r.n);
+        if staged.is_none() {
+            // Ops driven one by one (the self-test): stage the parameters now.
+            let batch = AttnBatch::default();
+            let idx: Vec<usize> = (0..rows.len()).collect();
+            let d = StepData {
+                tokens: &[],
+                batch: &batch,
+                logit_rows: &idx,
+                sampling: Some(rows),
+                block_size: 1,
+                pad_rows: 0,
+                pad_logit_rows: 0,
+            };
+            self.stage(&d, top_slots(rows))?;
         }
-        let max_top = rows
-            .iter()
-            .map(|r| r.top_logprobs)
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let n = rows.len();
-        let bufs = (
-            logits.buf.as_ref(),
-            self.upload(&params, "sampling parameters"),
-            self.alloc::<u32>(n, "sampled tokens"),
-            self.alloc::<f32>(n, "sampled log-probs"),
-            self.alloc::<u32>(n * max_top, "top token ids"),
-            self.alloc::<f32>(n * max_top, "top log-probs"),
-        );
-        let (
-            Some(lb),
-            Some(params),
-            Some(mut tok),
-            Some(mut lp),
-            Some(mut top_id),
-            Some(mut top_lp),
-        ) = bufs
-        else {
+        let (params, top, out_ptr) = {
+            let s = self.staged.borrow();
+            let Some(s) = s.as_ref() else {
+                return Err(be("no staged step"));
+            };
+            let st = self.staging.borrow();
+            let Some(dev) = st.down_dev.as_ref() else {
+                return Err(be("the sampled-token buffer is missing"));
+            };
+            (s.at(s.layout.params), s.top, dev.ptr)
+        };
+        let out = OutLayout {
+            rows: n_logits,
+            top,
+        };
+        let Some(lb) = logits.buf.as_ref() else {
+            self.abandon_capture();
             return Err(self.take_err());
         };
-        let (vocab, mt) = (logits.cols as i32, max_top as i32);
-        unsafe {
-            self.stream
-                .launch_builder(&self.f.sample)
-                .arg(lb)
-                .arg(&vocab)
-                .arg(&params)
-                .arg(&mt)
-                .arg(&mut tok)
-                .arg(&mut lp)
-                .arg(&mut top_id)
-                .arg(&mut top_lp)
-                .launch(cfg((n as u32, 1, 1), 1024))
+        let (vocab, mt) = (logits.cols as i32, top as i32);
+        let (tok, lp, tid, tlp) = (
+            out_ptr + out.token() as u64,
+            out_ptr + out.logprob() as u64,
+            out_ptr + out.top_id() as u64,
+            out_ptr + out.top_lp() as u64,
+        );
+        launch!(self, &self.f.sample, "sample_rows", cfg((n_logits as u32, 1, 1), 1024);
+            &lb.ptr, &vocab, &params, &mt, &tok, &lp, &tid, &tlp);
+        if let Some(key) = self.capturing.get() {
+            self.finish_capture(key, None)?;
         }
-        .map_err(be)?;
-        self.launched("sample_rows");
-        let copy = |what| {
-            move |e| {
-                self.driver_failed(e, what);
-                self.take_err()
-            }
-        };
-        let tok = self
-            .stream
-            .clone_dtoh(&tok)
-            .map_err(copy("copying sampled tokens"))?;
-        let lp = self
-            .stream
-            .clone_dtoh(&lp)
-            .map_err(copy("copying log-probs"))?;
-        let top_id = self
-            .stream
-            .clone_dtoh(&top_id)
-            .map_err(copy("copying top ids"))?;
-        let top_lp = self
-            .stream
-            .clone_dtoh(&top_lp)
-            .map_err(copy("copying top log-probs"))?;
-        Ok((0..n)
-            .map(|i| Sampled {
-                token: tok[i],
-                logprob: lp[i],
-                top: (0..rows[i].top_logprobs)
-                    .map(|t| (top_id[i * max_top + t], top_lp[i * max_top + t]))
-                    .collect(),
-            })
-            .collect())
+        self.fetch_sampled(rows)
     }
 }

@@ -29,6 +29,8 @@ pub const KERNELS: &[&str] = &[
     "attn_partial_bf16",
     "attn_partial_f32",
     "attn_combine",
+    "attn_prefill_bf16",
+    "attn_prefill_f32",
     "sample_rows",
 ];
 

@@ -11,7 +11,9 @@
 //!
 //! STATUS: compiled and NVRTC-checked without a GPU; never run on a GPU yet (see README "GPU").
 
+mod arena;
 mod backend;
+mod flash_model;
 mod gemm;
 pub mod kernels;
 pub mod nccl;
@@ -19,10 +21,11 @@ pub mod plan;
 pub mod report;
 mod sample_model;
 pub mod selftest;
+mod staging;
 
 pub use backend::{
-    device_count, driver_present, CudaAct, CudaBackend, CudaKv, CudaMatrix, DeviceInfo, Numerics,
-    MAX_TOP_LOGPROBS,
+    attn_splits, counters, device_count, driver_present, graph_bucket, time_steps, CudaAct,
+    CudaBackend, CudaKv, CudaMatrix, DeviceInfo, Numerics, StepCounters, MAX_TOP_LOGPROBS,
 };
 pub use nccl::{nccl_present, NcclComm, NCCL_MISSING};
 pub use report::report;

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+use cudarc::driver::CudaStream;
 use cudarc::nccl::{result, sys, Id};
 
 use crate::backend::BackendError;
@@ -151,15 +151,14 @@ impl NcclComm {
         self.size
     }
 
-    /// Element-wise sum over the replica, in place. Not yet run on a GPU.
-    pub fn all_reduce_sum(&self, x: &mut CudaViewMut<'_, f32>) -> Result<(), BackendError> {
-        let count = x.len();
-        let (p, _record) = x.device_ptr_mut(&self.stream);
-        // SAFETY: `p` is `count` f32 on this communicator's device, used in place on its stream.
+    /// Element-wise sum of `count` f32 at device address `x` over the replica, in place.
+    /// Not yet run on a GPU.
+    pub fn all_reduce_sum(&self, x: u64, count: usize) -> Result<(), BackendError> {
+        // SAFETY: `x` holds `count` f32 on this communicator's device, used on its stream.
         unsafe {
             result::all_reduce(
-                p as *const std::ffi::c_void,
-                p as *mut std::ffi::c_void,
+                x as *const std::ffi::c_void,
+                x as *mut std::ffi::c_void,
                 count,
                 sys::ncclDataType_t::ncclFloat32,
                 sys::ncclRedOp_t::ncclSum,
@@ -171,31 +170,28 @@ impl NcclComm {
         Ok(())
     }
 
-    /// Every rank's `x` concatenated in rank order into `out` (`size` × `x.len()` elements).
+    /// Every rank's `count` f32 at `x` into `out` (`[rank][count]`, room for `out_len` f32).
     /// Not yet run on a GPU.
     pub fn all_gather(
         &self,
-        x: &CudaView<'_, f32>,
-        out: &mut CudaSlice<f32>,
+        x: u64,
+        count: usize,
+        out: u64,
+        out_len: usize,
     ) -> Result<(), BackendError> {
-        if out.len() < x.len() * self.size {
+        if out_len < count * self.size {
             return Err(BackendError::Comm(format!(
-                "all-gather of {} elements from {} ranks into a buffer of {}",
-                x.len(),
+                "all-gather of {count} elements from {} ranks into a buffer of {out_len}",
                 self.size,
-                out.len()
             )));
         }
-        let mut dst = out.slice_mut(0..x.len() * self.size);
-        let (src, _r1) = x.device_ptr(&self.stream);
-        let (dp, _r2) = dst.device_ptr_mut(&self.stream);
-        // SAFETY: `src` holds x.len() f32 and `dp` size times that (checked above), both on
+        // SAFETY: `x` holds count f32 and `out` size times that (checked above), both on
         // this communicator's device, used on its stream.
         unsafe {
             result::all_gather(
-                src as *const std::ffi::c_void,
-                dp as *mut std::ffi::c_void,
-                x.len(),
+                x as *const std::ffi::c_void,
+                out as *mut std::ffi::c_void,
+                count,
                 sys::ncclDataType_t::ncclFloat32,
                 self.comm,
                 self.stream.cu_stream() as sys::cudaStream_t,

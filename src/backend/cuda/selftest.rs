@@ -228,6 +228,7 @@ pub fn run_kernels(gpu: &CudaBackend) -> Vec<Check> {
 
     out.extend(attention_checks(gpu, &cpu, &mut rng, 128));
     out.extend(attention_checks(gpu, &cpu, &mut rng, 16));
+    out.extend(flash_checks(gpu, &mut rng));
     if let Err(e) = gpu.check() {
         out.push(Check {
             name: "asynchronous errors".into(),
@@ -279,6 +280,61 @@ pub fn run_accurate_kernels(gpu: &CudaBackend) -> Vec<Check> {
 
 /// RoPE + paged K/V write, then attention: a prefill step of two sequences, then a step that
 /// mixes decode rows with a new prefill (split-K engages on the long context).
+/// The tiled prefill kernel against the decode kernel on the same queries and cache: a chunk of
+/// query rows (the last ones of a sequence) at context lengths 1 to 4097 with block size 16, so
+/// that key tiles (16 positions) and blocks start, end and straddle everywhere. Within f32
+/// rounding (both read the same bf16 cache; only the summation order differs).
+fn flash_checks(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Check> {
+    let (hd, n_heads, n_kv, bs, longest) = (64usize, 4usize, 2usize, 16usize, 4097usize);
+    let shape = KvShape {
+        n_layers: 1,
+        num_blocks: longest.div_ceil(bs) + 3,
+        block_size: bs,
+        n_kv_heads: n_kv,
+        head_dim: hd,
+    };
+    let Ok(mut kv) = gpu.alloc_kv(shape) else {
+        return vec![fail("flash prefill", "no KV cache".into())];
+    };
+    let mut table: Vec<u32> = (0..shape.num_blocks as u32).collect();
+    for i in (1..table.len()).rev() {
+        table.swap(i, rng.below(i + 1));
+    }
+    table.truncate(longest.div_ceil(bs));
+    // Keys and values of every position, written as a prefill step writes them.
+    let fill = AttnBatch::new(vec![SeqSpan {
+        token_start: 0,
+        n_tokens: longest,
+        context_len: longest,
+        block_table: table.clone(),
+    }]);
+    let inv_freq: Vec<f32> = (0..hd / 2)
+        .map(|i| 1e4f32.powf(-(i as f32) / 32.0))
+        .collect();
+    let mut q = gpu.act_from_host(longest, n_heads * hd, &rng.vec(longest * n_heads * hd));
+    let mut k = gpu.act_from_host(longest, n_kv * hd, &rng.vec(longest * n_kv * hd));
+    let v = gpu.act_from_host(longest, n_kv * hd, &rng.vec(longest * n_kv * hd));
+    gpu.rope_store_kv(&mut q, &mut k, &v, &inv_freq, &mut kv, 0, &fill);
+    let mut out = Vec::new();
+    for ctx in [1, 15, 16, 17, 1000, longest] {
+        let n = ctx.min(20);
+        let batch = AttnBatch::new(vec![SeqSpan {
+            token_start: 0,
+            n_tokens: n,
+            context_len: ctx,
+            block_table: table[..ctx.div_ceil(bs)].to_vec(),
+        }]);
+        let qg = gpu.act_from_host(n, n_heads * hd, &rng.vec(n * n_heads * hd));
+        out.push(compare(
+            &format!("flash prefill vs decode kernel (context {ctx}, {n} rows, block 16)"),
+            &gpu.to_host(&gpu.attention_with(&qg, &kv, 0, n_heads, &batch, true)),
+            &gpu.to_host(&gpu.attention_with(&qg, &kv, 0, n_heads, &batch, false)),
+            1e-5,
+        ));
+    }
+    out
+}
+
 fn attention_checks(gpu: &CudaBackend, cpu: &CpuBackend, rng: &mut Rng, hd: usize) -> Vec<Check> {
     let mut out = Vec::new();
     let shape = KvShape {
@@ -305,9 +361,11 @@ fn attention_checks(gpu: &CudaBackend, cpu: &CpuBackend, rng: &mut Rng, hd: usiz
     let inv_freq: Vec<f32> = (0..64)
         .map(|i| 500000f32.powf(-(i as f32) / 64.0))
         .collect();
+    // Prefill, mixed (both run the tiled prefill kernel), decode only (the decode kernel).
     let steps = [
         vec![(0usize, 37usize, 37usize), (1, 400, 400)],
         vec![(0, 1, 38), (1, 1, 401), (2, 20, 20)],
+        vec![(0, 1, 39), (1, 1, 402), (2, 1, 21)],
     ];
     let layer = 1;
     for (si, plan) in steps.iter().enumerate() {

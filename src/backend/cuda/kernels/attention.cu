@@ -95,11 +95,13 @@ attn_partial_f32(const float* kc, const float* vc, ATTN_ARGS) {
     attn_partial_impl<float>(q, kc, vc, row_ctx, row_table, tables, part_acc, part_ml, nh, nkv, hd, bs, scale);
 }
 
-// out[row, h, :] = sum_s acc_s * e^(m_s - M) / sum_s l_s * e^(m_s - M). One block per (row, head).
+// out[row, h, :] = sum_s acc_s * e^(m_s - M) / sum_s l_s * e^(m_s - M). One block per (row, head);
+// out16 (when not null) also gets it in bf16, the output projection's operand.
 // An empty split has m = -inf and contributes nothing; split 0 always holds position 0.
 extern "C" __global__ void attn_combine(const float* __restrict__ part_acc,
                                         const float* __restrict__ part_ml,
-                                        float* __restrict__ out, int splits, int head_dim) {
+                                        float* __restrict__ out, bf16_t* __restrict__ out16,
+                                        int splits, int head_dim) {
     u64 rh = blockIdx.x;
     const float* ml = part_ml + rh * splits * 2;
     float gm = -INFINITY;
@@ -111,6 +113,112 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part_acc,
         float a = 0.f;
         for (int s = 0; s < splits; s++)
             if (ml[2 * s] != -INFINITY) a += part_acc[(rh * splits + s) * head_dim + d] * expf(ml[2 * s] - gm);
-        out[rh * head_dim + d] = a / denom;
+        float v = a / denom;
+        out[rh * head_dim + d] = v;
+        if (out16) out16[rh * head_dim + d] = f32_to_bf16(v);
     }
+}
+
+// Prefill attention, tiled (flash-attention style): a block takes FP_ROWS consecutive query
+// rows of one head; the keys and values of their sequence go through shared memory FP_KEYS
+// positions at a time, so each K/V row is read once per tile of queries, not once per query row
+// (the decode kernel above re-reads the context for every row). Online softmax per row, causal
+// (row r sees positions < row_ctx[r]), GQA, paged KV. Rows of a tile that belong to different
+// sequences (packed steps) are handled as consecutive groups, each with its own block table.
+// Warp w holds rows w and w + 4 of the group; each lane ceil(head_dim/32) elements, as above.
+// CPU twin: flash_model.rs (the same tiling on the host); checked against the decode kernel by
+// the self-test at context lengths 1 to 4097.
+#define FP_ROWS 8
+#define FP_KEYS 16
+#define FP_MAX_HD 256
+
+template <typename KV>
+__device__ __forceinline__ void attn_prefill_impl(
+             const KV* __restrict__ kcache, const KV* __restrict__ vcache,
+             const float* __restrict__ q, const unsigned int* __restrict__ row_ctx,
+             const unsigned int* __restrict__ row_table, const unsigned int* __restrict__ tables,
+             float* __restrict__ out, bf16_t* __restrict__ out16, int rows, int n_heads,
+             int n_kv_heads, int head_dim, int block_size, float scale) {
+    __shared__ float s_k[FP_KEYS][FP_MAX_HD];
+    __shared__ float s_v[FP_KEYS][FP_MAX_HD];
+    int h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int per = (head_dim + 31) / 32;
+    int r_end = min(rows, (int)(blockIdx.x + 1) * FP_ROWS);
+    for (int g0 = blockIdx.x * FP_ROWS; g0 < r_end;) {
+        // The group: rows sharing g0's block table (one sequence; positions increase).
+        unsigned int off = row_table[g0];
+        int g1 = g0 + 1;
+        while (g1 < r_end && row_table[g1] == off) g1++;
+        const unsigned int* table = tables + off;
+        int n_max = row_ctx[g1 - 1];
+        float qv[2][MAX_PER_LANE], acc[2][MAX_PER_LANE], m[2], l[2];
+        for (int i = 0; i < 2; i++) {
+            int row = g0 + w + ATT_WARPS * i;
+            const float* qr = q + ((u64)(row < g1 ? row : g0) * n_heads + h) * head_dim + lane * per;
+#pragma unroll
+            for (int e = 0; e < MAX_PER_LANE; e++) {
+                qv[i][e] = (row < g1 && LANE_OK(e)) ? qr[e] * scale : 0.f;
+                acc[i][e] = 0.f;
+            }
+            m[i] = -INFINITY;
+            l[i] = 0.f;
+        }
+        for (int p0 = 0; p0 < n_max; p0 += FP_KEYS) {
+            for (int t = threadIdx.x; t < FP_KEYS * head_dim; t += blockDim.x) {
+                int kk = t / head_dim, d = t % head_dim, p = p0 + kk;
+                if (p < n_max) {
+                    u64 slot = (u64)table[p / block_size] * block_size + p % block_size;
+                    u64 at = (slot * n_kv_heads + kvh) * head_dim + d;
+                    s_k[kk][d] = kv_load(kcache, at);
+                    s_v[kk][d] = kv_load(vcache, at);
+                }
+            }
+            __syncthreads();
+            for (int i = 0; i < 2; i++) {
+                int row = g0 + w + ATT_WARPS * i;
+                if (row >= g1) continue;  // warp-uniform: a warp holds whole rows
+                int n = row_ctx[row];
+                for (int kk = 0; kk < FP_KEYS && p0 + kk < n; kk++) {
+                    float d = 0.f;
+#pragma unroll
+                    for (int e = 0; e < MAX_PER_LANE; e++)
+                        if (LANE_OK(e)) d += qv[i][e] * s_k[kk][lane * per + e];
+                    d = warp_sum(d);
+                    float m2 = fmaxf(m[i], d);
+                    float corr = expf(m[i] - m2), pw = expf(d - m2);
+                    l[i] = l[i] * corr + pw;
+#pragma unroll
+                    for (int e = 0; e < MAX_PER_LANE; e++)
+                        if (LANE_OK(e)) acc[i][e] = acc[i][e] * corr + pw * s_v[kk][lane * per + e];
+                    m[i] = m2;
+                }
+            }
+            __syncthreads();
+        }
+        for (int i = 0; i < 2; i++) {
+            int row = g0 + w + ATT_WARPS * i;
+            if (row >= g1) continue;
+            u64 o = ((u64)row * n_heads + h) * head_dim + lane * per;
+#pragma unroll
+            for (int e = 0; e < MAX_PER_LANE; e++) {
+                if (!LANE_OK(e)) continue;
+                float v = acc[i][e] / l[i];
+                out[o + e] = v;
+                if (out16) out16[o + e] = f32_to_bf16(v);
+            }
+        }
+        g0 = g1;
+    }
+}
+
+#define PREFILL_ARGS const float *q, const unsigned int *row_ctx, const unsigned int *row_table, \
+    const unsigned int *tables, float *out, bf16_t *out16, int rows, int nh, int nkv, int hd, int bs, float scale
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attn_prefill_bf16(const bf16_t* kc, const bf16_t* vc, PREFILL_ARGS) {
+    attn_prefill_impl<bf16_t>(kc, vc, q, row_ctx, row_table, tables, out, out16, rows, nh, nkv, hd, bs, scale);
+}
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attn_prefill_f32(const float* kc, const float* vc, PREFILL_ARGS) {
+    attn_prefill_impl<float>(kc, vc, q, row_ctx, row_table, tables, out, out16, rows, nh, nkv, hd, bs, scale);
 }

@@ -13,9 +13,11 @@ extern "C" __global__ void embed_gather(const bf16_t* __restrict__ table,
 // x += y (when y is not null), then out = x * rsqrt(mean(x^2) + eps) * w. One block per row:
 // the sum of squares needs the whole row, and a row (<= 16K f32) stays in L1 between the passes.
 // Bytes: read x (+ y), write x (if y) and out: 3-4 row passes instead of 5 for add then norm.
+// out16 (when not null) gets out rounded to bf16 as well: the next GEMM's operand without a
+// cast kernel of its own.
 extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const float* __restrict__ y,
                                        const float* __restrict__ w, float* __restrict__ out,
-                                       int cols, float eps) {
+                                       bf16_t* __restrict__ out16, int cols, float eps) {
     float* xr = x + (u64)blockIdx.x * cols;
     float* orow = out + (u64)blockIdx.x * cols;
     float ss = 0.f;
@@ -31,15 +33,23 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const float* __res
     }
     ss = block_sum(ss);
     float r = 1.0f / sqrtf(ss / (float)cols + eps);
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) orow[i] = xr[i] * r * w[i];
+    bf16_t* o16 = out16 ? out16 + (u64)blockIdx.x * cols : nullptr;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        float v = xr[i] * r * w[i];
+        orow[i] = v;
+        if (o16) o16[i] = f32_to_bf16(v);
+    }
 }
 
-// silu(g) * u with the CPU's formula (g / (1 + exp(-g)) * u, precise expf).
+// silu(g) * u with the CPU's formula (g / (1 + exp(-g)) * u, precise expf); out16 (when not
+// null) also gets it in bf16, the down projection's operand.
 extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __restrict__ u,
-                                    float* __restrict__ out, u64 n) {
+                                    float* __restrict__ out, bf16_t* __restrict__ out16, u64 n) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         float a = g[i];
-        out[i] = a / (1.0f + expf(-a)) * u[i];
+        float v = a / (1.0f + expf(-a)) * u[i];
+        out[i] = v;
+        if (out16) out16[i] = f32_to_bf16(v);
     }
 }
 

@@ -18,7 +18,9 @@ __device__ void rope_store_kv_impl(float* __restrict__ q, float* __restrict__ k,
     float* qr = q + (u64)row * n_heads * head_dim;
     float* kr = k + (u64)row * n_kv_heads * head_dim;
     const float* vr = v + (u64)row * n_kv_heads * head_dim;
-    u64 base = (u64)slots[row] * n_kv_heads * head_dim;
+    // A negative slot is a padding row of a decode graph: rotated, never stored.
+    long long slot = slots[row];
+    u64 base = slot < 0 ? 0 : (u64)slot * n_kv_heads * head_dim;
     for (int t = threadIdx.x; t < n_heads * half; t += blockDim.x) {
         int h = t / half, i = t % half;
         // The angle is rounded to f32 before sin/cos, as the CPU backend and torch do;
@@ -29,7 +31,7 @@ __device__ void rope_store_kv_impl(float* __restrict__ q, float* __restrict__ k,
         float a = p[0], b = p[1];
         p[0] = a * c - b * s;
         p[1] = a * s + b * c;
-        if (h < n_kv_heads) {
+        if (h < n_kv_heads && slot >= 0) {
             float* pk = kr + h * head_dim + 2 * i;
             float ka = pk[0], kb = pk[1];
             float k0 = ka * c - kb * s, k1 = ka * s + kb * c;

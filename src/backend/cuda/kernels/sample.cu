@@ -5,9 +5,13 @@
 // The CPU sorts candidates by (logit desc, id asc) and walks cumulative probabilities. Sorting
 // 128K logits per row is avoided here: every "walk to cumulative mass X" is a bisection over the
 // logit's order-preserving integer key (32 passes over the row, which stays in L1/L2), then a walk
-// in id order among the tokens tied at the found logit. Probabilities are f64 as on the CPU; only
-// the summation order differs, so a choice can differ from the CPU's only when the uniform number
-// lands within ~1e-15 (relative) of a boundary between two tokens.
+// in id order among the tokens tied at the found logit (block-parallel: every thread sums the
+// ties in its run of ids, a scan orders the runs; no thread passes over the whole row).
+// Probabilities are f64 as on the CPU; only the summation order differs, so a choice can differ
+// from the CPU's only when the uniform number lands within ~1e-15 (relative) of a boundary
+// between two tokens.
+// KNOWN (issue 13 report): on logits with thousands of exact ties (a 13-value grid) the token
+// differs from engine::sampler's in 32 of 48 rows, with this walk and with the serial one before.
 
 #define SAMPLE_THREADS 1024
 
@@ -65,6 +69,23 @@ __device__ void block_best(float& v, int& i) {
     i = si[0];
 }
 
+// Min (or max) of an int over the block; every thread gets it.
+__device__ int block_reduce_int(int v, bool want_max) {
+    __shared__ int s[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        int v2 = __shfl_xor_sync(0xffffffffu, v, o);
+        v = want_max ? max(v, v2) : min(v, v2);
+    }
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) s[w] = v;
+    __syncthreads();
+    v = s[0];
+    for (int k = 1; k < (int)(blockDim.x >> 5); k++) v = want_max ? max(v, s[k]) : min(v, s[k]);
+    __syncthreads();
+    return v;
+}
+
 // Candidate mass sum_{key(l) > t} p(l) (strict) over the row, with p = exp((l - max) / T).
 __device__ double mass_above(const float* lr, int vocab, unsigned int t, float mx, double inv_t,
                              unsigned int cut_key, int cut_id) {
@@ -93,26 +114,49 @@ __device__ void walk_to(const float* lr, int vocab, float mx, double inv_t, unsi
     }
     unsigned int key = (unsigned int)lo;
     double above = (key == 0xffffffffu) ? 0.0 : mass_above(lr, vocab, key, mx, inv_t, cut_key, cut_id);
-    // Among tokens tied at `key` (candidates), walk in id order: serial on thread 0 (ties are rare).
+    // Among the candidates tied at `key`, walk in id order, block-parallel: each thread sums the
+    // ties of its own run of ids, a scan orders the runs, and the one thread whose run holds the
+    // target walks it (no thread passes over the whole vocabulary).
+    __shared__ double s_scan[SAMPLE_THREADS];
     __shared__ int s_id;
     __shared__ double s_before;
+    int chunk = (vocab + (int)blockDim.x - 1) / (int)blockDim.x;
+    int j0 = (int)threadIdx.x * chunk, j1 = min(vocab, j0 + chunk);
+    double m = 0.0;
+    int last = -1;
+    for (int j = j0; j < j1; j++) {
+        if (fkey(lr[j]) != key || (key == cut_key && j > cut_id)) continue;
+        m += exp(((double)lr[j] - (double)mx) * inv_t);
+        last = j;
+    }
+    // Inclusive scan of the runs' masses in thread (= id) order.
+    s_scan[threadIdx.x] = m;
+    __syncthreads();
+    for (int o = 1; o < (int)blockDim.x; o <<= 1) {
+        double add = (int)threadIdx.x >= o ? s_scan[threadIdx.x - o] : 0.0;
+        __syncthreads();
+        s_scan[threadIdx.x] += add;
+        __syncthreads();
+    }
+    double start = above + (s_scan[threadIdx.x] - m);
+    double total = s_scan[blockDim.x - 1];
+    // The first run whose end passes the target; when none does (rounding: the target at the
+    // very end of the mass), the last tied id with everything before it.
+    int who = block_reduce_int((m > 0.0 && target < start + m) ? (int)threadIdx.x : (int)blockDim.x, false);
+    int last_all = block_reduce_int(last, true);
     if (threadIdx.x == 0) {
-        double cum = above;
-        int last = -1;
-        int found = -1;
-        double fb = above;
-        for (int j = 0; j < vocab; j++) {
-            if (fkey(lr[j]) != key) continue;
-            if (key == cut_key && j > cut_id) break;
+        s_id = last_all;
+        s_before = above + total;
+    }
+    __syncthreads();
+    if ((int)threadIdx.x == who) {
+        double cum = start;
+        for (int j = j0; j < j1; j++) {
+            if (fkey(lr[j]) != key || (key == cut_key && j > cut_id)) continue;
             double pj = exp(((double)lr[j] - (double)mx) * inv_t);
-            last = j;
-            if (target < cum + pj) { found = j; fb = cum; break; }
+            if (target < cum + pj) { s_id = j; s_before = cum; break; }
             cum += pj;
-            fb = cum;
         }
-        if (found < 0) found = last;  // rounding: target at the very end of the mass
-        s_id = found;
-        s_before = fb;
     }
     __syncthreads();
     *out_key = key;
