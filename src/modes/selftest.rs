@@ -32,7 +32,24 @@ pub fn selftest() -> Result<(String, bool), String> {
 pub fn sampling_checks(gpu: &CudaBackend) -> Vec<Check> {
     let rng = &mut Rng(0x5a3_91e5);
     let (rows, vocab) = (48, 32000);
-    let logits: Vec<f32> = (0..rows * vocab).map(|_| rng.f() * 6.0).collect();
+    // Continuous logits, then logits on a grid of 13 values (thousands of exact ties: the token
+    // among equals must still be the host sampler's).
+    let continuous: Vec<f32> = (0..rows * vocab).map(|_| rng.f() * 6.0).collect();
+    let tied: Vec<f32> = (0..rows * vocab)
+        .map(|_| (rng.f() * 13.0).floor() * 0.5)
+        .collect();
+    let mut checks = sampling_checks_on(gpu, &continuous, rows, vocab, "");
+    checks.extend(sampling_checks_on(gpu, &tied, rows, vocab, ", tied logits"));
+    checks
+}
+
+fn sampling_checks_on(
+    gpu: &CudaBackend,
+    logits: &[f32],
+    rows: usize,
+    vocab: usize,
+    what: &str,
+) -> Vec<Check> {
     let params: Vec<RowSampling> = (0..rows)
         .map(|i| {
             let (temperature, top_p, top_k) = match i % 6 {
@@ -53,12 +70,12 @@ pub fn sampling_checks(gpu: &CudaBackend) -> Vec<Check> {
             }
         })
         .collect();
-    let lg = gpu.act_from_host(rows, vocab, &logits);
+    let lg = gpu.act_from_host(rows, vocab, logits);
     let got = match gpu.sample(&lg, &params) {
         Some(Ok(g)) => g,
         other => {
             return vec![Check {
-                name: "sample_rows".into(),
+                name: format!("sample_rows{what}"),
                 rel_err: f64::NAN,
                 max_abs: f64::NAN,
                 tol: 0.0,
@@ -89,7 +106,7 @@ pub fn sampling_checks(gpu: &CudaBackend) -> Vec<Check> {
     }
     vec![
         Check {
-            name: format!("sample tokens ({rows} rows: greedy, top-k, top-p, temperature)"),
+            name: format!("sample tokens ({rows} rows: greedy, top-k, top-p, temperature{what})"),
             rel_err: mismatches as f64,
             max_abs: mismatches as f64,
             tol: 0.0,
@@ -97,7 +114,7 @@ pub fn sampling_checks(gpu: &CudaBackend) -> Vec<Check> {
             note: format!("{mismatches} of {rows} rows differ from the host sampler"),
         },
         Check {
-            name: "sample log-probs (chosen + top 5)".into(),
+            name: format!("sample log-probs (chosen + top 5{what})"),
             rel_err: lp_err,
             max_abs: lp_err,
             tol: 1e-4,
