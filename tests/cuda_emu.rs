@@ -544,6 +544,51 @@ fn mpirun_emu(np: usize, args: &[&str], env: &[(&str, &str)]) -> Out {
     run(emu_cmd("mpirun", &full, env))
 }
 
+/// The collective watchdog on the GPU path: a tensor-parallel peer stopped (SIGSTOP, a hung or
+/// cut-off rank) while the leader waits in the step's NCCL all-reduce ends the job, naming the
+/// peer, within the timeout; it does not hang until the NCCL (here: the emulator's) timeout.
+#[test]
+fn a_stopped_tp_peer_waited_for_in_nccl_is_named_by_the_watchdog() {
+    if !mpi_available() {
+        return;
+    }
+    let m = common::fixture("models/llama31/hf")
+        .to_string_lossy()
+        .into_owned();
+    let mut args = vec!["--collective-timeout", "3"];
+    args.extend(generate_args(&m, "2", "bf16"));
+    let t0 = Instant::now();
+    let o = mpirun_emu(
+        2,
+        &args,
+        &[
+            ("CUDA_EMU_DEVICES", "2"),
+            // Without the watchdog the leader would wait this long in the emulated all-reduce.
+            ("CUDA_EMU_NCCL_TIMEOUT", "120"),
+            ("HERD_TEST_FAIL_RANK", "1"),
+            ("HERD_TEST_FAIL_AT", "step"),
+            ("HERD_TEST_FAIL_HOW", "stop"),
+        ],
+    );
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(
+        o.stderr.contains("rank 1: injected SIGSTOP at step"),
+        "{}",
+        o.all()
+    );
+    assert!(
+        o.stderr.contains("herd: error: rank 0 (")
+            && o.stderr
+                .contains("in a step's forward (its NCCL collectives on the GPU) #")
+            && o.stderr
+                .contains("over replica 0 (world ranks 0-1) for rank 1 on node "),
+        "{}",
+        o.all()
+    );
+    assert_eq!(o.code, 1, "{}", o.all());
+    assert!(secs < 60.0, "took {secs:.1} s");
+}
+
 fn generate_args<'a>(model: &'a str, tp: &'a str, numerics: &'a str) -> Vec<&'a str> {
     vec![
         "generate",

@@ -117,6 +117,10 @@ pub fn decode(bytes: &[u8]) -> Result<StepMsg, ModelError> {
     }))
 }
 
+/// What the watchdog calls a step's forward on a tensor-parallel rank: its collectives (host
+/// collectives are watched one by one too; NCCL's run on the GPU, where only this sees them).
+const STEP_COLLECTIVES: &str = "a step's forward (its NCCL collectives on the GPU)";
+
 /// The replica leader's model: broadcasts each step plan, then runs its own shard's forward.
 pub struct TpLeader {
     inner: Box<dyn ModelRunner>,
@@ -150,6 +154,7 @@ impl ModelRunner for TpLeader {
         self.comm
             .broadcast_bytes(0, &mut self.buf)
             .map_err(|e| ModelError::Backend(e.to_string()))?;
+        let _wait = self.comm.watch(STEP_COLLECTIVES);
         self.inner.forward(step)
     }
 }
@@ -180,6 +185,7 @@ pub fn follow(
             StepMsg::Shutdown => return Ok(steps),
             StepMsg::Step(step) => {
                 before_step(steps).map_err(ModelError::Backend)?;
+                let _wait = comm.watch(STEP_COLLECTIVES);
                 match model.forward(&step) {
                     Ok(_) | Err(ModelError::Input(_)) => {}
                     Err(e) => return Err(e),

@@ -29,6 +29,14 @@ pub trait HostComm: Send + Sync {
     fn all_gather(&self, x: &[f32]) -> Result<Vec<f32>, CommError>;
     /// `root`'s bytes on every rank (`buf` is resized on the others). Carries step plans.
     fn broadcast_bytes(&self, root: usize, buf: &mut Vec<u8>) -> Result<(), CommError>;
+    /// Put work that waits on this group's peers outside these host collectives (a step's NCCL
+    /// collectives, and the stream synchronization that waits for them) under the collective
+    /// watchdog until the guard drops: a stopped or dead peer then ends the job, named, instead
+    /// of hanging it. `None` where there is no watchdog (one rank, no MPI).
+    fn watch(&self, what: &'static str) -> Option<watchdog::WaitGuard<'static>> {
+        let _ = what;
+        None
+    }
 }
 
 /// A group of one: every collective is the identity.

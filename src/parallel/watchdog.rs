@@ -181,6 +181,15 @@ impl Watchdog {
                 .filter(|&p| s.partner.get(p).copied().unwrap_or(false) && !s.left[p])
                 .find(|&p| now.saturating_duration_since(s.seen[p]) >= timeout);
             if let Some(p) = silent {
+                // Name the innermost wait on that peer (an all-reduce inside a step's forward,
+                // rather than the forward): the most precise account of where the rank hangs.
+                let w = s
+                    .waits
+                    .iter()
+                    .rev()
+                    .find(|v| v.root == Some(p) || v.group.members.contains(&p))
+                    .unwrap_or(w);
+                let waited = now.saturating_duration_since(w.since);
                 let host = |r: usize| self.hosts.get(r).map_or("?", String::as_str);
                 return Some(format!(
                     "rank {} ({}) waited {:.0} s in {} #{} over {} for rank {} on node {}, which has \
@@ -206,6 +215,25 @@ impl Watchdog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_innermost_wait_on_the_silent_peer_is_named() {
+        let hosts: Vec<String> = ["a", "b"].map(String::from).to_vec();
+        let dog = Watchdog::new(0, hosts);
+        let t = Duration::from_secs(10);
+        let replica = Arc::new(Group {
+            label: "replica 0".into(),
+            members: vec![0, 1],
+        });
+        let t0 = Instant::now();
+        let _step = dog.begin("a step's forward", 4, &replica, None);
+        std::thread::sleep(Duration::from_millis(5));
+        let _inner = dog.begin("all_reduce_sum", 9, &replica, None);
+        // At the first verdict only the outer wait has lasted the timeout; the inner one is named.
+        let at = t0 + t + Duration::from_millis(1);
+        let msg = dog.verdict(at, t).unwrap();
+        assert!(msg.contains("in all_reduce_sum #9 over replica 0"), "{msg}");
+    }
 
     #[test]
     fn a_wait_on_a_silent_peer_fires_one_on_live_peers_does_not() {
