@@ -1140,6 +1140,32 @@ impl CudaBackend {
         c.as_ref().map(|(_, d)| d.ptr)
     }
 
+    /// `out = a · Wᵀ` (`accumulate`: `out += a · Wᵀ`) for `m` bf16 rows `a`, one cuBLASLt call.
+    fn gemm_bf16(&self, a: u64, w: &CudaMatrix, out: u64, m: usize, accumulate: bool) {
+        let r = self.gemm.borrow_mut().bf16_f32(
+            &self.stream,
+            a,
+            w.ptr,
+            out,
+            m,
+            w.rows,
+            w.cols,
+            accumulate,
+        );
+        match r {
+            Ok(()) => {
+                self.count(|c| c.launches += 1);
+                self.launched("cublasLtMatmul");
+            }
+            // cuBLASLt only says "execution failed" when an earlier kernel faulted: the
+            // stream's sticky error names the kernels it can be in.
+            Err(e) => match self.stream.synchronize() {
+                Err(de) => self.driver_failed(de, "matmul"),
+                Ok(()) => self.fail(format!("matmul: {e}")),
+            },
+        }
+    }
+
     /// `x` cast to bf16 (the GEMM's operand): `[m, k]`, or `[2m, k]` (hi rows then lo rows)
     /// when `split`.
     fn to_bf16(&self, x: &CudaAct, split: bool) -> Option<u64> {
@@ -1481,28 +1507,7 @@ impl Backend for CudaBackend {
         let (Some(xb), Some(ob)) = (self.to_bf16(x, split), out.buf.as_ref()) else {
             return out;
         };
-        let r = self.gemm.borrow_mut().bf16_f32(
-            &self.stream,
-            xb,
-            w.ptr,
-            ob.ptr,
-            m,
-            w.rows,
-            w.cols,
-            false,
-        );
-        match r {
-            Ok(()) => {
-                self.count(|c| c.launches += 1);
-                self.launched("cublasLtMatmul");
-            }
-            // cuBLASLt only says "execution failed" when an earlier kernel faulted: the
-            // stream's sticky error names the kernels it can be in.
-            Err(e) => match self.stream.synchronize() {
-                Err(de) => self.driver_failed(de, "matmul"),
-                Ok(()) => self.fail(format!("matmul: {e}")),
-            },
-        }
+        self.gemm_bf16(xb, w, ob.ptr, m, false);
         if split {
             let n = x.rows * w.rows;
             let n64 = n as u64;
@@ -1527,26 +1532,7 @@ impl Backend for CudaBackend {
         let (Some(ab), Some(xb)) = (self.to_bf16(a, false), x.buf.as_ref()) else {
             return;
         };
-        let r = self.gemm.borrow_mut().bf16_f32(
-            &self.stream,
-            ab,
-            w.ptr,
-            xb.ptr,
-            a.rows,
-            w.rows,
-            w.cols,
-            true,
-        );
-        match r {
-            Ok(()) => {
-                self.count(|c| c.launches += 1);
-                self.launched("cublasLtMatmul");
-            }
-            Err(e) => match self.stream.synchronize() {
-                Err(de) => self.driver_failed(de, "matmul"),
-                Ok(()) => self.fail(format!("matmul: {e}")),
-            },
-        }
+        self.gemm_bf16(ab, w, xb.ptr, a.rows, true);
     }
 
     fn rope_store_kv(
