@@ -111,6 +111,15 @@ impl Backend for CpuBackend {
         Ok(CpuKv { shape, k, v })
     }
 
+    fn copy_kv_block(&self, kv: &mut CpuKv, src: u32, dst: u32) {
+        let s = kv.shape;
+        let block = s.block_size * s.n_kv_heads * s.head_dim;
+        let (src, dst) = (src as usize * block, dst as usize * block);
+        for buf in kv.k.iter_mut().chain(kv.v.iter_mut()) {
+            buf.copy_within(src..src + block, dst);
+        }
+    }
+
     fn embed(&self, table: &CpuMatrix, tokens: &[u32]) -> CpuAct {
         let cols = table.cols;
         let mut data = vec![0f32; tokens.len() * cols];
