@@ -800,3 +800,103 @@ fn the_cuda_backend_on_the_emulated_device_gets_the_cache_through_the_same_block
     );
     assert_same_records(cached, &without_cache_detail(plain), "emulated CUDA");
 }
+
+/// Token ids equal; log-probs within `tol` (tensor parallelism sums in another order).
+fn assert_close_choices(got: &[Value], want: &[Value], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: record count");
+    for (g, w) in got.iter().zip(want) {
+        let (gc, wc) = (g["choices"].as_array(), w["choices"].as_array());
+        let (gc, wc) = (gc.expect("n > 1 choices"), wc.expect("n > 1 choices"));
+        assert_eq!(gc.len(), wc.len(), "{what}: choices");
+        for (a, b) in gc.iter().zip(wc) {
+            assert_eq!(a["token_ids"], b["token_ids"], "{what}: {}", g["id"]);
+            let lp = |c: &Value| -> Vec<f64> {
+                c["logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t["logprob"].as_f64().unwrap())
+                    .collect()
+            };
+            for (x, y) in lp(a).iter().zip(lp(b)) {
+                assert!((x - y).abs() <= tol, "{what}: {}: {x} vs {y}", g["id"]);
+            }
+        }
+    }
+}
+
+#[test]
+fn tensor_parallel_peers_copy_the_same_partial_blocks() {
+    if std::env::var("HERD_NO_MPI").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: HERD_NO_MPI=1");
+        return;
+    }
+    assert!(
+        cfg!(feature = "mpi"),
+        "needs a build with MPI (cargo test --features mpi), or HERD_NO_MPI=1"
+    );
+    // Sampled n > 1 records sharing a system prompt: samples 1.. copy sample 0's partial block on
+    // every rank (a peer that skipped the copy would attend over an empty block).
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let lines: Vec<String> = (0..4)
+        .map(|i| {
+            json!({"id": i, "prompt": system(i % 2) + &format!(" Question {i}: why?"), "n": 3,
+                   "seed": 20 + i, "temperature": 1.0, "max_tokens": 6, "ignore_eos": true,
+                   "logprobs": 1})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let run = |tag: &str, tp: usize, extra: &[&str]| {
+        let out = dir.path().join(format!("{tag}.jsonl"));
+        let mut c = if tp > 1 {
+            let mut c = std::process::Command::new("mpirun");
+            c.args([
+                "-np",
+                &tp.to_string(),
+                "--oversubscribe",
+                "--bind-to",
+                "none",
+            ])
+            .arg(env!("CARGO_BIN_EXE_herd"))
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+            c
+        } else {
+            std::process::Command::new(env!("CARGO_BIN_EXE_herd"))
+        };
+        let o = c
+            .args(["batch", "--model", MODEL, "--tp", &tp.to_string()])
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&out)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("herd (under mpirun) runs");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(0), "{tag}: {err}");
+        (jsonl(&out), err)
+    };
+    let (one, _) = run("tp1", 1, &["--no-prefix-cache"]);
+    let (two, err) = run("tp2", 2, &[]);
+    let (two_plain, plain_err) = run("tp2-plain", 2, &["--no-prefix-cache"]);
+    let computed = |e: &str| -> u64 {
+        let at = e
+            .find("computed ")
+            .unwrap_or_else(|| panic!("no summary in {e}"));
+        e[at + 9..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("no count in {e}"))
+    };
+    assert!(
+        computed(&err) < computed(&plain_err),
+        "the cache should save prompt work: {err}"
+    );
+    assert_same_records(two.clone(), &without_cache_detail(two_plain), "tp 2");
+    assert_close_choices(&without_cache_detail(two), &one, 1e-4, "tp 2 against tp 1");
+}
