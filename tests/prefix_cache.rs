@@ -831,10 +831,9 @@ fn tensor_parallel_peers_copy_the_same_partial_blocks() {
         eprintln!("skipped: HERD_NO_MPI=1");
         return;
     }
-    assert!(
-        cfg!(feature = "mpi"),
-        "needs a build with MPI (cargo test --features mpi), or HERD_NO_MPI=1"
-    );
+    if !cfg!(feature = "mpi") {
+        panic!("needs a build with MPI (cargo test --features mpi), or HERD_NO_MPI=1");
+    }
     // Sampled n > 1 records sharing a system prompt: samples 1.. copy sample 0's partial block on
     // every rank (a peer that skipped the copy would attend over an empty block).
     let dir = tempfile::tempdir().unwrap();

@@ -86,6 +86,9 @@ pub struct EngineStats {
     pub mask_seconds: f64,
 }
 
+/// KV blocks to copy `(src, dst)` before a step's forward.
+type KvCopies = Vec<(u32, u32)>;
+
 enum RowUse {
     PromptLogprob { seq: u64, index: usize },
     Sample { seq: u64 },
@@ -334,7 +337,7 @@ impl Engine {
 
     /// Decide this step's work: (sequence, tokens to run) pairs, and the KV blocks to copy
     /// `(src, dst)` before the forward.
-    fn schedule(&mut self) -> (Vec<(u64, usize)>, Vec<(u32, u32)>) {
+    fn schedule(&mut self) -> (Vec<(u64, usize)>, KvCopies) {
         let mut budget = self.cfg.max_batch_tokens.max(1);
         let mut plan: Vec<(u64, usize)> = Vec::new();
         let mut planned: HashSet<u64> = HashSet::new();
