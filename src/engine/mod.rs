@@ -6,7 +6,8 @@
 //! the newest sequence is preempted (its blocks freed, recomputed later), never an error.
 //! With prefix caching (on by default) a request admitted takes the longest cached run of full
 //! blocks of its tokens from the pool ([`kv_blocks`]) and computes only the rest; the blocks a
-//! step completes become findable after it. A result never depends on where its K/V came from.
+//! step completes become findable after it. Positions past those blocks that a running sequence
+//! with the same tokens has computed (n samples of a prompt) are copied from its block on write. A result never depends on where its K/V came from.
 //! The engine knows requests and tokens, never files, sockets or terminals.
 
 pub mod constraint;
@@ -269,8 +270,9 @@ impl Engine {
 
     /// Queue `n` samples of one prompt: sample `i` is the request with seed `seed + i` (a seed
     /// is drawn when none is given). Their ids, in sample order. The samples share the prompt's
-    /// full KV blocks through the prefix cache: the first computes them, the others wait for
-    /// them (one step) and compute only the last, partial block and the last prompt token.
+    /// KV: the first computes it, the others wait for its full blocks (one step), take them from
+    /// the prefix cache and a copy of its last, partial block (copy on write), and compute only
+    /// the last prompt token (its logits are needed).
     pub fn add_request_n(
         &mut self,
         prompt: Vec<u32>,
