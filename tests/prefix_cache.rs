@@ -222,8 +222,10 @@ fn blocks_being_written_are_waited_for_then_hit_from_the_next_step() {
     outs.sort_by_key(|o| o.id);
     assert_eq!((outs[0].id, outs[1].id), (a, b));
     assert_eq!(outs[0].cached_tokens, 0);
-    assert_eq!(outs[1].cached_tokens, 64);
-    assert_eq!(eng.stats().prefill_tokens, 70 + 6);
+    // 4 blocks from the cache, 5 positions of the partial block copied from `a`'s; the last
+    // prompt token computed.
+    assert_eq!(outs[1].cached_tokens, 64 + 5);
+    assert_eq!(eng.stats().prefill_tokens, 70 + 1);
     assert_eq!(outs[0].token_ids, outs[1].token_ids);
     assert_no_leak(&eng, "same step");
 }
@@ -280,16 +282,111 @@ fn n_samples_are_the_requests_with_seed_plus_i_and_share_the_prompt() {
         alone.add_request(prompt.clone(), single).unwrap();
         let a = run(&mut alone).remove(0);
         assert_same(std::slice::from_ref(o), &[a], &format!("sample {i}"));
-        assert_eq!(o.cached_tokens, if i == 0 { 0 } else { 32 });
+        assert_eq!(o.cached_tokens, if i == 0 { 0 } else { 32 + 12 });
     }
-    // The prompt's full blocks computed once; each other sample computes its 13-token tail.
-    assert_eq!(eng.stats().prefill_tokens, 45 + 3 * 13);
+    // The prompt's full blocks computed once; each other sample copies 12 positions of the
+    // partial block and computes only the last prompt token.
+    assert_eq!(eng.stats().prefill_tokens, 45 + 3);
     let distinct: std::collections::HashSet<_> = outs.iter().map(|o| &o.token_ids).collect();
     assert!(
         distinct.len() > 1,
         "different seeds should give different samples"
     );
     assert_no_leak(&eng, "n samples");
+}
+
+#[test]
+fn n_samples_copy_the_partial_block_instead_of_computing_it() {
+    // 40 tokens, blocks of 16: 2 full blocks + 8. Samples 1..3 take the full blocks from the
+    // cache and a copy of sample 0's partial block (7 positions), computing only the last token.
+    let prompt = toks(31, 40);
+    let p = SamplingParams {
+        temperature: 0.8,
+        seed: Some(90),
+        max_tokens: 10,
+        ignore_eos: true,
+        logprobs: Some(2),
+        ..Default::default()
+    };
+    let mut eng = engine_with(true, EngineConfig::default(), 64, 16);
+    eng.add_request_n(prompt.clone(), p.clone(), 4).unwrap();
+    let got = run(&mut eng);
+    assert_eq!(
+        eng.stats().prefill_tokens,
+        40 + 3,
+        "40 + 3 x 1, not 40 + 3 x 8"
+    );
+    assert_eq!(eng.stats().cached_prompt_tokens, 3 * (32 + 7));
+    assert_eq!(eng.stats().copied_blocks, 3);
+    let mut plain = engine_with(false, EngineConfig::default(), 64, 16);
+    plain.add_request_n(prompt, p, 4).unwrap();
+    let want = run(&mut plain);
+    assert_eq!(plain.stats().prefill_tokens, 4 * 40);
+    assert_same(&got, &want, "copied partial block");
+    assert_no_leak(&eng, "copy on write");
+    assert_no_leak(&plain, "no cache");
+}
+
+#[test]
+fn n_samples_under_preemption_in_a_tiny_pool_are_unchanged() {
+    // n > 1 of prompts whose last block is partial (and one that is one token past a block),
+    // in a pool too small for all samples at once: samples are preempted and resumed, copying
+    // from whichever sample still runs.
+    let reqs: Vec<(Vec<u32>, SamplingParams, usize)> =
+        [(21usize, 3usize), (17, 4), (30, 2), (9, 3)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(len, n))| {
+                let p = SamplingParams {
+                    temperature: 1.0,
+                    seed: Some(300 + i as u64),
+                    max_tokens: 18,
+                    ignore_eos: true,
+                    logprobs: Some(1),
+                    ..Default::default()
+                };
+                (toks(60 + i as u64, len), p, n)
+            })
+            .collect();
+    let mut reference = engine_with(false, EngineConfig::default(), 256, 8);
+    submit(&mut reference, &reqs);
+    let want = run(&mut reference);
+    for (what, cfg, blocks) in [
+        ("tiny pool", EngineConfig::default(), 14),
+        (
+            "tiny pool, small budget",
+            EngineConfig {
+                max_batch_size: 8,
+                max_batch_tokens: 32,
+                prefill_chunk: 9,
+                prefix_cache: true,
+            },
+            16,
+        ),
+    ] {
+        let mut eng = engine_with(true, cfg, blocks, 8);
+        submit(&mut eng, &reqs);
+        let got = run(&mut eng);
+        assert_same(&got, &want, what);
+        let st = eng.stats();
+        assert!(
+            st.preemptions > 0,
+            "{what}: the pool should force preemption"
+        );
+        assert!(
+            st.copied_blocks > 0,
+            "{what}: samples should copy partial blocks"
+        );
+        eprintln!(
+            "{what}: prefill {} (no cache {}) cached {} copied blocks {} preemptions {}",
+            st.prefill_tokens,
+            reference.stats().prefill_tokens,
+            st.cached_prompt_tokens,
+            st.copied_blocks,
+            st.preemptions
+        );
+        assert_no_leak(&eng, what);
+    }
 }
 
 #[test]
@@ -663,7 +760,7 @@ fn the_cuda_backend_on_the_emulated_device_gets_the_cache_through_the_same_block
         .map(|i| {
             json!({"id": i, "messages": [{"role": "system", "content": system(0)},
                                          {"role": "user", "content": format!("q{i}")}],
-                   "max_tokens": 4, "seed": i, "n": 1 + i % 2, "logprobs": 1})
+                   "max_tokens": 4, "seed": i, "n": 1 + i % 3, "logprobs": 1})
             .to_string()
         })
         .collect();
@@ -702,4 +799,103 @@ fn the_cuda_backend_on_the_emulated_device_gets_the_cache_through_the_same_block
         "records after the first hit"
     );
     assert_same_records(cached, &without_cache_detail(plain), "emulated CUDA");
+}
+
+/// Token ids equal; log-probs within `tol` (tensor parallelism sums in another order).
+fn assert_close_choices(got: &[Value], want: &[Value], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: record count");
+    for (g, w) in got.iter().zip(want) {
+        let (gc, wc) = (g["choices"].as_array(), w["choices"].as_array());
+        let (gc, wc) = (gc.expect("n > 1 choices"), wc.expect("n > 1 choices"));
+        assert_eq!(gc.len(), wc.len(), "{what}: choices");
+        for (a, b) in gc.iter().zip(wc) {
+            assert_eq!(a["token_ids"], b["token_ids"], "{what}: {}", g["id"]);
+            let lp = |c: &Value| -> Vec<f64> {
+                c["logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t["logprob"].as_f64().unwrap())
+                    .collect()
+            };
+            for (x, y) in lp(a).iter().zip(lp(b)) {
+                assert!((x - y).abs() <= tol, "{what}: {}: {x} vs {y}", g["id"]);
+            }
+        }
+    }
+}
+
+#[test]
+fn tensor_parallel_peers_copy_the_same_partial_blocks() {
+    if std::env::var("HERD_NO_MPI").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: HERD_NO_MPI=1");
+        return;
+    }
+    if !cfg!(feature = "mpi") {
+        panic!("needs a build with MPI (cargo test --features mpi), or HERD_NO_MPI=1");
+    }
+    // Sampled n > 1 records sharing a system prompt: samples 1.. copy sample 0's partial block on
+    // every rank (a peer that skipped the copy would attend over an empty block).
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let lines: Vec<String> = (0..4)
+        .map(|i| {
+            json!({"id": i, "prompt": system(i % 2) + &format!(" Question {i}: why?"), "n": 3,
+                   "seed": 20 + i, "temperature": 1.0, "max_tokens": 6, "ignore_eos": true,
+                   "logprobs": 1})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let run = |tag: &str, tp: usize, extra: &[&str]| {
+        let out = dir.path().join(format!("{tag}.jsonl"));
+        let mut c = if tp > 1 {
+            let mut c = std::process::Command::new("mpirun");
+            c.args([
+                "-np",
+                &tp.to_string(),
+                "--oversubscribe",
+                "--bind-to",
+                "none",
+            ])
+            .arg(env!("CARGO_BIN_EXE_herd"))
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+            c
+        } else {
+            std::process::Command::new(env!("CARGO_BIN_EXE_herd"))
+        };
+        let o = c
+            .args(["batch", "--model", MODEL, "--tp", &tp.to_string()])
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&out)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("herd (under mpirun) runs");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(0), "{tag}: {err}");
+        (jsonl(&out), err)
+    };
+    let (one, _) = run("tp1", 1, &["--no-prefix-cache"]);
+    let (two, err) = run("tp2", 2, &[]);
+    let (two_plain, plain_err) = run("tp2-plain", 2, &["--no-prefix-cache"]);
+    let computed = |e: &str| -> u64 {
+        let at = e
+            .find("computed ")
+            .unwrap_or_else(|| panic!("no summary in {e}"));
+        e[at + 9..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or_else(|| panic!("no count in {e}"))
+    };
+    assert!(
+        computed(&err) < computed(&plain_err),
+        "the cache should save prompt work: {err}"
+    );
+    assert_same_records(two.clone(), &without_cache_detail(two_plain), "tp 2");
+    assert_close_choices(&without_cache_detail(two), &one, 1e-4, "tp 2 against tp 1");
 }

@@ -143,6 +143,9 @@ pub trait Backend: Send {
         layer: usize,
         batch: &AttnBatch,
     );
+    /// Copy KV block `src` to block `dst`, every layer, K and V (copy on write: a sequence takes
+    /// over positions another one computed). Stream-ordered before the kernels launched after it.
+    fn copy_kv_block(&self, kv: &mut Self::Kv, src: u32, dst: u32);
     /// Causal grouped-query attention of every query row over its sequence's cached keys/values.
     fn attention(
         &self,

@@ -6,7 +6,8 @@
 //! the newest sequence is preempted (its blocks freed, recomputed later), never an error.
 //! With prefix caching (on by default) a request admitted takes the longest cached run of full
 //! blocks of its tokens from the pool ([`kv_blocks`]) and computes only the rest; the blocks a
-//! step completes become findable after it. A result never depends on where its K/V came from.
+//! step completes become findable after it. Positions past those blocks that a running sequence
+//! with the same tokens has computed (n samples of a prompt) are copied from its block on write. A result never depends on where its K/V came from.
 //! The engine knows requests and tokens, never files, sockets or terminals.
 
 pub mod constraint;
@@ -74,8 +75,10 @@ pub struct EngineStats {
     pub steps: u64,
     /// Prompt tokens computed (recomputation after preemption included).
     pub prefill_tokens: u64,
-    /// Prompt tokens served from the prefix cache instead of computed.
+    /// Prompt tokens served from the prefix cache instead of computed (copied ones included).
     pub cached_prompt_tokens: u64,
+    /// KV blocks copied on write (a partial block another sequence had computed).
+    pub copied_blocks: u64,
     pub generated_tokens: u64,
     pub preemptions: u64,
     pub forward_seconds: f64,
@@ -83,6 +86,9 @@ pub struct EngineStats {
     pub masks: u64,
     pub mask_seconds: f64,
 }
+
+/// KV blocks to copy `(src, dst)` before a step's forward.
+type KvCopies = Vec<(u32, u32)>;
 
 enum RowUse {
     PromptLogprob { seq: u64, index: usize },
@@ -264,8 +270,9 @@ impl Engine {
 
     /// Queue `n` samples of one prompt: sample `i` is the request with seed `seed + i` (a seed
     /// is drawn when none is given). Their ids, in sample order. The samples share the prompt's
-    /// full KV blocks through the prefix cache: the first computes them, the others wait for
-    /// them (one step) and compute only the last, partial block and the last prompt token.
+    /// KV: the first computes it, the others wait for its full blocks (one step), take them from
+    /// the prefix cache and a copy of its last, partial block (copy on write), and compute only
+    /// the last prompt token (its logits are needed).
     pub fn add_request_n(
         &mut self,
         prompt: Vec<u32>,
@@ -330,8 +337,9 @@ impl Engine {
         tracing::debug!(seq = id, "preempted: KV blocks exhausted, will recompute");
     }
 
-    /// Decide this step's work: (sequence, tokens to run) pairs.
-    fn schedule(&mut self) -> Vec<(u64, usize)> {
+    /// Decide this step's work: (sequence, tokens to run) pairs, and the KV blocks to copy
+    /// `(src, dst)` before the forward.
+    fn schedule(&mut self) -> (Vec<(u64, usize)>, KvCopies) {
         let mut budget = self.cfg.max_batch_tokens.max(1);
         let mut plan: Vec<(u64, usize)> = Vec::new();
         let mut planned: HashSet<u64> = HashSet::new();
@@ -381,6 +389,10 @@ impl Engine {
                 inflight.extend(&s.block_hashes[s.block_keys.len().min(s.block_hashes.len())..]);
             }
         }
+        // Sequences whose computed K/V a newly admitted one may copy: those running before
+        // admission (what one admitted now holds is written only by this step's forward).
+        let sources = self.running.clone();
+        let mut copies = Vec::new();
         // Admit waiting requests in arrival order while there is room.
         let mut at = 0;
         while self.running.len() < self.cfg.max_batch_size.max(1)
@@ -390,6 +402,7 @@ impl Engine {
             let id = self.waiting[at];
             let seq = self.seqs.get_mut(&id).expect("waiting sequence exists");
             let mut hit = 0;
+            let may_serve = !seq.wants_prompt_logprobs();
             if self.cfg.prefix_cache {
                 // The last token is always computed (its logits are needed), so at most the
                 // blocks before it; prompt log-probs owed are computed, never served.
@@ -418,12 +431,29 @@ impl Engine {
                     continue;
                 }
             }
+            // Copy on write: positions after the cached prefix that a running sequence with the
+            // same tokens has computed (n samples of a prompt) are copied from its block, not
+            // computed again; the last token still is (its logits are needed).
+            let copy = if self.cfg.prefix_cache && may_serve {
+                self.copy_source(id, &sources)
+            } else {
+                None
+            };
+            let seq = self.seqs.get_mut(&id).expect("waiting sequence exists");
+            if let Some((_, end)) = copy {
+                seq.computed = end;
+                hit = end;
+            }
             let n = seq.pending().min(self.cfg.prefill_chunk.max(1)).min(budget);
             if !self.pool.ensure(&mut seq.block_table, seq.computed + n) {
                 self.pool.release(&mut seq.block_table);
                 seq.block_keys.clear();
                 seq.computed = 0;
                 break;
+            }
+            if let Some((src, _)) = copy {
+                copies.push((src, seq.block_table[seq.block_keys.len()]));
+                self.stats.copied_blocks += 1;
             }
             let cached = hit.min(seq.prompt.len());
             seq.cached_prompt.get_or_insert(cached);
@@ -434,7 +464,43 @@ impl Engine {
             plan.push((id, n));
             budget -= n;
         }
-        plan
+        (plan, copies)
+    }
+
+    /// For a sequence being admitted with its cached prefix taken: a running sequence (of
+    /// `sources`) that has computed the same tokens past that prefix, within its next block and
+    /// before its last token. The block to copy and the end of the positions it serves.
+    fn copy_source(&self, id: u64, sources: &[u64]) -> Option<(u32, usize)> {
+        let seq = self.seqs.get(&id)?;
+        let bs = self.pool.block_size();
+        let k = seq.block_keys.len();
+        let from = seq.computed;
+        let end = (seq.total_len() - 1).min((k + 1) * bs);
+        if from != k * bs || end <= from {
+            return None;
+        }
+        let mut best: Option<(u32, usize)> = None;
+        for o in sources.iter().filter(|&&o| o != id) {
+            let Some(o) = self.seqs.get(o) else {
+                continue;
+            };
+            // The same registered prefix (so the same tokens before `from`), then the same
+            // tokens for as far as the other sequence has computed.
+            if o.block_keys.get(..k) != Some(&seq.block_keys[..]) || o.block_table.len() <= k {
+                continue;
+            }
+            let upto = end.min(o.computed);
+            let same = (from..upto)
+                .take_while(|&i| o.token_at(i) == seq.token_at(i))
+                .count();
+            if same > 0 && best.is_none_or(|(_, e)| from + same > e) {
+                best = Some((o.block_table[k], from + same));
+                if from + same == end {
+                    break;
+                }
+            }
+        }
+        best
     }
 
     /// After a step: make the sequence's newly completed blocks findable (from the next step on:
@@ -466,7 +532,7 @@ impl Engine {
 
     /// Run one forward over everything scheduled and report what happened.
     pub fn step(&mut self) -> Result<Vec<Event>, ModelError> {
-        let plan = self.schedule();
+        let (plan, kv_copies) = self.schedule();
         if plan.is_empty() {
             if self.has_unfinished() {
                 // add_request caps every sequence at the pool size, so this is a bug, not a user error.
@@ -478,7 +544,10 @@ impl Engine {
             }
             return Ok(Vec::new());
         }
-        let mut input = StepInput::default();
+        let mut input = StepInput {
+            kv_copies,
+            ..StepInput::default()
+        };
         let mut uses = Vec::new();
         for &(id, n) in &plan {
             let seq = &self.seqs[&id];

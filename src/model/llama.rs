@@ -166,6 +166,7 @@ impl<B: Backend> ModelRunner for Llama<B> {
 
     fn forward(&mut self, step: &StepInput) -> Result<Vec<f32>, ModelError> {
         let batch = self.step_batch(step)?;
+        self.copy_blocks(step);
         let backend_err = |e: crate::backend::BackendError| ModelError::Backend(e.to_string());
         // A backend that recorded this step's shape (a CUDA graph) runs it here.
         match self
@@ -198,6 +199,7 @@ impl<B: Backend> ModelRunner for Llama<B> {
         rows: &[RowSampling],
     ) -> Result<StepOutput, ModelError> {
         let batch = self.step_batch(step)?;
+        self.copy_blocks(step);
         let backend_err = |e: crate::backend::BackendError| ModelError::Backend(e.to_string());
         // A backend that recorded this step's shape (a CUDA graph) runs it here.
         if let Some(r) = self
@@ -231,6 +233,16 @@ impl<B: Backend> Llama<B> {
                 cfg.vocab_size
             )));
         }
+        let blocks = self.kv_shape.num_blocks;
+        if let Some(&(a, b)) = step
+            .kv_copies
+            .iter()
+            .find(|&&(a, b)| a == b || a as usize >= blocks || b as usize >= blocks)
+        {
+            return Err(ModelError::Input(format!(
+                "KV block copy {a} -> {b} is not between two blocks of the {blocks} in the pool"
+            )));
+        }
         let batch = AttnBatch::new(step.seqs.clone());
         if batch.n_tokens() != step.tokens.len() {
             return Err(ModelError::Input(
@@ -238,6 +250,13 @@ impl<B: Backend> Llama<B> {
             ));
         }
         Ok(batch)
+    }
+
+    /// The step's KV block copies, before anything of the step runs (step_batch checked them).
+    fn copy_blocks(&mut self, step: &StepInput) {
+        for &(src, dst) in &step.kv_copies {
+            self.backend.copy_kv_block(&mut self.kv, src, dst);
+        }
     }
 
     /// The forward pass up to the logits `[logit_rows, vocab]`, left where the backend keeps them.

@@ -42,6 +42,9 @@ pub struct StepInput {
     pub seqs: Vec<SeqSpan>,
     /// Rows (indices into `tokens`) whose next-token logits are wanted, in output order.
     pub logit_rows: Vec<usize>,
+    /// KV blocks to copy `(src, dst)`, in order, before this step's forward reads or writes any
+    /// (copy on write: n samples of a prompt take over its last, partial block).
+    pub kv_copies: Vec<(u32, u32)>,
 }
 
 /// What the engine sees of a model: a step function over a paged KV pool.

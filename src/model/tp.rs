@@ -48,6 +48,11 @@ pub fn encode(msg: &StepMsg, out: &mut Vec<u8>) {
     for &r in &s.logit_rows {
         put(out, r as u64);
     }
+    put(out, s.kv_copies.len() as u64);
+    for &(a, b) in &s.kv_copies {
+        out.extend_from_slice(&a.to_le_bytes());
+        out.extend_from_slice(&b.to_le_bytes());
+    }
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -110,10 +115,15 @@ pub fn decode(bytes: &[u8]) -> Result<StepMsg, ModelError> {
     }
     let n = r.count(8)?;
     let logit_rows = (0..n).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
+    let n = r.count(8)?;
+    let kv_copies = (0..n)
+        .map(|_| Ok((r.u32()?, r.u32()?)))
+        .collect::<Result<Vec<_>, ModelError>>()?;
     Ok(StepMsg::Step(StepInput {
         tokens,
         seqs,
         logit_rows,
+        kv_copies,
     }))
 }
 
@@ -219,6 +229,7 @@ mod tests {
                 },
             ],
             logit_rows: vec![1, 2],
+            kv_copies: vec![(4, 5), (6, 7)],
         };
         let mut buf = Vec::new();
         encode(&StepMsg::Step(s.clone()), &mut buf);
@@ -227,6 +238,7 @@ mod tests {
         };
         assert_eq!(d.tokens, s.tokens);
         assert_eq!(d.logit_rows, s.logit_rows);
+        assert_eq!(d.kv_copies, s.kv_copies);
         assert_eq!(d.seqs.len(), 2);
         assert_eq!(d.seqs[0].block_table, vec![3, 9]);
         assert_eq!(d.seqs[1].context_len, 1);

@@ -257,6 +257,7 @@ pub fn compare_models_on<B: Backend>(
                 block_table: (0..16).collect(),
             }],
             logit_rows: vec![n - 1],
+            kv_copies: Vec::new(),
         };
         let (lc, lg) = match (cpu_m.forward(&input), gpu_m.forward(&input)) {
             (Ok(a), Ok(b)) => (a, b),

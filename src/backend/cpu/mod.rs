@@ -111,6 +111,15 @@ impl Backend for CpuBackend {
         Ok(CpuKv { shape, k, v })
     }
 
+    fn copy_kv_block(&self, kv: &mut CpuKv, src: u32, dst: u32) {
+        let s = kv.shape;
+        let block = s.block_size * s.n_kv_heads * s.head_dim;
+        let (src, dst) = (src as usize * block, dst as usize * block);
+        for buf in kv.k.iter_mut().chain(kv.v.iter_mut()) {
+            buf.copy_within(src..src + block, dst);
+        }
+    }
+
     fn embed(&self, table: &CpuMatrix, tokens: &[u32]) -> CpuAct {
         let cols = table.cols;
         let mut data = vec![0f32; tokens.len() * cols];
@@ -267,4 +276,38 @@ fn rotate(x: &mut CpuAct, head_dim: usize, inv_freq: &[f32], positions: &[u32]) 
                 }
             }
         });
+}
+
+#[cfg(test)]
+mod copy_tests {
+    use super::*;
+
+    #[test]
+    fn a_kv_block_copy_moves_every_layer_k_and_v_and_nothing_else() {
+        let shape = KvShape {
+            n_layers: 2,
+            num_blocks: 3,
+            block_size: 2,
+            n_kv_heads: 2,
+            head_dim: 4,
+        };
+        let b = CpuBackend::default();
+        let mut kv = b.alloc_kv(shape).unwrap();
+        for (i, buf) in kv.k.iter_mut().chain(kv.v.iter_mut()).enumerate() {
+            for (j, x) in buf.iter_mut().enumerate() {
+                *x = (i * 1000 + j) as f32;
+            }
+        }
+        let before = (kv.k.clone(), kv.v.clone());
+        b.copy_kv_block(&mut kv, 2, 0);
+        let block = 2 * 2 * 4;
+        for (got, was) in
+            kv.k.iter()
+                .chain(&kv.v)
+                .zip(before.0.iter().chain(&before.1))
+        {
+            assert_eq!(got[..block], was[2 * block..]);
+            assert_eq!(got[block..], was[block..]);
+        }
+    }
 }

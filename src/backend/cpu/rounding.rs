@@ -58,6 +58,9 @@ impl Backend for GpuRounding {
         round_bf16(&mut kv.k[layer]);
         round_bf16(&mut kv.v[layer]);
     }
+    fn copy_kv_block(&self, kv: &mut CpuKv, src: u32, dst: u32) {
+        self.0.copy_kv_block(kv, src, dst)
+    }
     fn attention(&self, q: &CpuAct, kv: &CpuKv, l: usize, h: usize, b: &AttnBatch) -> CpuAct {
         self.0.attention(q, kv, l, h, b)
     }

@@ -1580,6 +1580,36 @@ impl Backend for CudaBackend {
             &qb.ptr, &kb.ptr, &vb.ptr, &inv, &m.positions, &m.slots, &kc, &vc, &n_heads, &n_kv, &hd);
     }
 
+    fn copy_kv_block(&self, kv: &mut CudaKv, src: u32, dst: u32) {
+        // One layer's block is contiguous ([layer, slot, kv_head, head_dim], bf16 or f32).
+        let s = kv.shape;
+        let bytes = s.block_size * s.n_kv_heads * s.head_dim * kv.elem;
+        for layer in 0..s.n_layers {
+            let at = kv.layer_at(layer);
+            for base in [kv.k, kv.v] {
+                let (from, to) = (
+                    base + at + src as u64 * bytes as u64,
+                    base + at + dst as u64 * bytes as u64,
+                );
+                // SAFETY: both ranges lie inside the KV allocation (block ids < num_blocks,
+                // checked by the model) and do not overlap (src != dst).
+                let r = unsafe {
+                    cudarc::driver::sys::cuMemcpyDtoDAsync_v2(
+                        to,
+                        from,
+                        bytes,
+                        self.stream.cu_stream(),
+                    )
+                    .result()
+                };
+                if let Err(e) = r {
+                    self.driver_failed(e, "copying a KV block");
+                    return;
+                }
+            }
+        }
+    }
+
     /// Steps with prompt rows (a sequence with more than one new token) use the tiled prefill
     /// kernel; decode steps the split-context decode kernel.
     fn attention(
