@@ -566,8 +566,9 @@ fn bench_mask_cost_and_throughput() {
 }
 
 /// On the CUDA backend (the emulated device: the real kernels, run on the CPU) a constrained step
-/// takes the host path: logits copied back, masked and sampled there. The same flags, valid
-/// outputs.
+/// samples on the device: the masks go up with the step and the sampling kernel applies them, so
+/// its decode steps replay the sampling decode graph (the host path, logits copied back and
+/// masked there, runs no graph). The same flags, valid outputs.
 #[test]
 fn constraints_run_on_the_emulated_cuda_device() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -580,6 +581,7 @@ fn constraints_run_on_the_emulated_cuda_device() {
         (&["--json-schema", schema.to_str().unwrap()], "schema"),
     ];
     for (flags, what) in cases {
+        let stats = dir.path().join(format!("stats-{what}.json"));
         let out = std::process::Command::new(root.join("scripts/cuda-emu"))
             .arg(env!("CARGO_BIN_EXE_herd"))
             .args([
@@ -603,6 +605,7 @@ fn constraints_run_on_the_emulated_cuda_device() {
             .args(flags)
             .env("RUST_LOG", "warn")
             .env("CUDA_EMU_QUIET", "1")
+            .env("CUDA_EMU_STATS", &stats)
             .output()
             .expect("scripts/cuda-emu runs");
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -611,6 +614,14 @@ fn constraints_run_on_the_emulated_cuda_device() {
             serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what}: {e}: {stderr}"));
         let text = rec["text"].as_str().unwrap();
         assert_eq!(rec["finish_reason"], "stop", "{what}: {rec}");
+        let calls: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+        // The regex's eight characters are eight one-token decode steps (the choice and this
+        // schema are mostly grammar-forced: a few multi-token steps, too few for a graph; the
+        // first step of a shape runs eagerly, the second is captured).
+        if what == "regex" {
+            let graphs = calls["calls"]["cuGraphLaunch"].as_u64().unwrap_or(0);
+            assert!(graphs > 0, "{what}: no decode graph ran: {calls}");
+        }
         match what {
             "regex" => assert!(full_match("[0-9]{4}-[A-Z]{2}", text), "{text}"),
             "choice" => assert!(["north", "south"].contains(&text), "{text}"),
