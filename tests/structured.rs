@@ -638,6 +638,73 @@ fn constraints_run_on_the_emulated_cuda_device() {
     }
 }
 
+/// The driver calls of a constrained `herd generate` of `tokens` tokens on the emulated device.
+fn constrained_calls(dir: &std::path::Path, tokens: usize) -> Value {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let stats = dir.join(format!("stats-{tokens}.json"));
+    let out = std::process::Command::new(root.join("scripts/cuda-emu"))
+        .arg(env!("CARGO_BIN_EXE_herd"))
+        .args([
+            "generate",
+            "--model",
+            "random:tiny",
+            "--device",
+            "cuda",
+            "--kv-cache-gb",
+            "0.05",
+            "--prompt",
+            "Hi",
+            "--temperature",
+            "1",
+            "--seed",
+            "5",
+            "--regex",
+            "[0-9]{200}",
+            "--max-tokens",
+            &tokens.to_string(),
+            "--json",
+        ])
+        .env("RUST_LOG", "warn")
+        .env("CUDA_EMU_QUIET", "1")
+        .env("CUDA_EMU_STATS", &stats)
+        .output()
+        .expect("scripts/cuda-emu runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let rec: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(rec["finish_reason"], "length", "{rec}");
+    assert_eq!(rec["usage"]["completion_tokens"], tokens, "{rec}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    v["calls"].clone()
+}
+
+/// A constrained decode step on the device is what an unconstrained one is: one graph replay,
+/// one upload (the masks ride it), one download (tokens, not logits), nothing launched loose.
+/// Counted as the difference between a 40-token and a 16-token run of a regex with no forced
+/// token (every step is one decode step).
+#[test]
+fn a_constrained_decode_step_is_one_graph_launch_one_upload_one_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = constrained_calls(dir.path(), 16);
+    let long = constrained_calls(dir.path(), 40);
+    let per =
+        |n: &str| long[n].as_u64().unwrap_or(0) as i64 - short[n].as_u64().unwrap_or(0) as i64;
+    let report = format!("16 tokens: {short}\n40 tokens: {long}");
+    assert_eq!(per("cuGraphLaunch"), 24, "{report}");
+    assert_eq!(per("cuLaunchKernel"), 0, "{report}");
+    assert_eq!(
+        per("cuMemcpyHtoDAsync_v2") + per("cuMemcpyHtoD_v2"),
+        24,
+        "{report}"
+    );
+    assert_eq!(
+        per("cuMemcpyDtoHAsync_v2") + per("cuMemcpyDtoH_v2"),
+        24,
+        "{report}"
+    );
+}
+
 #[test]
 fn chat_answers_follow_the_flags_and_a_bad_one_exits_2_before_the_first_message() {
     use std::io::Write;

@@ -57,9 +57,11 @@ pub fn sampling_checks(gpu: &CudaBackend) -> Vec<Check> {
             let mut allow = |j: usize| m[j / 32] |= 1 << (j % 32);
             match i % 8 {
                 0 => return None,
-                1 => allow((rng.next() % vocab as u64) as usize),
-                2 | 3 => (0..30).for_each(|_| allow((rng.next() % vocab as u64) as usize)),
-                _ => (0..vocab).filter(|_| rng.next() % 3 == 0).for_each(allow),
+                1 => allow((rng.bits() % vocab as u64) as usize),
+                2 | 3 => (0..30).for_each(|_| allow((rng.bits() % vocab as u64) as usize)),
+                _ => (0..vocab)
+                    .filter(|_| rng.bits().is_multiple_of(3))
+                    .for_each(allow),
             }
             Some(m)
         })

@@ -107,8 +107,9 @@ pub fn sample(
     let best = (0..l.len())
         .filter(|&j| row.allowed(j))
         .fold(None, |b: Option<usize>, j| match b {
-            Some(b) if !(l[j] > l[b]) => Some(b),
-            _ => Some(j),
+            Some(b) if l[j] > l[b] => Some(j),
+            Some(b) => Some(b),
+            None => Some(j),
         })
         .unwrap_or(0);
     let n_allowed = if row.m.is_some() { n_allowed } else { l.len() };
@@ -172,7 +173,8 @@ mod tests {
                 assert_eq!(got, want, "row {r} n {n} t {t} p {p} k {k}");
                 // Masked (structured outputs): dense, sparse (fewer than top-k) and one token.
                 let mut words = vec![0u32; vocab.div_ceil(32)];
-                let hash = |j: u64| (j ^ (r << 20 | n << 40)).wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+                let hash =
+                    |j: u64| (j ^ (r << 20 | n << 40)).wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
                 for j in 0..vocab {
                     let keep = match r % 3 {
                         0 => hash(j as u64) % 2 == 0,

@@ -111,9 +111,9 @@ pub struct StepData<'a> {
 impl StepData<'_> {
     pub fn layout(&self) -> StepLayout {
         let tables: usize = self.batch.seqs.iter().map(|s| s.block_table.len()).sum();
-        let mask_words = self
-            .sampling
-            .map_or(0, |rows| rows.iter().filter_map(|r| r.mask).map(<[u32]>::len).sum());
+        let mask_words = self.sampling.map_or(0, |rows| {
+            rows.iter().filter_map(|r| r.mask).map(<[u32]>::len).sum()
+        });
         StepLayout::new(
             self.pad_rows.max(self.tokens.len()),
             self.pad_logit_rows.max(self.logit_rows.len()),
@@ -288,7 +288,11 @@ mod tests {
         assert_eq!(u32_at(&b, l.params + 8, 0), 40);
         assert_eq!(u32_at(&b, l.params + 12, 0), 2);
         assert_eq!(u32_at(&b, l.params + SAMPLE_ROW_BYTES * 3 + 12, 0), 0);
-        assert_eq!(u32_at(&b, l.params + 36, 0), 0, "unconstrained: no mask words");
+        assert_eq!(
+            u32_at(&b, l.params + 36, 0),
+            0,
+            "unconstrained: no mask words"
+        );
     }
 
     #[test]
@@ -336,7 +340,10 @@ mod tests {
         let l = d.layout();
         // The fixed regions sit where an unconstrained step of 4 rows has them (the graph's).
         let free = StepLayout::new(4, 4, 3, 0);
-        assert_eq!((l.params, l.tables, l.masks), (free.params, free.tables, free.masks));
+        assert_eq!(
+            (l.params, l.tables, l.masks),
+            (free.params, free.tables, free.masks)
+        );
         assert_eq!(l.end, l.masks + 16);
         let mut b = vec![0u8; l.end];
         d.pack(&l, &mut b);
