@@ -1,4 +1,4 @@
-// Sampling on the GPU, the twin of engine::sampler::{sample, token_logprob}: one block of 1024
+// Sampling on the GPU, the twin of engine::sampler::{sample, sample_masked, token_logprob}: one block of 1024
 // threads per logits row; only tokens and log-probs go back to the host (a few bytes per row
 // instead of vocab * 4 = 512 KB).
 //
