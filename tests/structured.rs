@@ -566,8 +566,9 @@ fn bench_mask_cost_and_throughput() {
 }
 
 /// On the CUDA backend (the emulated device: the real kernels, run on the CPU) a constrained step
-/// takes the host path: logits copied back, masked and sampled there. The same flags, valid
-/// outputs.
+/// samples on the device: the masks go up with the step and the sampling kernel applies them, so
+/// its decode steps replay the sampling decode graph (the host path, logits copied back and
+/// masked there, runs no graph). The same flags, valid outputs.
 #[test]
 fn constraints_run_on_the_emulated_cuda_device() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -580,6 +581,7 @@ fn constraints_run_on_the_emulated_cuda_device() {
         (&["--json-schema", schema.to_str().unwrap()], "schema"),
     ];
     for (flags, what) in cases {
+        let stats = dir.path().join(format!("stats-{what}.json"));
         let out = std::process::Command::new(root.join("scripts/cuda-emu"))
             .arg(env!("CARGO_BIN_EXE_herd"))
             .args([
@@ -603,6 +605,7 @@ fn constraints_run_on_the_emulated_cuda_device() {
             .args(flags)
             .env("RUST_LOG", "warn")
             .env("CUDA_EMU_QUIET", "1")
+            .env("CUDA_EMU_STATS", &stats)
             .output()
             .expect("scripts/cuda-emu runs");
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -611,6 +614,14 @@ fn constraints_run_on_the_emulated_cuda_device() {
             serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{what}: {e}: {stderr}"));
         let text = rec["text"].as_str().unwrap();
         assert_eq!(rec["finish_reason"], "stop", "{what}: {rec}");
+        let calls: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+        // The regex's eight characters are eight one-token decode steps (the choice and this
+        // schema are mostly grammar-forced: a few multi-token steps, too few for a graph; the
+        // first step of a shape runs eagerly, the second is captured).
+        if what == "regex" {
+            let graphs = calls["calls"]["cuGraphLaunch"].as_u64().unwrap_or(0);
+            assert!(graphs > 0, "{what}: no decode graph ran: {calls}");
+        }
         match what {
             "regex" => assert!(full_match("[0-9]{4}-[A-Z]{2}", text), "{text}"),
             "choice" => assert!(["north", "south"].contains(&text), "{text}"),
@@ -625,6 +636,73 @@ fn constraints_run_on_the_emulated_cuda_device() {
             }
         }
     }
+}
+
+/// The driver calls of a constrained `herd generate` of `tokens` tokens on the emulated device.
+fn constrained_calls(dir: &std::path::Path, tokens: usize) -> Value {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let stats = dir.join(format!("stats-{tokens}.json"));
+    let out = std::process::Command::new(root.join("scripts/cuda-emu"))
+        .arg(env!("CARGO_BIN_EXE_herd"))
+        .args([
+            "generate",
+            "--model",
+            "random:tiny",
+            "--device",
+            "cuda",
+            "--kv-cache-gb",
+            "0.05",
+            "--prompt",
+            "Hi",
+            "--temperature",
+            "1",
+            "--seed",
+            "5",
+            "--regex",
+            "[0-9]{200}",
+            "--max-tokens",
+            &tokens.to_string(),
+            "--json",
+        ])
+        .env("RUST_LOG", "warn")
+        .env("CUDA_EMU_QUIET", "1")
+        .env("CUDA_EMU_STATS", &stats)
+        .output()
+        .expect("scripts/cuda-emu runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let rec: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert_eq!(rec["finish_reason"], "length", "{rec}");
+    assert_eq!(rec["usage"]["completion_tokens"], tokens, "{rec}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    v["calls"].clone()
+}
+
+/// A constrained decode step on the device is what an unconstrained one is: one graph replay,
+/// one upload (the masks ride it), one download (tokens, not logits), nothing launched loose.
+/// Counted as the difference between a 40-token and a 16-token run of a regex with no forced
+/// token (every step is one decode step).
+#[test]
+fn a_constrained_decode_step_is_one_graph_launch_one_upload_one_download() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = constrained_calls(dir.path(), 16);
+    let long = constrained_calls(dir.path(), 40);
+    let per =
+        |n: &str| long[n].as_u64().unwrap_or(0) as i64 - short[n].as_u64().unwrap_or(0) as i64;
+    let report = format!("16 tokens: {short}\n40 tokens: {long}");
+    assert_eq!(per("cuGraphLaunch"), 24, "{report}");
+    assert_eq!(per("cuLaunchKernel"), 0, "{report}");
+    assert_eq!(
+        per("cuMemcpyHtoDAsync_v2") + per("cuMemcpyHtoD_v2"),
+        24,
+        "{report}"
+    );
+    assert_eq!(
+        per("cuMemcpyDtoHAsync_v2") + per("cuMemcpyDtoH_v2"),
+        24,
+        "{report}"
+    );
 }
 
 #[test]

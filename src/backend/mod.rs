@@ -81,7 +81,7 @@ impl AttnBatch {
 /// Sampling parameters of one logits row, for backends that sample where the logits are
 /// (see [`Backend::sample`]). Same meaning as the engine's `SamplingParams`.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RowSampling {
+pub struct RowSampling<'a> {
     /// 0 = greedy.
     pub temperature: f32,
     pub top_p: f32,
@@ -93,6 +93,9 @@ pub struct RowSampling {
     pub n: u64,
     /// How many most-likely alternatives to report with their log-probs.
     pub top_logprobs: usize,
+    /// Structured outputs: the allowed tokens, one bit per id (bit `j % 32` of word `j / 32`);
+    /// the others are excluded as `engine::sampler::sample_masked` excludes them. `None`: all.
+    pub mask: Option<&'a [u32]>,
 }
 
 /// A sampled token with its log-prob under the raw (temperature 1) distribution.
@@ -212,6 +215,11 @@ pub trait Backend: Send {
         _rows: &[RowSampling],
     ) -> Option<Result<Vec<Sampled>, BackendError>> {
         None
+    }
+    /// Whether `sample` samples on the device (then a structured output's masks go with the
+    /// step instead of being applied on the host).
+    fn samples_on_device(&self) -> bool {
+        false
     }
     /// Report a failure of asynchronous device work since the last check (kernel launches
     /// cannot return errors through the infallible methods above).

@@ -591,13 +591,34 @@ impl Engine {
                 RowUse::PromptLogprob { .. } => None,
             })
             .collect();
-        let (logits, sampled, masks) = std::thread::scope(|scope| {
-            let masking =
-                (!matchers.is_empty()).then(|| scope.spawn(|| compute_masks(&mut matchers)));
-            let fwd = self.forward_step(&input, &uses, masking.is_some());
-            let masks = masking.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
-            fwd.map(|(l, s)| (l, s, masks))
-        })?;
+        // A device that samples takes the masks with the step (they go up in its one upload and
+        // are applied in its sampling kernel): computed first, then. A mask in error or empty
+        // goes the host way below, which stops its request.
+        let on_device = !matchers.is_empty()
+            && uses.iter().all(|u| matches!(u, RowUse::Sample { .. }))
+            && self.model.samples_on_device();
+        let (logits, sampled, masks) = if on_device {
+            let masks = compute_masks(&mut matchers);
+            let mut words: Vec<Option<&[u32]>> = vec![None; uses.len()];
+            let usable = masks.0.iter().zip(&matchers).all(|(m, (r, _, _))| match m {
+                Ok(m) if !m.is_empty() => {
+                    words[*r] = Some(m.words());
+                    true
+                }
+                _ => false,
+            });
+            let fwd = self.forward_step(&input, &uses, true, usable.then_some(&words[..]))?;
+            (fwd.0, fwd.1, Some(masks))
+        } else {
+            std::thread::scope(|scope| {
+                let masking =
+                    (!matchers.is_empty()).then(|| scope.spawn(|| compute_masks(&mut matchers)));
+                let fwd = self.forward_step(&input, &uses, masking.is_some(), None);
+                let masks =
+                    masking.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+                fwd.map(|(l, s)| (l, s, masks))
+            })?
+        };
         let mut row_masks: Vec<Option<Result<Mask, String>>> = vec![None; uses.len()];
         if let Some((masks, secs)) = masks {
             self.stats.masks += masks.len() as u64;
@@ -628,6 +649,7 @@ impl Engine {
                     if let Some(ev) = self.accept_sampled(seq, smp) {
                         events.extend(ev);
                     }
+                    events.extend(self.accept_forced(seq));
                 }
             }
             return Ok(events);
@@ -708,22 +730,25 @@ impl Engine {
         Ok(events)
     }
 
-    /// The step's forward: through forward_sample when every row samples and none is constrained
-    /// (a GPU backend samples where the logits are; the CPU backend hands the logits back), else
-    /// host logits for the host sampler (constrained rows are masked there, on the CPU).
+    /// The step's forward: through forward_sample when every row samples and none is constrained,
+    /// or the constrained rows' masks are given (`masks`, one per row: a GPU backend samples where
+    /// the logits are; the CPU backend hands the logits back), else host logits for the host
+    /// sampler (constrained rows are masked there, on the CPU).
     fn forward_step(
         &mut self,
         input: &StepInput,
         uses: &[RowUse],
         constrained: bool,
+        masks: Option<&[Option<&[u32]>]>,
     ) -> Result<(Vec<f32>, Option<Vec<Sampled>>), ModelError> {
         let t0 = Instant::now();
         let only_samples = uses.iter().all(|u| matches!(u, RowUse::Sample { .. }));
         let mut sampled = None;
-        let logits = if only_samples && !constrained {
+        let logits = if only_samples && (!constrained || masks.is_some()) {
             let rows: Vec<RowSampling> = uses
                 .iter()
-                .filter_map(|u| match u {
+                .enumerate()
+                .filter_map(|(r, u)| match u {
                     RowUse::Sample { seq } => self.seqs.get(seq).map(|s| RowSampling {
                         temperature: s.params.temperature,
                         top_p: s.params.top_p,
@@ -731,6 +756,7 @@ impl Engine {
                         seed: s.seed,
                         n: s.generated.len() as u64,
                         top_logprobs: s.params.logprobs.unwrap_or(0),
+                        mask: masks.and_then(|m| m[r]),
                     }),
                     RowUse::PromptLogprob { .. } => None,
                 })

@@ -221,6 +221,10 @@ impl<B: Backend> ModelRunner for Llama<B> {
         self.backend.check().map_err(backend_err)?;
         Ok(out)
     }
+
+    fn samples_on_device(&self) -> bool {
+        self.backend.samples_on_device()
+    }
 }
 
 impl<B: Backend> Llama<B> {

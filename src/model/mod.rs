@@ -65,6 +65,11 @@ pub trait ModelRunner: Send {
         let _ = rows;
         Ok(StepOutput::Logits(self.forward(step)?))
     }
+    /// Whether `forward_sample` samples on the device, masks included (`RowSampling::mask`):
+    /// the engine then computes a step's masks before its forward instead of during it.
+    fn samples_on_device(&self) -> bool {
+        false
+    }
 }
 
 /// What [`ModelRunner::forward_sample`] gives back.

@@ -38,8 +38,51 @@ pub fn sampling_checks(gpu: &CudaBackend) -> Vec<Check> {
     let tied: Vec<f32> = (0..rows * vocab)
         .map(|_| (rng.f() * 13.0).floor() * 0.5)
         .collect();
-    let mut checks = sampling_checks_on(gpu, &continuous, rows, vocab, "");
-    checks.extend(sampling_checks_on(gpu, &tied, rows, vocab, ", tied logits"));
+    let none = vec![None; rows];
+    let mut checks = sampling_checks_on(gpu, &continuous, rows, vocab, &none, "");
+    checks.extend(sampling_checks_on(
+        gpu,
+        &tied,
+        rows,
+        vocab,
+        &none,
+        ", tied logits",
+    ));
+    // Structured outputs' masks (sampler::sample_masked): rows with a random mask (dense, or a
+    // few dozen tokens: fewer than top-k), one allowed token, and unmasked rows among them.
+    let words = vocab.div_ceil(32);
+    let masks: Vec<Option<Vec<u32>>> = (0..rows)
+        .map(|i| {
+            let mut m = vec![0u32; words];
+            let mut allow = |j: usize| m[j / 32] |= 1 << (j % 32);
+            match i % 8 {
+                0 => return None,
+                1 => allow((rng.bits() % vocab as u64) as usize),
+                2 | 3 => (0..30).for_each(|_| allow((rng.bits() % vocab as u64) as usize)),
+                _ => (0..vocab)
+                    .filter(|_| rng.bits().is_multiple_of(3))
+                    .for_each(allow),
+            }
+            Some(m)
+        })
+        .collect();
+    let masks: Vec<Option<&[u32]>> = masks.iter().map(|m| m.as_deref()).collect();
+    checks.extend(sampling_checks_on(
+        gpu,
+        &continuous,
+        rows,
+        vocab,
+        &masks,
+        ", masked rows",
+    ));
+    checks.extend(sampling_checks_on(
+        gpu,
+        &tied,
+        rows,
+        vocab,
+        &masks,
+        ", masked rows, tied logits",
+    ));
     checks
 }
 
@@ -48,6 +91,7 @@ fn sampling_checks_on(
     logits: &[f32],
     rows: usize,
     vocab: usize,
+    masks: &[Option<&[u32]>],
     what: &str,
 ) -> Vec<Check> {
     let params: Vec<RowSampling> = (0..rows)
@@ -67,10 +111,16 @@ fn sampling_checks_on(
                 seed: 1000 + i as u64,
                 n: i as u64 * 3,
                 top_logprobs: 5,
+                mask: masks[i],
             }
         })
         .collect();
     let lg = gpu.act_from_host(rows, vocab, logits);
+    // End the previous check's step: its staged parameters (a step of the same shape) would
+    // otherwise be sampled with again.
+    if let Err(e) = gpu.check() {
+        return vec![fail(&format!("sample_rows{what}"), e.to_string())];
+    }
     let got = match gpu.sample(&lg, &params) {
         Some(Ok(g)) => g,
         other => {
@@ -94,7 +144,16 @@ fn sampling_checks_on(
             top_k: p.top_k,
             ..Default::default()
         };
-        let tok = sampler::sample(row, &sp, p.seed, p.n);
+        let tok = match p.mask {
+            Some(m) => {
+                let allowed: Vec<u32> = (0..vocab as u32)
+                    .filter(|&j| m[j as usize / 32] >> (j % 32) & 1 == 1)
+                    .collect();
+                sampler::sample_masked(row, &allowed, &sp, p.seed, p.n)
+            }
+            None => sampler::sample(row, &sp, p.seed, p.n),
+        };
+        // Log-probs of the raw distribution, mask or not (the engine's contract).
         let lp = sampler::token_logprob(row, tok, p.top_logprobs);
         if tok != g.token || lp.top.iter().map(|t| t.0).ne(g.top.iter().map(|t| t.0)) {
             mismatches += 1;

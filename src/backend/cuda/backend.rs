@@ -1753,6 +1753,10 @@ impl Backend for CudaBackend {
         Some(self.sample_rows(logits, rows))
     }
 
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
     /// The first failure of this step, if any. Kernel faults are asynchronous and sticky: the
     /// stream is synchronized here so that a fault in this step's kernels is reported with this
     /// step (naming the kernels it can be in), not at some later, unrelated call.
@@ -1816,7 +1820,7 @@ impl CudaBackend {
             };
             self.stage(&d, top_slots(rows))?;
         }
-        let (params, top, out_ptr) = {
+        let (params, stage, top, out_ptr) = {
             let s = self.staged.borrow();
             let Some(s) = s.as_ref() else {
                 return Err(be("no staged step"));
@@ -1825,7 +1829,7 @@ impl CudaBackend {
             let Some(dev) = st.down_dev.as_ref() else {
                 return Err(be("the sampled-token buffer is missing"));
             };
-            (s.at(s.layout.params), s.top, dev.ptr)
+            (s.at(s.layout.params), s.base, s.top, dev.ptr)
         };
         let out = OutLayout {
             rows: n_logits,
@@ -1843,7 +1847,7 @@ impl CudaBackend {
             out_ptr + out.top_lp() as u64,
         );
         launch!(self, &self.f.sample, "sample_rows", cfg((n_logits as u32, 1, 1), 1024);
-            &lb.ptr, &vocab, &params, &mt, &tok, &lp, &tid, &tlp);
+            &lb.ptr, &vocab, &params, &stage, &mt, &tok, &lp, &tid, &tlp);
         if let Some(key) = self.capturing.get() {
             self.finish_capture(key, None)?;
         }

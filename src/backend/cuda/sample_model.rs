@@ -16,6 +16,8 @@ fn fkey(f: f32) -> u32 {
 
 struct Row<'a> {
     l: &'a [f32],
+    /// The row's mask (bit j of word j / 32); `None`: every token allowed.
+    m: Option<&'a [u32]>,
     mx: f32,
     inv_t: f64,
     cut_key: u32,
@@ -26,7 +28,14 @@ impl Row<'_> {
     fn p(&self, j: usize) -> f64 {
         ((self.l[j] as f64 - self.mx as f64) * self.inv_t).exp()
     }
+    fn allowed(&self, j: usize) -> bool {
+        self.m
+            .is_none_or(|m| m.get(j / 32).is_some_and(|w| w >> (j % 32) & 1 == 1))
+    }
     fn cand(&self, j: usize) -> bool {
+        if !self.allowed(j) {
+            return false;
+        }
         let k = fkey(self.l[j]);
         k > self.cut_key || (k == self.cut_key && j <= self.cut_id)
     }
@@ -55,7 +64,7 @@ impl Row<'_> {
         };
         let mut last = None;
         for j in 0..self.l.len() {
-            if fkey(self.l[j]) != key {
+            if !self.allowed(j) || fkey(self.l[j]) != key {
                 continue;
             }
             if key == self.cut_key && j > self.cut_id {
@@ -72,21 +81,43 @@ impl Row<'_> {
     }
 }
 
-/// The kernel's choice for one row.
-pub fn sample(l: &[f32], temperature: f32, top_p: f32, top_k: usize, u: f64) -> u32 {
-    let best = crate::engine::sampler::argmax(l) as usize;
-    if temperature == 0.0 || top_k == 1 {
-        return best as u32;
-    }
-    let mx = l[best];
+/// The kernel's choice for one row; `m`: the row's mask (structured outputs).
+pub fn sample(
+    l: &[f32],
+    m: Option<&[u32]>,
+    temperature: f32,
+    top_p: f32,
+    top_k: usize,
+    u: f64,
+) -> u32 {
     let mut row = Row {
         l,
-        mx,
+        m,
+        mx: 0.0,
         inv_t: 0.0,
         cut_key: 0,
         cut_id: l.len() - 1,
     };
-    if top_k > 0 && top_k < l.len() {
+    // The best allowed token (ties: lowest id) and how many are allowed; none allowed: the
+    // unmasked argmax, as the host does.
+    let n_allowed = (0..l.len()).filter(|&j| row.allowed(j)).count();
+    if n_allowed == 0 {
+        row.m = None;
+    }
+    let best = (0..l.len())
+        .filter(|&j| row.allowed(j))
+        .fold(None, |b: Option<usize>, j| match b {
+            Some(b) if l[j] > l[b] => Some(j),
+            Some(b) => Some(b),
+            None => Some(j),
+        })
+        .unwrap_or(0);
+    let n_allowed = if row.m.is_some() { n_allowed } else { l.len() };
+    if temperature == 0.0 || top_k == 1 || n_allowed == 1 {
+        return best as u32;
+    }
+    row.mx = l[best];
+    if top_k > 0 && top_k < n_allowed {
         let (k, i) = row.walk_to(top_k as f64 - 0.5);
         row.cut_key = k;
         row.cut_id = i;
@@ -115,7 +146,7 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         };
-        let vocab = 500;
+        let vocab: usize = 500;
         let mut checked = 0;
         for r in 0..300 {
             // Some rows with ties (quantized logits) to exercise the id-order walk.
@@ -138,8 +169,28 @@ mod tests {
             };
             for n in 0..5u64 {
                 let want = sampler::sample(&l, &params, r, n);
-                let got = super::sample(&l, t, p, k, sampler::uniform(r, n));
+                let got = super::sample(&l, None, t, p, k, sampler::uniform(r, n));
                 assert_eq!(got, want, "row {r} n {n} t {t} p {p} k {k}");
+                // Masked (structured outputs): dense, sparse (fewer than top-k) and one token.
+                let mut words = vec![0u32; vocab.div_ceil(32)];
+                let hash =
+                    |j: u64| (j ^ (r << 20 | n << 40)).wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+                for j in 0..vocab {
+                    let keep = match r % 3 {
+                        0 => hash(j as u64) % 2 == 0,
+                        1 => hash(j as u64) % 40 == 0,
+                        _ => j == (r as usize * 7) % vocab,
+                    };
+                    if keep {
+                        words[j / 32] |= 1 << (j % 32);
+                    }
+                }
+                let allowed: Vec<u32> = (0..vocab as u32)
+                    .filter(|&j| words[j as usize / 32] >> (j % 32) & 1 == 1)
+                    .collect();
+                let want = sampler::sample_masked(&l, &allowed, &params, r, n);
+                let got = super::sample(&l, Some(&words), t, p, k, sampler::uniform(r, n));
+                assert_eq!(got, want, "masked: row {r} n {n} t {t} p {p} k {k}");
                 checked += 1;
             }
         }

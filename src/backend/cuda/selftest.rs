@@ -29,7 +29,7 @@ pub struct Check {
 /// Deterministic non-zero random numbers in ±[0.05, 1] (splitmix64).
 pub struct Rng(pub u64);
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn bits(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
@@ -38,9 +38,9 @@ impl Rng {
     }
     /// A number in ±[0.05, 1].
     pub fn f(&mut self) -> f32 {
-        let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+        let u = (self.bits() >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
         let m = 0.05 + 0.95 * u;
-        if self.next() & 1 == 0 {
+        if self.bits() & 1 == 0 {
             m
         } else {
             -m
@@ -50,7 +50,7 @@ impl Rng {
         (0..n).map(|_| self.f()).collect()
     }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        (self.bits() % n as u64) as usize
     }
 }
 

@@ -1,5 +1,5 @@
 //! One step's host data in one buffer: tokens, positions, KV slots, block tables, row metadata,
-//! logit rows and sampling parameters are packed into a pinned buffer and sent with a single
+//! logit rows, sampling parameters and the structured-output masks are packed into a pinned buffer and sent with a single
 //! host-to-device copy; the sampled tokens and log-probs come back in a single copy the other way.
 //! The layout is pure arithmetic over the step's sizes, so that a decode graph of a given batch
 //! bucket finds every table at the same device address at every replay.
@@ -10,7 +10,7 @@ use crate::backend::{AttnBatch, RowSampling};
 const ALIGN: usize = 16;
 
 /// Bytes of one sampling row (struct SampleRow in sample.cu).
-pub const SAMPLE_ROW_BYTES: usize = 32;
+pub const SAMPLE_ROW_BYTES: usize = 40;
 
 /// Byte offsets of a step's tables inside the staging buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +27,10 @@ pub struct StepLayout {
     pub slots: usize,
     pub params: usize,
     pub tables: usize,
+    /// Allowed-token bitmasks of the constrained rows (after the tables: an unconstrained step
+    /// sends no byte more; the kernel finds each row's mask by its word offset from the buffer's
+    /// start, which a graph's replay reads from the uploaded row, not from its captured args).
+    pub masks: usize,
     /// Bytes used.
     pub end: usize,
 }
@@ -37,8 +41,9 @@ fn up(x: usize) -> usize {
 
 impl StepLayout {
     /// Fixed-size regions first (they depend only on the row counts), then the block tables
-    /// (`tables` entries, the one shared padding entry included).
-    pub fn new(rows: usize, logit_rows: usize, tables: usize) -> Self {
+    /// (`tables` entries, the one shared padding entry included), then `mask_words` u32 words of
+    /// masks.
+    pub fn new(rows: usize, logit_rows: usize, tables: usize, mask_words: usize) -> Self {
         let tokens = 0;
         let positions = up(tokens + 4 * rows);
         let row_table = up(positions + 4 * rows);
@@ -47,6 +52,7 @@ impl StepLayout {
         let slots = up(logit_idx + 4 * logit_rows);
         let params = up(slots + 8 * rows);
         let tables_at = up(params + SAMPLE_ROW_BYTES * logit_rows);
+        let masks = up(tables_at + 4 * tables);
         StepLayout {
             rows,
             logit_rows,
@@ -58,7 +64,8 @@ impl StepLayout {
             slots,
             params,
             tables: tables_at,
-            end: up(tables_at + 4 * tables),
+            masks,
+            end: up(masks + 4 * mask_words),
         }
     }
 }
@@ -95,7 +102,7 @@ pub struct StepData<'a> {
     pub tokens: &'a [u32],
     pub batch: &'a AttnBatch,
     pub logit_rows: &'a [usize],
-    pub sampling: Option<&'a [RowSampling]>,
+    pub sampling: Option<&'a [RowSampling<'a>]>,
     pub block_size: usize,
     pub pad_rows: usize,
     pub pad_logit_rows: usize,
@@ -104,10 +111,14 @@ pub struct StepData<'a> {
 impl StepData<'_> {
     pub fn layout(&self) -> StepLayout {
         let tables: usize = self.batch.seqs.iter().map(|s| s.block_table.len()).sum();
+        let mask_words = self.sampling.map_or(0, |rows| {
+            rows.iter().filter_map(|r| r.mask).map(<[u32]>::len).sum()
+        });
         StepLayout::new(
             self.pad_rows.max(self.tokens.len()),
             self.pad_logit_rows.max(self.logit_rows.len()),
             tables + 1,
+            mask_words,
         )
     }
 
@@ -154,6 +165,7 @@ impl StepData<'_> {
             put(buf, l.row_table, i, pad_table.to_le_bytes());
             put(buf, l.slots, i, (-1i64).to_le_bytes());
         }
+        let mut mask_at = l.masks;
         for i in 0..l.logit_rows {
             // Padded logit rows take the padded token rows (rows >= n) in order.
             let r = self
@@ -186,6 +198,15 @@ impl StepData<'_> {
             row[12..16].copy_from_slice(&n_top.to_le_bytes());
             row[16..24].copy_from_slice(&seed.to_le_bytes());
             row[24..32].copy_from_slice(&gen.to_le_bytes());
+            // The mask: its words after the tables, found by word offset; none = all allowed.
+            if let Some(m) = p.and_then(|p| p.mask) {
+                for (w, &word) in m.iter().enumerate() {
+                    put(buf, mask_at, w, word.to_le_bytes());
+                }
+                row[32..36].copy_from_slice(&((mask_at / 4) as u32).to_le_bytes());
+                row[36..40].copy_from_slice(&(m.len() as u32).to_le_bytes());
+                mask_at += 4 * m.len();
+            }
             put(buf, l.params, i, row);
         }
     }
@@ -226,6 +247,7 @@ mod tests {
             seed: 77,
             n: 3,
             top_logprobs: 2,
+            mask: None,
         }; 2];
         let d = StepData {
             tokens: &[11, 12],
@@ -239,7 +261,8 @@ mod tests {
         let l = d.layout();
         assert_eq!((l.rows, l.logit_rows), (4, 4));
         // The fixed regions do not depend on the tables: a graph of 4 rows always finds them.
-        assert_eq!(StepLayout::new(4, 4, 100).params, l.params);
+        assert_eq!(StepLayout::new(4, 4, 100, 0).params, l.params);
+        assert_eq!(l.end, l.masks, "no mask, no mask bytes");
         let mut b = vec![0u8; l.end];
         d.pack(&l, &mut b);
         assert_eq!(u32_at(&b, l.tokens, 1), 12);
@@ -265,5 +288,73 @@ mod tests {
         assert_eq!(u32_at(&b, l.params + 8, 0), 40);
         assert_eq!(u32_at(&b, l.params + 12, 0), 2);
         assert_eq!(u32_at(&b, l.params + SAMPLE_ROW_BYTES * 3 + 12, 0), 0);
+        assert_eq!(
+            u32_at(&b, l.params + 36, 0),
+            0,
+            "unconstrained: no mask words"
+        );
+    }
+
+    #[test]
+    fn a_constrained_row_sends_its_mask_after_the_tables() {
+        let batch = AttnBatch::new(vec![
+            SeqSpan {
+                token_start: 0,
+                n_tokens: 1,
+                context_len: 3,
+                block_table: vec![1],
+            },
+            SeqSpan {
+                token_start: 1,
+                n_tokens: 1,
+                context_len: 3,
+                block_table: vec![2],
+            },
+        ]);
+        let words = [0b1010u32, 0, 1 << 31];
+        let plain = RowSampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 1,
+            n: 0,
+            top_logprobs: 0,
+            mask: None,
+        };
+        let rows = [
+            plain,
+            RowSampling {
+                mask: Some(&words),
+                ..plain
+            },
+        ];
+        let d = StepData {
+            tokens: &[5, 6],
+            batch: &batch,
+            logit_rows: &[0, 1],
+            sampling: Some(&rows),
+            block_size: 16,
+            pad_rows: 4,
+            pad_logit_rows: 4,
+        };
+        let l = d.layout();
+        // The fixed regions sit where an unconstrained step of 4 rows has them (the graph's).
+        let free = StepLayout::new(4, 4, 3, 0);
+        assert_eq!(
+            (l.params, l.tables, l.masks),
+            (free.params, free.tables, free.masks)
+        );
+        assert_eq!(l.end, l.masks + 16);
+        let mut b = vec![0u8; l.end];
+        d.pack(&l, &mut b);
+        assert_eq!(u32_at(&b, l.params + 36, 0), 0);
+        let row1 = l.params + SAMPLE_ROW_BYTES;
+        let off = u32_at(&b, row1 + 32, 0) as usize;
+        assert_eq!(off * 4, l.masks);
+        assert_eq!(u32_at(&b, row1 + 36, 0), 3);
+        assert_eq!(
+            (0..3).map(|w| u32_at(&b, 4 * off, w)).collect::<Vec<_>>(),
+            words
+        );
     }
 }

@@ -272,6 +272,12 @@ impl Mask {
         ids
     }
 
+    /// The mask as bits, one per token id (bit `j % 32` of word `j / 32`), as a device sampler
+    /// reads it.
+    pub fn words(&self) -> &[u32] {
+        self.0.as_slice()
+    }
+
     /// No token allowed (a matcher in error; llguidance otherwise always allows one).
     pub fn is_empty(&self) -> bool {
         self.0.is_zero()

@@ -1,4 +1,4 @@
-// Sampling on the GPU, the twin of engine::sampler::{sample, token_logprob}: one block of 1024
+// Sampling on the GPU, the twin of engine::sampler::{sample, sample_masked, token_logprob}: one block of 1024
 // threads per logits row; only tokens and log-probs go back to the host (a few bytes per row
 // instead of vocab * 4 = 512 KB).
 //
@@ -22,7 +22,19 @@ struct SampleRow {
     unsigned int n_top;   // top log-probs wanted (<= max_top)
     u64 seed;
     u64 n;                // tokens this request generated so far
+    // Structured outputs: the allowed-token bitmask (bit j of word j/32 = token j) at word
+    // `mask_off` of the staging buffer, `mask_words` words; mask_words 0 = every token allowed.
+    unsigned int mask_off;
+    unsigned int mask_words;
 };
+
+// The row's mask (nullptr: all allowed). A disallowed token is no candidate at all, as if its
+// logit were -inf: it weighs nothing and ranks last (engine::sampler::sample_masked).
+__device__ __forceinline__ bool allowed(const unsigned int* m, unsigned int mw, int j) {
+    if (m == nullptr) return true;
+    unsigned int w = (unsigned int)j >> 5;
+    return w < mw && ((m[w] >> (j & 31)) & 1u);
+}
 
 __device__ __forceinline__ u64 mix64(u64 z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -87,10 +99,12 @@ __device__ int block_reduce_int(int v, bool want_max) {
 }
 
 // Candidate mass sum_{key(l) > t} p(l) (strict) over the row, with p = exp((l - max) / T).
-__device__ double mass_above(const float* lr, int vocab, unsigned int t, float mx, double inv_t,
-                             unsigned int cut_key, int cut_id) {
+__device__ double mass_above(const float* lr, const unsigned int* m, unsigned int mw, int vocab,
+                             unsigned int t, float mx, double inv_t, unsigned int cut_key,
+                             int cut_id) {
     double s = 0.0;
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        if (!allowed(m, mw, j)) continue;
         unsigned int kj = fkey(lr[j]);
         bool cand = kj > cut_key || (kj == cut_key && j <= cut_id);
         if (cand && kj > t) s += exp(((double)lr[j] - (double)mx) * inv_t);
@@ -101,19 +115,19 @@ __device__ double mass_above(const float* lr, int vocab, unsigned int t, float m
 // The token at which the cumulative mass (in rank order, among candidates) first reaches
 // `target`: returns (its key, its id) and the mass ranked before it in *before.
 // Candidates: rank <= (cut_key, cut_id), i.e. key > cut_key, or key == cut_key and id <= cut_id.
-__device__ void walk_to(const float* lr, int vocab, float mx, double inv_t, unsigned int cut_key,
+__device__ void walk_to(const float* lr, const unsigned int* m, unsigned int mw, int vocab, float mx, double inv_t, unsigned int cut_key,
                         int cut_id, double target, unsigned int* out_key, int* out_id,
                         double* before) {
     // Largest key K with mass(key >= K) > target, by bisection over [cut_key, 0xffffffff].
     unsigned long long lo = cut_key, hi = 0xffffffffull;  // answer key in [lo, hi]
     while (lo < hi) {
         unsigned long long mid = (lo + hi + 1) >> 1;
-        double m = mass_above(lr, vocab, (unsigned int)(mid - 1), mx, inv_t, cut_key, cut_id);
+        double mm = mass_above(lr, m, mw, vocab, (unsigned int)(mid - 1), mx, inv_t, cut_key, cut_id);
         // mass(key >= mid) > target  => the answer's key is >= mid
-        if (m > target) lo = mid; else hi = mid - 1;
+        if (mm > target) lo = mid; else hi = mid - 1;
     }
     unsigned int key = (unsigned int)lo;
-    double above = (key == 0xffffffffu) ? 0.0 : mass_above(lr, vocab, key, mx, inv_t, cut_key, cut_id);
+    double above = (key == 0xffffffffu) ? 0.0 : mass_above(lr, m, mw, vocab, key, mx, inv_t, cut_key, cut_id);
     // Among the candidates tied at `key`, walk in id order, block-parallel: each thread sums the
     // ties of its own run of ids, a scan orders the runs, and the one thread whose run holds the
     // target walks it (no thread passes over the whole vocabulary).
@@ -122,15 +136,15 @@ __device__ void walk_to(const float* lr, int vocab, float mx, double inv_t, unsi
     __shared__ double s_before;
     int chunk = (vocab + (int)blockDim.x - 1) / (int)blockDim.x;
     int j0 = (int)threadIdx.x * chunk, j1 = min(vocab, j0 + chunk);
-    double m = 0.0;
+    double ms = 0.0;
     int last = -1;
     for (int j = j0; j < j1; j++) {
-        if (fkey(lr[j]) != key || (key == cut_key && j > cut_id)) continue;
-        m += exp(((double)lr[j] - (double)mx) * inv_t);
+        if (!allowed(m, mw, j) || fkey(lr[j]) != key || (key == cut_key && j > cut_id)) continue;
+        ms += exp(((double)lr[j] - (double)mx) * inv_t);
         last = j;
     }
     // Inclusive scan of the runs' masses in thread (= id) order.
-    s_scan[threadIdx.x] = m;
+    s_scan[threadIdx.x] = ms;
     __syncthreads();
     for (int o = 1; o < (int)blockDim.x; o <<= 1) {
         double add = (int)threadIdx.x >= o ? s_scan[threadIdx.x - o] : 0.0;
@@ -138,11 +152,11 @@ __device__ void walk_to(const float* lr, int vocab, float mx, double inv_t, unsi
         s_scan[threadIdx.x] += add;
         __syncthreads();
     }
-    double start = above + (s_scan[threadIdx.x] - m);
+    double start = above + (s_scan[threadIdx.x] - ms);
     double total = s_scan[blockDim.x - 1];
     // The first run whose end passes the target; when none does (rounding: the target at the
     // very end of the mass), the last tied id with everything before it.
-    int who = block_reduce_int((m > 0.0 && target < start + m) ? (int)threadIdx.x : (int)blockDim.x, false);
+    int who = block_reduce_int((ms > 0.0 && target < start + ms) ? (int)threadIdx.x : (int)blockDim.x, false);
     int last_all = block_reduce_int(last, true);
     if (threadIdx.x == 0) {
         s_id = last_all;
@@ -152,7 +166,7 @@ __device__ void walk_to(const float* lr, int vocab, float mx, double inv_t, unsi
     if ((int)threadIdx.x == who) {
         double cum = start;
         for (int j = j0; j < j1; j++) {
-            if (fkey(lr[j]) != key || (key == cut_key && j > cut_id)) continue;
+            if (!allowed(m, mw, j) || fkey(lr[j]) != key || (key == cut_key && j > cut_id)) continue;
             double pj = exp(((double)lr[j] - (double)mx) * inv_t);
             if (target < cum + pj) { s_id = j; s_before = cum; break; }
             cum += pj;
@@ -166,7 +180,7 @@ __device__ void walk_to(const float* lr, int vocab, float mx, double inv_t, unsi
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample_rows(const float* __restrict__ logits, int vocab, const SampleRow* __restrict__ params,
-            int max_top, unsigned int* __restrict__ out_token, float* __restrict__ out_logprob,
+            const unsigned int* __restrict__ stage, int max_top, unsigned int* __restrict__ out_token, float* __restrict__ out_logprob,
             unsigned int* __restrict__ out_top_id, float* __restrict__ out_top_lp) {
     int row = blockIdx.x;
     const float* lr = logits + (u64)row * vocab;
@@ -176,13 +190,30 @@ sample_rows(const float* __restrict__ logits, int vocab, const SampleRow* __rest
     int bi = -1;
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) better(bv, bi, lr[j], j);
     block_best(bv, bi);
-    float mx = bv;
     double se = 0.0;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) se += exp((double)lr[j] - (double)mx);
-    double norm = (double)mx + log(block_sum_d(se));
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) se += exp((double)lr[j] - (double)bv);
+    // Log-probs are those of the raw distribution, mask or not (as on the host).
+    double norm = (double)bv + log(block_sum_d(se));
 
+    // The mask: candidates, their count and their best (the sampling's maximum).
+    const unsigned int* m = p.mask_words ? stage + p.mask_off : nullptr;
+    unsigned int mw = p.mask_words;
+    int n_allowed = vocab;
+    float mx = bv;
     int tok = bi;
-    if (!(p.temperature == 0.f || p.top_k == 1)) {
+    if (m != nullptr) {
+        double cnt = 0.0;
+        float av = -INFINITY;
+        int ai = -1;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x)
+            if (allowed(m, mw, j)) { cnt += 1.0; better(av, ai, lr[j], j); }
+        n_allowed = (int)block_sum_d(cnt);
+        block_best(av, ai);
+        if (n_allowed == 0) m = nullptr;  // the host's rule: the unmasked argmax
+        else { mx = av; tok = ai; }
+    }
+    // One allowed token is taken without sampling (grammar-forced).
+    if (!(p.temperature == 0.f || p.top_k == 1 || n_allowed == 1)) {
         double inv_t = 1.0 / (double)p.temperature;
         // Top-k: the k-th ranked token is the cut (everything ranked at or above it stays).
         unsigned int cut_key = 0;
@@ -191,25 +222,25 @@ sample_rows(const float* __restrict__ logits, int vocab, const SampleRow* __rest
         unsigned int k_key;
         int k_id;
         double before;
-        if (p.top_k > 0 && p.top_k < (unsigned int)vocab) {
+        if (p.top_k > 0 && p.top_k < (unsigned int)n_allowed) {
             // Walking with unit mass per token: reuse walk_to with inv_t = 0 (every p = 1).
-            walk_to(lr, vocab, mx, 0.0, 0, vocab - 1, (double)p.top_k - 0.5, &k_key, &k_id, &before);
+            walk_to(lr, m, mw, vocab, mx, 0.0, 0, vocab - 1, (double)p.top_k - 0.5, &k_key, &k_id, &before);
             cut_key = k_key;
             cut_id = k_id;
         }
-        total = mass_above(lr, vocab, 0, mx, inv_t, cut_key, cut_id);
+        total = mass_above(lr, m, mw, vocab, 0, mx, inv_t, cut_key, cut_id);
         if (p.top_p < 1.f) {
             // Smallest prefix whose mass reaches top_p * total.
-            walk_to(lr, vocab, mx, inv_t, cut_key, cut_id, (double)p.top_p * total, &k_key, &k_id, &before);
+            walk_to(lr, m, mw, vocab, mx, inv_t, cut_key, cut_id, (double)p.top_p * total, &k_key, &k_id, &before);
             // walk_to finds the token whose inclusion reaches the target: it is the last kept.
             cut_key = k_key;
             cut_id = k_id;
-            total = mass_above(lr, vocab, 0, mx, inv_t, cut_key, cut_id);
+            total = mass_above(lr, m, mw, vocab, 0, mx, inv_t, cut_key, cut_id);
         }
         double target = uniform01(p.seed, p.n) * total;
         unsigned int t_key;
         int t_id;
-        walk_to(lr, vocab, mx, inv_t, cut_key, cut_id, target, &t_key, &t_id, &before);
+        walk_to(lr, m, mw, vocab, mx, inv_t, cut_key, cut_id, target, &t_key, &t_id, &before);
         tok = t_id;
     }
     if (threadIdx.x == 0) {
