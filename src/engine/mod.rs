@@ -544,39 +544,7 @@ impl Engine {
             }
             return Ok(Vec::new());
         }
-        let mut input = StepInput {
-            kv_copies,
-            ..StepInput::default()
-        };
-        let mut uses = Vec::new();
-        for &(id, n) in &plan {
-            let seq = &self.seqs[&id];
-            let start = input.tokens.len();
-            for j in 0..n {
-                let pos = seq.computed + j;
-                input.tokens.push(seq.token_at(pos));
-                if seq.wants_prompt_logprobs()
-                    && pos + 1 < seq.prompt.len()
-                    && pos + 1 >= seq.prompt_logprobs.len()
-                {
-                    input.logit_rows.push(start + j);
-                    uses.push(RowUse::PromptLogprob {
-                        seq: id,
-                        index: pos + 1,
-                    });
-                }
-            }
-            if seq.computed + n == seq.total_len() {
-                input.logit_rows.push(start + n - 1);
-                uses.push(RowUse::Sample { seq: id });
-            }
-            input.seqs.push(SeqSpan {
-                token_start: start,
-                n_tokens: n,
-                context_len: seq.computed + n,
-                block_table: seq.block_table.clone(),
-            });
-        }
+        let (input, uses) = self.step_input(&plan, kv_copies);
         // Structured outputs: each constrained row's mask depends only on tokens already chosen,
         // so the masks are computed on another thread while the forward runs.
         let mut matchers: Vec<(usize, u64, SeqMatcher)> = uses
@@ -654,56 +622,8 @@ impl Engine {
             }
             return Ok(events);
         }
-        // A mask that cannot be computed (a grammar past its limits) stops that request.
-        for (r, m) in row_masks.iter_mut().enumerate() {
-            let why = match m {
-                Some(Err(e)) => e.clone(),
-                Some(Ok(mask)) if mask.is_empty() => "no token is allowed".to_string(),
-                _ => continue,
-            };
-            *m = None;
-            if let RowUse::Sample { seq } = uses[r] {
-                tracing::warn!(
-                    request = seq,
-                    "structured output failed: {why}; the request stops (finish_reason abort)"
-                );
-                if let Some(out) = self.abort(seq) {
-                    events.push(Event::Finished(out));
-                }
-            }
-        }
-        // Host sampling of every row at once, on all cores: each pick is a pure function of its
-        // row, mask, parameters, seed and token index, so sharing out the work changes no result.
-        let mut picks: Vec<Option<(u32, Option<TokenLogprob>)>> = {
-            use rayon::prelude::*;
-            let seqs = &self.seqs;
-            uses.par_iter()
-                .enumerate()
-                .map(|(r, u)| match u {
-                    RowUse::Sample { seq } => seqs.get(seq).map(|s| {
-                        let row = &logits[r * vocab..(r + 1) * vocab];
-                        let n = s.generated.len() as u64;
-                        let tok = match &row_masks[r] {
-                            Some(Ok(mask)) => sampler::sample_masked(
-                                row,
-                                &mask.allowed(vocab),
-                                &s.params,
-                                s.seed,
-                                n,
-                            ),
-                            _ => sampler::sample(row, &s.params, s.seed, n),
-                        };
-                        // Log-probs of the raw distribution, mask or not.
-                        let lp = s
-                            .params
-                            .logprobs
-                            .map(|n| sampler::token_logprob(row, tok, n));
-                        (tok, lp)
-                    }),
-                    RowUse::PromptLogprob { .. } => None,
-                })
-                .collect()
-        };
+        events.extend(self.stop_failed_masks(&uses, &mut row_masks));
+        let mut picks = self.host_picks(&uses, &logits, &row_masks);
         for (r, u) in uses.into_iter().enumerate() {
             let row = &logits[r * vocab..(r + 1) * vocab];
             match u {
@@ -728,6 +648,107 @@ impl Engine {
             }
         }
         Ok(events)
+    }
+
+    /// The forward's input for `plan` (sequence, tokens to run) and what each logit row is for.
+    fn step_input(&self, plan: &[(u64, usize)], kv_copies: KvCopies) -> (StepInput, Vec<RowUse>) {
+        let mut input = StepInput {
+            kv_copies,
+            ..StepInput::default()
+        };
+        let mut uses = Vec::new();
+        for &(id, n) in plan {
+            let seq = &self.seqs[&id];
+            let start = input.tokens.len();
+            for j in 0..n {
+                let pos = seq.computed + j;
+                input.tokens.push(seq.token_at(pos));
+                if seq.wants_prompt_logprobs()
+                    && pos + 1 < seq.prompt.len()
+                    && pos + 1 >= seq.prompt_logprobs.len()
+                {
+                    input.logit_rows.push(start + j);
+                    uses.push(RowUse::PromptLogprob {
+                        seq: id,
+                        index: pos + 1,
+                    });
+                }
+            }
+            if seq.computed + n == seq.total_len() {
+                input.logit_rows.push(start + n - 1);
+                uses.push(RowUse::Sample { seq: id });
+            }
+            input.seqs.push(SeqSpan {
+                token_start: start,
+                n_tokens: n,
+                context_len: seq.computed + n,
+                block_table: seq.block_table.clone(),
+            });
+        }
+        (input, uses)
+    }
+
+    /// A mask that cannot be computed (a grammar past its limits) or allows nothing stops its
+    /// request; the row's mask is dropped.
+    fn stop_failed_masks(
+        &mut self,
+        uses: &[RowUse],
+        row_masks: &mut [Option<Result<Mask, String>>],
+    ) -> Vec<Event> {
+        let mut events = Vec::new();
+        for (r, m) in row_masks.iter_mut().enumerate() {
+            let why = match m {
+                Some(Err(e)) => e.clone(),
+                Some(Ok(mask)) if mask.is_empty() => "no token is allowed".to_string(),
+                _ => continue,
+            };
+            *m = None;
+            if let RowUse::Sample { seq } = uses[r] {
+                tracing::warn!(
+                    request = seq,
+                    "structured output failed: {why}; the request stops (finish_reason abort)"
+                );
+                if let Some(out) = self.abort(seq) {
+                    events.push(Event::Finished(out));
+                }
+            }
+        }
+        events
+    }
+
+    /// Host sampling of every row at once, on all cores: each pick is a pure function of its
+    /// row, mask, parameters, seed and token index, so sharing out the work changes no result.
+    fn host_picks(
+        &self,
+        uses: &[RowUse],
+        logits: &[f32],
+        row_masks: &[Option<Result<Mask, String>>],
+    ) -> Vec<Option<(u32, Option<TokenLogprob>)>> {
+        use rayon::prelude::*;
+        let vocab = self.model.config().vocab_size;
+        let seqs = &self.seqs;
+        uses.par_iter()
+            .enumerate()
+            .map(|(r, u)| match u {
+                RowUse::Sample { seq } => seqs.get(seq).map(|s| {
+                    let row = &logits[r * vocab..(r + 1) * vocab];
+                    let n = s.generated.len() as u64;
+                    let tok = match &row_masks[r] {
+                        Some(Ok(mask)) => {
+                            sampler::sample_masked(row, &mask.allowed(vocab), &s.params, s.seed, n)
+                        }
+                        _ => sampler::sample(row, &s.params, s.seed, n),
+                    };
+                    // Log-probs of the raw distribution, mask or not.
+                    let lp = s
+                        .params
+                        .logprobs
+                        .map(|n| sampler::token_logprob(row, tok, n));
+                    (tok, lp)
+                }),
+                RowUse::PromptLogprob { .. } => None,
+            })
+            .collect()
     }
 
     /// The step's forward: through forward_sample when every row samples and none is constrained,
