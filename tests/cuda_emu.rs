@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::jsonl;
+use common::{jsonl, mpi_available};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -522,19 +522,6 @@ fn the_memory_plan_refuses_a_device_too_small_and_fits_one_just_large_enough() {
 }
 
 // ---------------------------------------------------------------- NCCL across MPI ranks
-
-/// As tests/mpi.rs: a build without MPI fails these tests unless HERD_NO_MPI=1 says this
-/// machine has no MPI (then they say "skipped").
-fn mpi_available() -> bool {
-    if cfg!(feature = "mpi") {
-        return true;
-    }
-    if std::env::var("HERD_NO_MPI").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: HERD_NO_MPI=1");
-        return false;
-    }
-    panic!("needs a build with MPI: cargo test --features mpi (or HERD_NO_MPI=1)");
-}
 
 fn mpirun_emu(np: usize, args: &[&str], env: &[(&str, &str)]) -> Out {
     let np = np.to_string();

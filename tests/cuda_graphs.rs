@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::mpi_available;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -16,11 +18,8 @@ fn root() -> &'static Path {
 
 /// `herd ARGS` on the emulated device with `env`; (exit code, stdout + stderr).
 fn herd_emu(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
-    let mut c = Command::new(root().join("scripts/cuda-emu"));
-    c.arg(env!("CARGO_BIN_EXE_herd"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .env("CUDA_EMU_QUIET", "1");
+    let mut c = common::herd_on_emulated_device();
+    c.args(args);
     for (k, v) in env {
         c.env(k, v);
     }
@@ -286,17 +285,6 @@ fn a_decode_shaped_first_step_runs_eagerly_then_replays() {
             .to_string()
     };
     assert_eq!(run(&[]), run(&[("HERD_CUDA_GRAPHS", "0")]));
-}
-
-fn mpi_available() -> bool {
-    if cfg!(feature = "mpi") {
-        return true;
-    }
-    if std::env::var("HERD_NO_MPI").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: HERD_NO_MPI=1");
-        return false;
-    }
-    panic!("needs a build with MPI: cargo test --features mpi (or HERD_NO_MPI=1)");
 }
 
 /// `--tp 2` on two emulated GPUs producing `tokens` tokens: (the JSON result, the API calls of

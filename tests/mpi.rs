@@ -9,26 +9,12 @@
 
 mod common;
 
+use common::mpi_available;
+
 use std::process::Command;
 use std::time::Instant;
 
 use serde_json::Value;
-
-/// False (after saying so) when the MPI tests must be skipped; panics when they cannot run but
-/// nobody said MPI is unavailable.
-fn mpi_available() -> bool {
-    if std::env::var("HERD_NO_MPI").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: HERD_NO_MPI=1");
-        return false;
-    }
-    if !cfg!(feature = "mpi") {
-        panic!(
-            "tests/mpi.rs needs a build with MPI: run `cargo test --features mpi` (scripts/test does), \
-             or set HERD_NO_MPI=1 on a machine without an MPI library"
-        );
-    }
-    true
-}
 
 struct Out {
     code: i32,

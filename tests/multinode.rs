@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::jsonl;
+use common::{jsonl, mpi_available};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -241,21 +241,6 @@ fn a_one_rank_job_killed_mid_run_resumes_on_3_replicas() {
     assert_eq!(resumed, done, "{leader}");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), want);
     assert!(!with_suffix(&out, ".part-0").exists());
-}
-
-/// False (after saying so) when the MPI tests must be skipped: as tests/mpi.rs.
-fn mpi_available() -> bool {
-    if std::env::var("HERD_NO_MPI").is_ok_and(|v| v == "1") {
-        eprintln!("skipped: HERD_NO_MPI=1");
-        return false;
-    }
-    if !cfg!(feature = "mpi") {
-        panic!(
-            "tests/multinode.rs needs a build with MPI: run `cargo test --features mpi` (scripts/test \
-             does), or set HERD_NO_MPI=1 on a machine without an MPI library"
-        );
-    }
-    true
 }
 
 /// `herd ARGS` as `np` ranks under mpirun, with a fault injected into rank `rank` at its second

@@ -765,11 +765,9 @@ fn the_cuda_backend_on_the_emulated_device_gets_the_cache_through_the_same_block
         })
         .collect();
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cuda-emu");
     let run = |tag: &str, extra: &[&str]| {
         let out = dir.path().join(format!("{tag}.jsonl"));
-        let o = std::process::Command::new(&script)
-            .arg(env!("CARGO_BIN_EXE_herd"))
+        let o = herd_on_emulated_device()
             .args([
                 "batch",
                 "--model",
@@ -784,8 +782,6 @@ fn the_cuda_backend_on_the_emulated_device_gets_the_cache_through_the_same_block
             .arg("--output")
             .arg(&out)
             .args(extra)
-            .env("RUST_LOG", "warn")
-            .env("CUDA_EMU_QUIET", "1")
             .output()
             .expect("scripts/cuda-emu runs");
         let err = String::from_utf8_lossy(&o.stderr);

@@ -571,7 +571,6 @@ fn bench_mask_cost_and_throughput() {
 /// masked there, runs no graph). The same flags, valid outputs.
 #[test]
 fn constraints_run_on_the_emulated_cuda_device() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
     let schema = dir.path().join("s.json");
     std::fs::write(&schema, schemas()[2].to_string()).unwrap();
@@ -582,8 +581,7 @@ fn constraints_run_on_the_emulated_cuda_device() {
     ];
     for (flags, what) in cases {
         let stats = dir.path().join(format!("stats-{what}.json"));
-        let out = std::process::Command::new(root.join("scripts/cuda-emu"))
-            .arg(env!("CARGO_BIN_EXE_herd"))
+        let out = common::herd_on_emulated_device()
             .args([
                 "generate",
                 "--model",
@@ -603,8 +601,6 @@ fn constraints_run_on_the_emulated_cuda_device() {
                 "--json",
             ])
             .args(flags)
-            .env("RUST_LOG", "warn")
-            .env("CUDA_EMU_QUIET", "1")
             .env("CUDA_EMU_STATS", &stats)
             .output()
             .expect("scripts/cuda-emu runs");
@@ -640,10 +636,8 @@ fn constraints_run_on_the_emulated_cuda_device() {
 
 /// The driver calls of a constrained `herd generate` of `tokens` tokens on the emulated device.
 fn constrained_calls(dir: &std::path::Path, tokens: usize) -> Value {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let stats = dir.join(format!("stats-{tokens}.json"));
-    let out = std::process::Command::new(root.join("scripts/cuda-emu"))
-        .arg(env!("CARGO_BIN_EXE_herd"))
+    let out = common::herd_on_emulated_device()
         .args([
             "generate",
             "--model",
@@ -664,8 +658,6 @@ fn constrained_calls(dir: &std::path::Path, tokens: usize) -> Value {
             &tokens.to_string(),
             "--json",
         ])
-        .env("RUST_LOG", "warn")
-        .env("CUDA_EMU_QUIET", "1")
         .env("CUDA_EMU_STATS", &stats)
         .output()
         .expect("scripts/cuda-emu runs");

@@ -79,3 +79,30 @@ pub fn jsonl(p: &Path) -> Vec<Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
         .collect()
 }
+
+/// False (after saying so) when the MPI tests must be skipped (HERD_NO_MPI=1: this machine has
+/// no MPI); panics when they cannot run but nobody said MPI is unavailable.
+pub fn mpi_available() -> bool {
+    if std::env::var("HERD_NO_MPI").is_ok_and(|v| v == "1") {
+        eprintln!("skipped: HERD_NO_MPI=1");
+        return false;
+    }
+    if !cfg!(feature = "mpi") {
+        panic!(
+            "this test needs a build with MPI: run `cargo test --features mpi` (scripts/test does), \
+             or set HERD_NO_MPI=1 on a machine without an MPI library"
+        );
+    }
+    true
+}
+
+/// `herd` on the emulated CUDA device (scripts/cuda-emu builds it when needed), logs at warn,
+/// no emulator banner; add the arguments and environment.
+pub fn herd_on_emulated_device() -> std::process::Command {
+    let mut c =
+        std::process::Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cuda-emu"));
+    c.arg(env!("CARGO_BIN_EXE_herd"))
+        .env("RUST_LOG", "warn")
+        .env("CUDA_EMU_QUIET", "1");
+    c
+}
