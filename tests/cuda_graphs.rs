@@ -139,13 +139,15 @@ fn without_graphs_a_decode_step_launches_its_kernels_one_by_one() {
     let long = generate_calls(dir.path(), 48, &off);
     let per = |n: &str| count(&long, &[n]) - count(&short, &[n]);
     assert_eq!(count(&long, &["cuGraphLaunch"]), 0);
-    // llama30 has 2 layers. Per layer: norm, 3 GEMMs (q, k, v: no cast kernels, the norm
-    // writes their bf16 operand), RoPE + KV write, attention (partials, combine), the output
-    // GEMM, residual + norm, 2 GEMMs (gate, up), SiLU x up, the down GEMM = 13 (20 before the
-    // bf16 operands were written by the producing kernels; the residual adds ride on the output
-    // and down GEMMs). Per step: embed, row selection, final norm, the logits GEMM, sampling = 5.
+    // llama30 has 2 layers. Per layer: norm, the fused QKV GEMM (no cast kernel: the norm
+    // writes its bf16 operand), RoPE + KV write, attention (partials, combine), the output GEMM,
+    // residual + norm, the fused gate/up GEMM, SiLU x up, the down GEMM = 10 (13 with separate
+    // q, k, v and gate, up GEMMs; 20 before the bf16 operands were written by the producing
+    // kernels; the residual adds ride on the output and down GEMMs). Per step: embed, row
+    // selection, final norm, the logits GEMM, sampling = 5.
     let launches = per("cuLaunchKernel") + per("cublasLtMatmul");
-    assert_eq!(launches, 32 * (2 * 13 + 5), "{long}");
+    assert_eq!(launches, 32 * (2 * 10 + 5), "{long}");
+    assert_eq!(per("cublasLtMatmul"), 32 * (2 * 4 + 1), "{long}");
     // The arena and the staging buffer hold for eager steps too.
     assert_eq!(per("cuMemAllocAsync"), 0, "{long}");
     assert_eq!(per("cuMemcpyHtoDAsync_v2"), 32, "{long}");

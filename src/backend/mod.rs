@@ -134,13 +134,13 @@ pub trait Backend: Send {
     fn rmsnorm(&self, x: &Self::Act, w: &Self::Vector, eps: f32) -> Self::Act;
     /// `x · Wᵀ`.
     fn matmul(&self, x: &Self::Act, w: &Self::Matrix) -> Self::Act;
-    /// Rotate q and k (interleaved pairs, Meta's convention) and write k, v into the paged cache.
-    #[allow(clippy::too_many_arguments)] // a kernel launch: every input is needed
+    /// `qkv` is one GEMM's output, each row `[q (n_heads heads) | k | v (kv.shape.n_kv_heads
+    /// heads each)]`: rotate q and k in place (interleaved pairs, Meta's convention) and write
+    /// k, v into the paged cache.
     fn rope_store_kv(
         &self,
-        q: &mut Self::Act,
-        k: &mut Self::Act,
-        v: &Self::Act,
+        qkv: &mut Self::Act,
+        n_heads: usize,
         inv_freq: &[f32],
         kv: &mut Self::Kv,
         layer: usize,
@@ -150,6 +150,8 @@ pub trait Backend: Send {
     /// over positions another one computed). Stream-ordered before the kernels launched after it.
     fn copy_kv_block(&self, kv: &mut Self::Kv, src: u32, dst: u32);
     /// Causal grouped-query attention of every query row over its sequence's cached keys/values.
+    /// The query is the first `n_heads` heads of each row of `q`; a row may hold more (the
+    /// fused `[q | k | v]`). The result is `[rows, n_heads * head_dim]`.
     fn attention(
         &self,
         q: &Self::Act,
@@ -158,8 +160,9 @@ pub trait Backend: Send {
         n_heads: usize,
         batch: &AttnBatch,
     ) -> Self::Act;
-    /// `silu(gate) * up`.
-    fn silu_mul(&self, gate: &Self::Act, up: &Self::Act) -> Self::Act;
+    /// `silu(gate) * up` of a fused `[gate | up]` (each row: gate in its first half, up in the
+    /// second), `[rows, cols / 2]`.
+    fn silu_mul(&self, gate_up: &Self::Act) -> Self::Act;
     fn add_in_place(&self, x: &mut Self::Act, y: &Self::Act);
     fn select_rows(&self, x: &Self::Act, rows: &[usize]) -> Self::Act;
     /// Sum `x` over the tensor-parallel group (after row-parallel projections).

@@ -90,6 +90,38 @@ impl Tensor {
         self.shape.iter().product()
     }
 
+    /// 2-D tensors of one dtype and width stacked along their rows (`[Σ rows, cols]`): one
+    /// weight for projections that read the same input (Q, K, V; gate, up), so one GEMM runs
+    /// where there were several.
+    pub fn concat_rows(parts: &[Tensor]) -> Result<Tensor, String> {
+        let first = parts.first().ok_or("nothing to concatenate")?;
+        let cols = match first.shape.as_slice() {
+            [_, c] => *c,
+            s => return Err(format!("expected 2-D tensors, got shape {s:?}")),
+        };
+        let mut rows = 0;
+        for t in parts {
+            match t.shape.as_slice() {
+                [r, c] if *c == cols && t.dtype == first.dtype => rows += r,
+                s => {
+                    return Err(format!(
+                        "cannot stack a {:?} {s:?} tensor under a {:?} [_, {cols}] one",
+                        t.dtype, first.dtype
+                    ))
+                }
+            }
+        }
+        let mut bytes = Vec::with_capacity(parts.iter().map(|t| t.bytes.as_slice().len()).sum());
+        for t in parts {
+            bytes.extend_from_slice(t.bytes.as_slice());
+        }
+        Ok(Tensor {
+            dtype: first.dtype,
+            shape: vec![rows, cols],
+            bytes: Bytes::Owned(Arc::new(bytes)),
+        })
+    }
+
     /// Element `i` widened to f32.
     #[inline]
     pub fn get_f32(&self, i: usize) -> f32 {

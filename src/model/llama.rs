@@ -6,18 +6,17 @@ use super::config::LlamaConfig;
 use super::shard::ShardPlan;
 use super::{ModelError, ModelRunner, StepInput, StepOutput};
 use crate::backend::{AttnBatch, Backend, KvShape, Replayed, RowSampling};
-use crate::checkpoint::{Slice, TensorSource};
+use crate::checkpoint::{Slice, Tensor, TensorSource};
 
 struct Layer<B: Backend> {
     attention_norm: B::Vector,
-    wq: B::Matrix,
-    wk: B::Matrix,
-    wv: B::Matrix,
+    /// This rank's rows of wq, wk and wv stacked: one GEMM gives `[q | k | v]` per token.
+    wqkv: B::Matrix,
     wo: B::Matrix,
     ffn_norm: B::Vector,
-    w1: B::Matrix,
+    /// This rank's rows of w1 (gate) and w3 (up) stacked: one GEMM gives `[gate | up]`.
+    w13: B::Matrix,
     w2: B::Matrix,
-    w3: B::Matrix,
 }
 
 /// One rank's shard of a Llama model plus its KV cache.
@@ -91,6 +90,23 @@ impl<B: Backend> Llama<B> {
                 .load_matrix(&t)
                 .map_err(|e| ModelError::Backend(format!("{name}: {e}")))
         };
+        // Projections of the same input, loaded as one weight (their rows stacked in order).
+        let stacked = |parts: &[(String, Slice)]| -> Result<B::Matrix, ModelError> {
+            let names = parts
+                .iter()
+                .map(|p| p.0.as_str())
+                .collect::<Vec<_>>()
+                .join(" + ");
+            let tensors = parts
+                .iter()
+                .map(|(name, slice)| src.load(name, Some(*slice)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let t = Tensor::concat_rows(&tensors)
+                .map_err(|e| ModelError::Backend(format!("{names}: {e}")))?;
+            backend
+                .load_matrix(&t)
+                .map_err(|e| ModelError::Backend(format!("{names}: {e}")))
+        };
         let vector = |name: &str| -> Result<B::Vector, ModelError> {
             let t = src.load(name, None)?;
             backend
@@ -102,14 +118,18 @@ impl<B: Backend> Llama<B> {
             let p = |s: &str| format!("layers.{l}.{s}");
             layers.push(Layer {
                 attention_norm: vector(&p("attention_norm.weight"))?,
-                wq: matrix(&p("attention.wq.weight"), Some(shard.wq(cfg)))?,
-                wk: matrix(&p("attention.wk.weight"), Some(shard.wkv(cfg)))?,
-                wv: matrix(&p("attention.wv.weight"), Some(shard.wkv(cfg)))?,
+                wqkv: stacked(&[
+                    (p("attention.wq.weight"), shard.wq(cfg)),
+                    (p("attention.wk.weight"), shard.wkv(cfg)),
+                    (p("attention.wv.weight"), shard.wkv(cfg)),
+                ])?,
                 wo: matrix(&p("attention.wo.weight"), Some(shard.wo(cfg)))?,
                 ffn_norm: vector(&p("ffn_norm.weight"))?,
-                w1: matrix(&p("feed_forward.w1.weight"), Some(shard.w13(cfg)))?,
+                w13: stacked(&[
+                    (p("feed_forward.w1.weight"), shard.w13(cfg)),
+                    (p("feed_forward.w3.weight"), shard.w13(cfg)),
+                ])?,
                 w2: matrix(&p("feed_forward.w2.weight"), Some(shard.w2(cfg)))?,
-                w3: matrix(&p("feed_forward.w3.weight"), Some(shard.w13(cfg)))?,
             });
         }
         let output_name = if cfg.tie_embeddings {
@@ -281,11 +301,9 @@ impl<B: Backend> Llama<B> {
                 Some(d) => b.add_rmsnorm(&mut x, &d, &layer.attention_norm, cfg.norm_eps),
                 None => b.rmsnorm(&x, &layer.attention_norm, cfg.norm_eps),
             };
-            let mut q = b.matmul(&h, &layer.wq);
-            let mut k = b.matmul(&h, &layer.wk);
-            let v = b.matmul(&h, &layer.wv);
-            b.rope_store_kv(&mut q, &mut k, &v, &self.inv_freq, &mut self.kv, l, batch);
-            let attn = b.attention(&q, &self.kv, l, n_heads, batch);
+            let mut qkv = b.matmul(&h, &layer.wqkv);
+            b.rope_store_kv(&mut qkv, n_heads, &self.inv_freq, &mut self.kv, l, batch);
+            let attn = b.attention(&qkv, &self.kv, l, n_heads, batch);
             let h = if solo {
                 b.matmul_add(&mut x, &attn, &layer.wo);
                 b.rmsnorm(&x, &layer.ffn_norm, cfg.norm_eps)
@@ -294,9 +312,7 @@ impl<B: Backend> Llama<B> {
                 b.all_reduce_sum(&mut o).map_err(comm_err)?;
                 b.add_rmsnorm(&mut x, &o, &layer.ffn_norm, cfg.norm_eps)
             };
-            let gate = b.matmul(&h, &layer.w1);
-            let up = b.matmul(&h, &layer.w3);
-            let act = b.silu_mul(&gate, &up);
+            let act = b.silu_mul(&b.matmul(&h, &layer.w13));
             if solo {
                 b.matmul_add(&mut x, &act, &layer.w2);
             } else {

@@ -155,28 +155,25 @@ impl Backend for CpuBackend {
 
     fn rope_store_kv(
         &self,
-        q: &mut CpuAct,
-        k: &mut CpuAct,
-        v: &CpuAct,
+        qkv: &mut CpuAct,
+        n_heads: usize,
         inv_freq: &[f32],
         kv: &mut CpuKv,
         layer: usize,
         batch: &AttnBatch,
     ) {
         let hd = kv.shape.head_dim;
-        rotate(q, hd, inv_freq, &batch.positions);
-        rotate(k, hd, inv_freq, &batch.positions);
-        let bs = kv.shape.block_size;
         let n_kv = kv.shape.n_kv_heads;
+        // q's and k's heads are adjacent in each row: one rotation covers both.
+        rotate(qkv, (n_heads + n_kv) * hd, hd, inv_freq, &batch.positions);
+        let (k0, v0) = (n_heads * hd, (n_heads + n_kv) * hd);
+        let bs = kv.shape.block_size;
         for s in &batch.seqs {
             for j in 0..s.n_tokens {
-                let row = s.token_start + j;
-                let sl = slot(&s.block_table, bs, s.position(j));
-                for h in 0..n_kv {
-                    let at = kv.at(sl, h);
-                    kv.k[layer][at..at + hd].copy_from_slice(&k.row(row)[h * hd..(h + 1) * hd]);
-                    kv.v[layer][at..at + hd].copy_from_slice(&v.row(row)[h * hd..(h + 1) * hd]);
-                }
+                let row = qkv.row(s.token_start + j);
+                let at = kv.at(slot(&s.block_table, bs, s.position(j)), 0);
+                kv.k[layer][at..at + n_kv * hd].copy_from_slice(&row[k0..v0]);
+                kv.v[layer][at..at + n_kv * hd].copy_from_slice(&row[v0..v0 + n_kv * hd]);
             }
         }
     }
@@ -192,12 +189,22 @@ impl Backend for CpuBackend {
         attention::paged_attention(q, kv, layer, n_heads, batch)
     }
 
-    fn silu_mul(&self, gate: &CpuAct, up: &CpuAct) -> CpuAct {
-        let mut out = gate.clone();
-        out.data.par_iter_mut().zip(&up.data).for_each(|(g, u)| {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        });
-        out
+    fn silu_mul(&self, gate_up: &CpuAct) -> CpuAct {
+        let f = gate_up.cols / 2;
+        let mut data = vec![0f32; gate_up.rows * f];
+        data.par_chunks_mut(f.max(1))
+            .zip(gate_up.data.par_chunks(gate_up.cols.max(1)))
+            .for_each(|(out, row)| {
+                let (gate, up) = row.split_at(f);
+                for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        CpuAct {
+            rows: gate_up.rows,
+            cols: f,
+            data,
+        }
     }
 
     fn add_in_place(&self, x: &mut CpuAct, y: &CpuAct) {
@@ -258,14 +265,15 @@ impl Backend for CpuBackend {
     }
 }
 
-/// Rotate interleaved pairs (x[2i], x[2i+1]) of every head by position · inv_freq[i].
-fn rotate(x: &mut CpuAct, head_dim: usize, inv_freq: &[f32], positions: &[u32]) {
+/// Rotate interleaved pairs (x[2i], x[2i+1]) of every head in the first `width` columns of
+/// each row by position · inv_freq[i].
+fn rotate(x: &mut CpuAct, width: usize, head_dim: usize, inv_freq: &[f32], positions: &[u32]) {
     let cols = x.cols;
     x.data
         .par_chunks_mut(cols)
         .zip(positions)
         .for_each(|(row, &pos)| {
-            for head in row.chunks_exact_mut(head_dim) {
+            for head in row[..width].chunks_exact_mut(head_dim) {
                 for (i, pair) in head.chunks_exact_mut(2).enumerate() {
                     // The angle is rounded to f32 before cos/sin, as torch does.
                     let angle = pos as f32 * inv_freq[i];

@@ -46,15 +46,15 @@ impl Backend for GpuRounding {
     }
     fn rope_store_kv(
         &self,
-        q: &mut CpuAct,
-        k: &mut CpuAct,
-        v: &CpuAct,
+        qkv: &mut CpuAct,
+        n_heads: usize,
         inv_freq: &[f32],
         kv: &mut CpuKv,
         layer: usize,
         batch: &AttnBatch,
     ) {
-        self.0.rope_store_kv(q, k, v, inv_freq, kv, layer, batch);
+        self.0
+            .rope_store_kv(qkv, n_heads, inv_freq, kv, layer, batch);
         round_bf16(&mut kv.k[layer]);
         round_bf16(&mut kv.v[layer]);
     }
@@ -64,8 +64,8 @@ impl Backend for GpuRounding {
     fn attention(&self, q: &CpuAct, kv: &CpuKv, l: usize, h: usize, b: &AttnBatch) -> CpuAct {
         self.0.attention(q, kv, l, h, b)
     }
-    fn silu_mul(&self, g: &CpuAct, u: &CpuAct) -> CpuAct {
-        self.0.silu_mul(g, u)
+    fn silu_mul(&self, gate_up: &CpuAct) -> CpuAct {
+        self.0.silu_mul(gate_up)
     }
     fn add_in_place(&self, x: &mut CpuAct, y: &CpuAct) {
         self.0.add_in_place(x, y)

@@ -1217,6 +1217,8 @@ impl CudaBackend {
             hd as i32,
             s.block_size as i32,
         );
+        // Floats per row of q: the query heads come first, k and v may follow (fused qkv).
+        let q_stride = q.cols as i32;
         let at = kv.layer_at(layer);
         let (kc, vc) = (kv.k + at, kv.v + at);
         if flash {
@@ -1227,8 +1229,8 @@ impl CudaBackend {
             let (t16, twin) = self.twin(q.rows * n_heads * hd);
             let rows = q.rows as i32;
             launch!(self, f, name, cfg((q.rows.div_ceil(8) as u32, n_heads as u32, 1), 128);
-                &kc, &vc, &qb.ptr, &m.row_ctx, &m.row_table, &m.tables, &ob.ptr, &t16, &rows,
-                &nh, &nkv, &hdi, &bs, &scale);
+                &kc, &vc, &qb.ptr, &q_stride, &m.row_ctx, &m.row_table, &m.tables, &ob.ptr, &t16,
+                &rows, &nh, &nkv, &hdi, &bs, &scale);
             *out.b16.borrow_mut() = twin;
             return out;
         }
@@ -1245,7 +1247,7 @@ impl CudaBackend {
             Numerics::Accurate => (&self.f.attn_partial_f32, "attn_partial_f32"),
         };
         launch!(self, f, name, cfg((q.rows as u32, n_heads as u32, splits as u32), 128);
-            &kc, &vc, &qb.ptr, &m.row_ctx, &m.row_table, &m.tables, &acc.ptr, &ml.ptr,
+            &kc, &vc, &qb.ptr, &q_stride, &m.row_ctx, &m.row_table, &m.tables, &acc.ptr, &ml.ptr,
             &nh, &nkv, &hdi, &bs, &scale);
         let sp = splits as i32;
         let (t16, twin) = self.twin(q.rows * n_heads * hd);
@@ -1537,28 +1539,24 @@ impl Backend for CudaBackend {
 
     fn rope_store_kv(
         &self,
-        q: &mut CudaAct,
-        k: &mut CudaAct,
-        v: &CudaAct,
+        qkv: &mut CudaAct,
+        n_heads: usize,
         inv_freq: &[f32],
         kv: &mut CudaKv,
         layer: usize,
         batch: &AttnBatch,
     ) {
         let s = kv.shape;
-        q.changed();
-        k.changed();
-        if q.rows == 0 {
+        qkv.changed();
+        if qkv.rows == 0 {
             return;
         }
-        let n_heads = (q.cols / s.head_dim) as i32;
-        let (n_kv, hd) = (s.n_kv_heads as i32, s.head_dim as i32);
-        let (Some(qb), Some(kb), Some(vb)) = (q.buf.as_ref(), k.buf.as_ref(), v.buf.as_ref())
-        else {
+        let (nh, n_kv, hd) = (n_heads as i32, s.n_kv_heads as i32, s.head_dim as i32);
+        let Some(b) = qkv.buf.as_ref() else {
             return;
         };
         let (Some(m), Some(inv)) = (
-            self.meta(batch, q.rows, s.block_size),
+            self.meta(batch, qkv.rows, s.block_size),
             self.inv_freq_dev(inv_freq),
         ) else {
             return;
@@ -1577,7 +1575,7 @@ impl Backend for CudaBackend {
             Numerics::Accurate => (&self.f.rope_f32, "rope_store_kv_f32"),
         };
         launch!(self, f, name, cfg((m.rows as u32, 1, 1), 256);
-            &qb.ptr, &kb.ptr, &vb.ptr, &inv, &m.positions, &m.slots, &kc, &vc, &n_heads, &n_kv, &hd);
+            &b.ptr, &inv, &m.positions, &m.slots, &kc, &vc, &nh, &n_kv, &hd);
     }
 
     fn copy_kv_block(&self, kv: &mut CudaKv, src: u32, dst: u32) {
@@ -1624,17 +1622,17 @@ impl Backend for CudaBackend {
         self.attention_with(q, kv, layer, n_heads, batch, prefill)
     }
 
-    fn silu_mul(&self, gate: &CudaAct, up: &CudaAct) -> CudaAct {
-        let out = self.act(gate.rows, gate.cols);
-        let n = gate.rows * gate.cols;
-        let n64 = n as u64;
-        let (Some(gb), Some(ub), Some(ob)) = (gate.buf.as_ref(), up.buf.as_ref(), out.buf.as_ref())
-        else {
+    fn silu_mul(&self, gate_up: &CudaAct) -> CudaAct {
+        let f = gate_up.cols / 2;
+        let out = self.act(gate_up.rows, f);
+        let n = gate_up.rows * f;
+        let (n64, f64_) = (n as u64, f as u64);
+        let (Some(gb), Some(ob)) = (gate_up.buf.as_ref(), out.buf.as_ref()) else {
             return out;
         };
         let (t16, twin) = self.twin(n);
         launch!(self, &self.f.silu_mul, "silu_mul", grid_for(n, self.info.sm_count);
-            &gb.ptr, &ub.ptr, &ob.ptr, &t16, &n64);
+            &gb.ptr, &ob.ptr, &t16, &n64, &f64_);
         *out.b16.borrow_mut() = twin;
         out
     }

@@ -177,11 +177,21 @@ pub fn run_kernels(gpu: &CudaBackend) -> Vec<Check> {
             &hc.data,
             1e-5,
         ));
-        // SiLU·mul and add (f32, precise expf).
+        // SiLU·mul (f32, precise expf) of a fused [gate | up]: x's rows are the gates, y's the ups.
+        let gu: Vec<f32> = xv
+            .chunks(cols)
+            .zip(yv.chunks(cols))
+            .flat_map(|(g, u)| g.iter().chain(u).copied())
+            .collect();
+        let guc = crate::backend::cpu::CpuAct {
+            rows,
+            cols: 2 * cols,
+            data: gu.clone(),
+        };
         out.push(compare(
             "silu_mul",
-            &gpu.to_host(&gpu.silu_mul(&xg, &yg)),
-            &cpu.to_host(&cpu.silu_mul(&xc, &yc)),
+            &gpu.to_host(&gpu.silu_mul(&gpu.act_from_host(rows, 2 * cols, &gu))),
+            &cpu.to_host(&cpu.silu_mul(&guc)),
             1e-5,
         ));
     }
@@ -311,10 +321,10 @@ fn flash_checks(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Check> {
     let inv_freq: Vec<f32> = (0..hd / 2)
         .map(|i| 1e4f32.powf(-(i as f32) / 32.0))
         .collect();
-    let mut q = gpu.act_from_host(longest, n_heads * hd, &rng.vec(longest * n_heads * hd));
-    let mut k = gpu.act_from_host(longest, n_kv * hd, &rng.vec(longest * n_kv * hd));
-    let v = gpu.act_from_host(longest, n_kv * hd, &rng.vec(longest * n_kv * hd));
-    gpu.rope_store_kv(&mut q, &mut k, &v, &inv_freq, &mut kv, 0, &fill);
+    // Rows as the fused QKV GEMM gives them: [q | k | v].
+    let width = (n_heads + 2 * n_kv) * hd;
+    let mut qkv = gpu.act_from_host(longest, width, &rng.vec(longest * width));
+    gpu.rope_store_kv(&mut qkv, n_heads, &inv_freq, &mut kv, 0, &fill);
     let mut out = Vec::new();
     for ctx in [1, 15, 16, 17, 1000, longest] {
         let n = ctx.min(20);
@@ -324,7 +334,8 @@ fn flash_checks(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Check> {
             context_len: ctx,
             block_table: table[..ctx.div_ceil(bs)].to_vec(),
         }]);
-        let qg = gpu.act_from_host(n, n_heads * hd, &rng.vec(n * n_heads * hd));
+        // Queries inside fused rows (a row stride wider than the query heads).
+        let qg = gpu.act_from_host(n, width, &rng.vec(n * width));
         out.push(compare(
             &format!("flash prefill vs decode kernel (context {ctx}, {n} rows, block 16)"),
             &gpu.to_host(&gpu.attention_with(&qg, &kv, 0, n_heads, &batch, true)),
@@ -382,30 +393,21 @@ fn attention_checks(gpu: &CudaBackend, cpu: &CpuBackend, rng: &mut Rng, hd: usiz
         }
         let batch = AttnBatch::new(seqs);
         let rows = batch.n_tokens();
-        let qv = rng.vec(rows * n_heads * hd);
-        let kv_ = rng.vec(rows * 2 * hd);
-        let vv = rng.vec(rows * 2 * hd);
-        let act = |d: &Vec<f32>, c| crate::backend::cpu::CpuAct {
+        // Rows as the fused QKV GEMM gives them: [q (8 heads) | k (2) | v (2)].
+        let width = (n_heads + 4) * hd;
+        let qkv = rng.vec(rows * width);
+        let mut qc = crate::backend::cpu::CpuAct {
             rows,
-            cols: c,
-            data: d.clone(),
+            cols: width,
+            data: qkv.clone(),
         };
-        let (mut qc, mut kcc, vc) = (act(&qv, n_heads * hd), act(&kv_, 2 * hd), act(&vv, 2 * hd));
-        let mut qg = gpu.act_from_host(rows, n_heads * hd, &qv);
-        let mut kgg = gpu.act_from_host(rows, 2 * hd, &kv_);
-        let vg = gpu.act_from_host(rows, 2 * hd, &vv);
-        cpu.rope_store_kv(&mut qc, &mut kcc, &vc, &inv_freq, &mut kc, layer, &batch);
-        gpu.rope_store_kv(&mut qg, &mut kgg, &vg, &inv_freq, &mut kg, layer, &batch);
+        let mut qg = gpu.act_from_host(rows, width, &qkv);
+        cpu.rope_store_kv(&mut qc, n_heads, &inv_freq, &mut kc, layer, &batch);
+        gpu.rope_store_kv(&mut qg, n_heads, &inv_freq, &mut kg, layer, &batch);
         out.push(compare(
-            &format!("rope q (head_dim {hd}, step {si})"),
+            &format!("rope q, k (head_dim {hd}, step {si})"),
             &gpu.to_host(&qg),
             &qc.data,
-            1e-5,
-        ));
-        out.push(compare(
-            &format!("rope k (head_dim {hd}, step {si})"),
-            &gpu.to_host(&kgg),
-            &kcc.data,
             1e-5,
         ));
         // K/V are stored in bf16 on the GPU: attention inherits ~2^-9 relative rounding.

@@ -16,7 +16,8 @@
 
 template <typename KV>
 __device__ __forceinline__ void attn_partial_impl(
-             const float* __restrict__ q,            // [rows, n_heads * head_dim]
+             const float* __restrict__ q,            // row r, head h at r * q_stride + h * head_dim
+             int q_stride,                           // floats per row (the fused qkv: q heads first)
              const KV* __restrict__ kcache,           // this layer: [slots, n_kv_heads, head_dim]
              const KV* __restrict__ vcache,
              const unsigned int* __restrict__ row_ctx,  // positions each row sees (pos + 1)
@@ -35,7 +36,7 @@ __device__ __forceinline__ void attn_partial_impl(
     const unsigned int* table = tables + row_table[row];
 
     float qv[MAX_PER_LANE], acc[MAX_PER_LANE];
-    const float* qr = q + ((u64)row * n_heads + h) * head_dim + lane * per;
+    const float* qr = q + (u64)row * q_stride + (u64)h * head_dim + lane * per;
 #pragma unroll
     for (int e = 0; e < MAX_PER_LANE; e++) {
         qv[e] = LANE_OK(e) ? qr[e] * scale : 0.f;
@@ -84,15 +85,15 @@ __device__ __forceinline__ void attn_partial_impl(
     }
 }
 
-#define ATTN_ARGS const float *q, const unsigned int *row_ctx, const unsigned int *row_table, \
+#define ATTN_ARGS const float *q, int q_stride, const unsigned int *row_ctx, const unsigned int *row_table, \
     const unsigned int *tables, float *part_acc, float *part_ml, int nh, int nkv, int hd, int bs, float scale
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attn_partial_bf16(const bf16_t* kc, const bf16_t* vc, ATTN_ARGS) {
-    attn_partial_impl<bf16_t>(q, kc, vc, row_ctx, row_table, tables, part_acc, part_ml, nh, nkv, hd, bs, scale);
+    attn_partial_impl<bf16_t>(q, q_stride, kc, vc, row_ctx, row_table, tables, part_acc, part_ml, nh, nkv, hd, bs, scale);
 }
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attn_partial_f32(const float* kc, const float* vc, ATTN_ARGS) {
-    attn_partial_impl<float>(q, kc, vc, row_ctx, row_table, tables, part_acc, part_ml, nh, nkv, hd, bs, scale);
+    attn_partial_impl<float>(q, q_stride, kc, vc, row_ctx, row_table, tables, part_acc, part_ml, nh, nkv, hd, bs, scale);
 }
 
 // out[row, h, :] = sum_s acc_s * e^(m_s - M) / sum_s l_s * e^(m_s - M). One block per (row, head);
@@ -135,7 +136,7 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part_acc,
 template <typename KV>
 __device__ __forceinline__ void attn_prefill_impl(
              const KV* __restrict__ kcache, const KV* __restrict__ vcache,
-             const float* __restrict__ q, const unsigned int* __restrict__ row_ctx,
+             const float* __restrict__ q, int q_stride, const unsigned int* __restrict__ row_ctx,
              const unsigned int* __restrict__ row_table, const unsigned int* __restrict__ tables,
              float* __restrict__ out, bf16_t* __restrict__ out16, int rows, int n_heads,
              int n_kv_heads, int head_dim, int block_size, float scale) {
@@ -155,7 +156,7 @@ __device__ __forceinline__ void attn_prefill_impl(
         float qv[2][MAX_PER_LANE], acc[2][MAX_PER_LANE], m[2], l[2];
         for (int i = 0; i < 2; i++) {
             int row = g0 + w + ATT_WARPS * i;
-            const float* qr = q + ((u64)(row < g1 ? row : g0) * n_heads + h) * head_dim + lane * per;
+            const float* qr = q + (u64)(row < g1 ? row : g0) * q_stride + (u64)h * head_dim + lane * per;
 #pragma unroll
             for (int e = 0; e < MAX_PER_LANE; e++) {
                 qv[i][e] = (row < g1 && LANE_OK(e)) ? qr[e] * scale : 0.f;
@@ -212,13 +213,13 @@ __device__ __forceinline__ void attn_prefill_impl(
     }
 }
 
-#define PREFILL_ARGS const float *q, const unsigned int *row_ctx, const unsigned int *row_table, \
+#define PREFILL_ARGS const float *q, int q_stride, const unsigned int *row_ctx, const unsigned int *row_table, \
     const unsigned int *tables, float *out, bf16_t *out16, int rows, int nh, int nkv, int hd, int bs, float scale
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attn_prefill_bf16(const bf16_t* kc, const bf16_t* vc, PREFILL_ARGS) {
-    attn_prefill_impl<bf16_t>(kc, vc, q, row_ctx, row_table, tables, out, out16, rows, nh, nkv, hd, bs, scale);
+    attn_prefill_impl<bf16_t>(kc, vc, q, q_stride, row_ctx, row_table, tables, out, out16, rows, nh, nkv, hd, bs, scale);
 }
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attn_prefill_f32(const float* kc, const float* vc, PREFILL_ARGS) {
-    attn_prefill_impl<float>(kc, vc, q, row_ctx, row_table, tables, out, out16, rows, nh, nkv, hd, bs, scale);
+    attn_prefill_impl<float>(kc, vc, q, q_stride, row_ctx, row_table, tables, out, out16, rows, nh, nkv, hd, bs, scale);
 }

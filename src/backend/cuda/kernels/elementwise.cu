@@ -41,13 +41,16 @@ extern "C" __global__ void add_rmsnorm(float* __restrict__ x, const float* __res
     }
 }
 
-// silu(g) * u with the CPU's formula (g / (1 + exp(-g)) * u, precise expf); out16 (when not
-// null) also gets it in bf16, the down projection's operand.
-extern "C" __global__ void silu_mul(const float* __restrict__ g, const float* __restrict__ u,
-                                    float* __restrict__ out, bf16_t* __restrict__ out16, u64 n) {
+// silu(g) * u with the CPU's formula (g / (1 + exp(-g)) * u, precise expf), from the fused
+// gate/up GEMM's output: row r is [gate (f) | up (f)]. out is [rows, f]; out16 (when not null)
+// also gets it in bf16, the down projection's operand.
+extern "C" __global__ void silu_mul(const float* __restrict__ gu, float* __restrict__ out,
+                                    bf16_t* __restrict__ out16, u64 n, u64 f) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        float a = g[i];
-        float v = a / (1.0f + expf(-a)) * u[i];
+        u64 r = i / f, j = i - r * f;
+        const float* row = gu + 2 * f * r;
+        float a = row[j];
+        float v = a / (1.0f + expf(-a)) * row[f + j];
         out[i] = v;
         if (out16) out16[i] = f32_to_bf16(v);
     }

@@ -1,12 +1,12 @@
 // RoPE (Meta's interleaved pairs, per-pair inv_freq: Llama 3.1 scaling is folded into the table)
 // fused with the write of K and V into the paged cache (bf16).
-// One block per token row; threads over (head, pair). Bytes per token: read q, k, v (f32),
-// write q, k back rotated, write k, v to the cache in bf16.
+// One block per token row; threads over (head, pair). The input is the fused QKV GEMM's output,
+// each row [q (n_heads heads) | k | v (n_kv_heads heads each)], f32. Bytes per token: read q, k,
+// v, write q, k back rotated, write k, v to the cache in bf16.
 // Cache layout per layer: [slot, kv_head, head_dim], slot = block * block_size + offset: the same
 // as the CPU backend, so a token's K for all heads is one contiguous run.
 template <typename KV>
-__device__ void rope_store_kv_impl(float* __restrict__ q, float* __restrict__ k,
-                                   const float* __restrict__ v,
+__device__ void rope_store_kv_impl(float* __restrict__ qkv,
                                    const float* __restrict__ inv_freq,
                                    const unsigned int* __restrict__ positions,
                                    const long long* __restrict__ slots,
@@ -15,9 +15,9 @@ __device__ void rope_store_kv_impl(float* __restrict__ q, float* __restrict__ k,
     int row = blockIdx.x;
     float pos = (float)positions[row];
     int half = head_dim / 2;
-    float* qr = q + (u64)row * n_heads * head_dim;
-    float* kr = k + (u64)row * n_kv_heads * head_dim;
-    const float* vr = v + (u64)row * n_kv_heads * head_dim;
+    float* qr = qkv + (u64)row * (n_heads + 2 * n_kv_heads) * head_dim;
+    float* kr = qr + n_heads * head_dim;
+    const float* vr = kr + n_kv_heads * head_dim;
     // A negative slot is a padding row of a decode graph: rotated, never stored.
     long long slot = slots[row];
     u64 base = slot < 0 ? 0 : (u64)slot * n_kv_heads * head_dim;
@@ -47,11 +47,11 @@ __device__ void rope_store_kv_impl(float* __restrict__ q, float* __restrict__ k,
     }
 }
 
-#define ROPE_ARGS float *q, float *k, const float *v, const float *inv_freq, \
+#define ROPE_ARGS float *qkv, const float *inv_freq, \
     const unsigned int *positions, const long long *slots
 extern "C" __global__ void rope_store_kv_bf16(ROPE_ARGS, bf16_t* kc, bf16_t* vc, int nh, int nkv, int hd) {
-    rope_store_kv_impl<bf16_t>(q, k, v, inv_freq, positions, slots, kc, vc, nh, nkv, hd);
+    rope_store_kv_impl<bf16_t>(qkv, inv_freq, positions, slots, kc, vc, nh, nkv, hd);
 }
 extern "C" __global__ void rope_store_kv_f32(ROPE_ARGS, float* kc, float* vc, int nh, int nkv, int hd) {
-    rope_store_kv_impl<float>(q, k, v, inv_freq, positions, slots, kc, vc, nh, nkv, hd);
+    rope_store_kv_impl<float>(qkv, inv_freq, positions, slots, kc, vc, nh, nkv, hd);
 }
