@@ -127,6 +127,12 @@ pub trait Backend: Send {
     fn name(&self) -> String;
     fn load_matrix(&self, t: &Tensor) -> Result<Self::Matrix, BackendError>;
     fn load_vector(&self, t: &Tensor) -> Result<Self::Vector, BackendError>;
+    /// One weight made of `parts` (2-D, one dtype and width) stacked along their rows: projections
+    /// of the same input (Q/K/V, gate/up) run as one GEMM. The default copies them together.
+    fn load_stacked(&self, parts: &[Tensor]) -> Result<Self::Matrix, BackendError> {
+        let t = Tensor::concat_rows(parts).map_err(BackendError::Unsupported)?;
+        self.load_matrix(&t)
+    }
     fn alloc_kv(&self, shape: KvShape) -> Result<Self::Kv, BackendError>;
 
     /// Rows of `table` for each token.

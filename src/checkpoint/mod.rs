@@ -647,4 +647,30 @@ mod tests {
         let e = detect_files(&many).expect_err("not a checkpoint");
         assert!(e.contains("f19, ... 5 more]"), "{e}");
     }
+
+    #[test]
+    fn stacking_keeps_rows_in_order_and_refuses_other_widths_and_dtypes() {
+        let t = |dtype, shape: Vec<usize>, fill: u8| Tensor {
+            dtype,
+            bytes: Bytes::Owned(Arc::new(vec![fill; shape.iter().product::<usize>() * 2])),
+            shape,
+        };
+        let s =
+            Tensor::concat_rows(&[t(DType::BF16, vec![2, 3], 1), t(DType::BF16, vec![1, 3], 2)])
+                .expect("same width and dtype");
+        assert_eq!(s.shape, vec![3, 3]);
+        assert_eq!(
+            s.bytes.as_slice(),
+            &[1u8; 12]
+                .iter()
+                .chain(&[2u8; 6])
+                .copied()
+                .collect::<Vec<_>>()[..]
+        );
+        let e =
+            Tensor::concat_rows(&[t(DType::BF16, vec![2, 3], 1), t(DType::BF16, vec![2, 4], 1)]);
+        assert!(e.is_err_and(|e| e.contains("[2, 4]")));
+        let e = Tensor::concat_rows(&[t(DType::BF16, vec![2, 3], 1), t(DType::F16, vec![2, 3], 1)]);
+        assert!(e.is_err_and(|e| e.contains("F16")));
+    }
 }

@@ -6,7 +6,7 @@ use super::config::LlamaConfig;
 use super::shard::ShardPlan;
 use super::{ModelError, ModelRunner, StepInput, StepOutput};
 use crate::backend::{AttnBatch, Backend, KvShape, Replayed, RowSampling};
-use crate::checkpoint::{Slice, Tensor, TensorSource};
+use crate::checkpoint::{Slice, TensorSource};
 
 struct Layer<B: Backend> {
     attention_norm: B::Vector,
@@ -101,10 +101,8 @@ impl<B: Backend> Llama<B> {
                 .iter()
                 .map(|(name, slice)| src.load(name, Some(*slice)))
                 .collect::<Result<Vec<_>, _>>()?;
-            let t = Tensor::concat_rows(&tensors)
-                .map_err(|e| ModelError::Backend(format!("{names}: {e}")))?;
             backend
-                .load_matrix(&t)
+                .load_stacked(&tensors)
                 .map_err(|e| ModelError::Backend(format!("{names}: {e}")))
         };
         let vector = |name: &str| -> Result<B::Vector, ModelError> {

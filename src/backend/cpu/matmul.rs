@@ -20,6 +20,9 @@ pub enum MatrixData {
     Bf16(crate::checkpoint::Bytes),
     /// f32 (f16/f32 checkpoints are widened at load).
     F32(Vec<f32>),
+    /// Matrices of one width stacked along their rows (fused projections: Q/K/V, gate/up), kept
+    /// apart so that mapped checkpoint bytes stay mapped instead of being copied together.
+    Stacked(Vec<CpuMatrix>),
 }
 
 /// A `[rows, cols]` weight matrix.
@@ -39,6 +42,15 @@ impl CpuMatrix {
                 widen_bf16(bytes, out);
             }
             MatrixData::F32(v) => out.copy_from_slice(&v[r * c..(r + 1) * c]),
+            MatrixData::Stacked(parts) => {
+                let mut r = r;
+                for p in parts {
+                    if r < p.rows {
+                        return p.widen_row(r, out);
+                    }
+                    r -= p.rows;
+                }
+            }
         }
     }
 }
@@ -54,6 +66,19 @@ fn widen_bf16(bytes: &[u8], out: &mut [f32]) {
 pub fn matmul(x: &[f32], m_rows: usize, w: &CpuMatrix) -> Vec<f32> {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m_rows * k, "matmul: x has wrong size");
+    if let MatrixData::Stacked(parts) = &w.data {
+        // Each part's columns, placed side by side: every element is still its own dot product.
+        let mut out = vec![0f32; m_rows * n];
+        let mut c0 = 0;
+        for p in parts {
+            let o = matmul(x, m_rows, p);
+            for (dst, src) in out.chunks_exact_mut(n).zip(o.chunks_exact(p.rows.max(1))) {
+                dst[c0..c0 + p.rows].copy_from_slice(src);
+            }
+            c0 += p.rows;
+        }
+        return out;
+    }
     let dot = dot_kernel();
     let direct_bf16 = match (&w.data, dot_bf16_kernel()) {
         (MatrixData::Bf16(bytes), Some(f)) if m_rows <= DIRECT_BF16_MAX_ROWS => {
@@ -311,6 +336,46 @@ mod tests {
         for r in 0..9 {
             let one = matmul(&x[r * k..(r + 1) * k], 1, &w);
             assert_eq!(&all[r * n..(r + 1) * n], &one[..], "row {r}");
+        }
+    }
+
+    #[test]
+    fn a_stacked_weight_gives_exactly_each_part_side_by_side() {
+        // Q/K/V-like parts of different heights; 1 row (direct bf16 path) and 6 rows (widened).
+        let k = 96;
+        let part = |n: usize, seed: u32| {
+            let bytes: Vec<u8> = pseudo(n * k, seed)
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+                .collect();
+            CpuMatrix {
+                rows: n,
+                cols: k,
+                data: MatrixData::Bf16(crate::checkpoint::Bytes::Owned(std::sync::Arc::new(bytes))),
+            }
+        };
+        let heights = [40, 8, 8];
+        let stacked = CpuMatrix {
+            rows: 56,
+            cols: k,
+            data: MatrixData::Stacked((0..3).map(|i| part(heights[i], i as u32 + 1)).collect()),
+        };
+        for m in [1, 6] {
+            let x = pseudo(m * k, 2);
+            let all = matmul(&x, m, &stacked);
+            let mut c0 = 0;
+            for (i, &n) in heights.iter().enumerate() {
+                let one = matmul(&x, m, &part(n, i as u32 + 1));
+                for r in 0..m {
+                    assert_eq!(&all[r * 56 + c0..r * 56 + c0 + n], &one[r * n..(r + 1) * n]);
+                }
+                c0 += n;
+            }
+            let mut row = vec![0f32; k];
+            let mut want = vec![0f32; k];
+            stacked.widen_row(50, &mut row);
+            part(8, 3).widen_row(2, &mut want);
+            assert_eq!(row, want);
         }
     }
 

@@ -102,6 +102,25 @@ impl Backend for CpuBackend {
         Ok(t.to_f32_vec())
     }
 
+    fn load_stacked(&self, parts: &[Tensor]) -> Result<CpuMatrix, BackendError> {
+        let parts = parts
+            .iter()
+            .map(|t| self.load_matrix(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cols = parts.first().map_or(0, |p| p.cols);
+        if let Some(p) = parts.iter().find(|p| p.cols != cols) {
+            return Err(BackendError::Unsupported(format!(
+                "cannot stack a weight of {} columns under one of {cols}",
+                p.cols
+            )));
+        }
+        Ok(CpuMatrix {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
+            data: MatrixData::Stacked(parts),
+        })
+    }
+
     fn alloc_kv(&self, shape: KvShape) -> Result<CpuKv, BackendError> {
         let per_layer = shape.num_blocks * shape.block_size * shape.n_kv_heads * shape.head_dim;
         // Zeroed allocations are mapped lazily: a large pool costs nothing until blocks are used.

@@ -30,6 +30,9 @@ impl Backend for GpuRounding {
     fn load_vector(&self, t: &Tensor) -> Result<Vec<f32>, BackendError> {
         self.0.load_vector(t)
     }
+    fn load_stacked(&self, parts: &[Tensor]) -> Result<CpuMatrix, BackendError> {
+        self.0.load_stacked(parts)
+    }
     fn alloc_kv(&self, s: KvShape) -> Result<CpuKv, BackendError> {
         self.0.alloc_kv(s)
     }
