@@ -652,6 +652,18 @@ fn bad_flags_exit_2_naming_the_flag_before_anything_loads() {
             cmd(&["bench", m70[0], m70[1], "--csv", &out_dir_s]),
             "--csv",
         ),
+        (
+            cmd(&[
+                "bench",
+                m70[0],
+                m70[1],
+                "--device",
+                "cpu",
+                "--kernel-profile",
+                "k.csv",
+            ]),
+            "--kernel-profile",
+        ),
         // doctor and convert.
         (cmd(&["doctor", "--tp", "0"]), "--tp"),
         (

@@ -155,6 +155,58 @@ fn without_graphs_a_decode_step_launches_its_kernels_one_by_one() {
     assert_eq!(per("cublasLtMatmulAlgoGetHeuristic"), 0, "{long}");
 }
 
+/// `herd bench --kernel-profile` times every launch of a decode step, eagerly: on the emulated
+/// device the counts are checked (its times mean nothing and are left out).
+#[test]
+fn the_kernel_profile_counts_each_launch_of_an_eager_decode_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("kernels.csv");
+    let (code, out) = herd_emu(
+        &[
+            "bench",
+            "--model",
+            "random:tiny",
+            "--device",
+            "cuda",
+            "--kv-cache-gb",
+            "0.05",
+            "--batch-sizes",
+            "2",
+            "--prefill-lens",
+            "5",
+            "--prompt-len",
+            "4",
+            "--gen-tokens",
+            "4",
+            "--kernel-profile",
+            &csv.to_string_lossy(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("[emulated device: counts only]"), "{out}");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let calls = |pred: &dyn Fn(&str) -> bool| -> f64 {
+        rows.iter()
+            .filter(|r| pred(r[col("kernel")]))
+            .map(|r| r[col("calls_per_step")].parse::<f64>().unwrap())
+            .sum()
+    };
+    // random:tiny has 2 layers: 10 launches each + 5 per step; 4 GEMMs per layer + the logits.
+    assert_eq!(calls(&|_| true), 25.0, "{text}");
+    assert_eq!(calls(&|k| k.starts_with("gemm m=2 ")), 9.0, "{text}");
+    assert_eq!(calls(&|k| k == "gemm m=2 n=128256 k=64"), 1.0, "{text}");
+    assert_eq!(calls(&|k| k == "sample_rows"), 1.0, "{text}");
+    for r in &rows {
+        assert_eq!(r[col("batch")], "2", "{text}");
+        assert_eq!(r[col("us_per_step")], "", "no emulated timings: {text}");
+    }
+}
+
 /// Records of a batch run, keyed fields only (ids, tokens, log-probs).
 fn batch_records(
     dir: &Path,

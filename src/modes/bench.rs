@@ -32,6 +32,11 @@ pub struct BenchArgs {
     /// Append results to this CSV (created with a header if new).
     #[arg(long)]
     pub csv: Option<PathBuf>,
+    /// GPU: after each batch size's measurement, run its decode again eagerly with every launch
+    /// timed (CUDA events) and append one row per kernel (GEMMs per shape) to this CSV: where
+    /// a decode step's device time goes, and each GEMM's bytes moved per second.
+    #[arg(long)]
+    pub kernel_profile: Option<PathBuf>,
 }
 
 impl BenchArgs {
@@ -52,6 +57,19 @@ impl BenchArgs {
         }
         if let Some(p) = &self.csv {
             super::check_output_file("--csv", p)?;
+        }
+        if let Some(p) = &self.kernel_profile {
+            if self.model.device == "cpu" {
+                return Err(exit::usage(
+                    "--kernel-profile times CUDA kernels: it needs --device cuda",
+                ));
+            }
+            if self.model.tp > 1 {
+                return Err(exit::usage(
+                    "--kernel-profile runs one GPU's steps eagerly: use it with --tp 1",
+                ));
+            }
+            super::check_output_file("--kernel-profile", p)?;
         }
         Ok(())
     }
@@ -154,32 +172,10 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     };
     let kv_token_bytes = (2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * kv_elem) as f64;
     let mut rows = Vec::new();
+    let mut profile_rows = Vec::new();
     for &b in &args.batch_sizes {
-        for r in 0..b {
-            // Distinct deterministic prompts, ordinary token ids.
-            let prompt: Vec<u32> = (0..args.prompt_len)
-                .map(|i| 1000 + ((r * 7919 + i * 104729) % 50000) as u32)
-                .collect();
-            engine.add_request(
-                prompt,
-                SamplingParams {
-                    max_tokens: args.gen_tokens,
-                    ignore_eos: true,
-                    seed: Some(r as u64),
-                    ..Default::default()
-                },
-            )?;
-        }
-        // Prefill phase: until every request has its first token.
         let t_prefill = Instant::now();
-        let mut started = 0;
-        while started < b {
-            for ev in engine.step()? {
-                if matches!(ev, Event::Token { .. }) {
-                    started += 1;
-                }
-            }
-        }
+        start_batch(&mut engine, b, &args)?;
         let prefill_s = t_prefill.elapsed().as_secs_f64();
         let t0 = Instant::now();
         let steps0 = engine.stats().steps;
@@ -238,6 +234,16 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             peak,
             (b * args.prompt_len) as f64 / prefill_s,
         ));
+        if args.kernel_profile.is_some() {
+            profile_rows.extend(profile_decode(
+                &mut engine,
+                b,
+                &args,
+                bw,
+                &machine,
+                &margs.model,
+            )?);
+        }
     }
     // Prefill alone: one request of `len` prompt tokens and one generated token; the engine
     // chunks it as it always does (512 tokens per step). FLOPs: 2 per weight per token plus
@@ -294,22 +300,140 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         ));
     }
     if let Some(path) = &args.csv {
-        let new = !path.exists();
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).ok();
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        if new {
-            writeln!(f, "date,commit,machine,backend,model,batch,prompt_len,ms_per_step,tokens_per_s,bytes_per_step,achieved_gb_s,measured_bw_gb_s,bw_ratio,limit_tokens_per_s,achieved_gflop_s,kernel_peak_gflop_s,prefill_tokens_per_s")?;
-        }
-        for r in rows {
-            writeln!(f, "{r}")?;
-        }
-        eprintln!("wrote {}", path.display());
+        append_csv(path, "date,commit,machine,backend,model,batch,prompt_len,ms_per_step,tokens_per_s,bytes_per_step,achieved_gb_s,measured_bw_gb_s,bw_ratio,limit_tokens_per_s,achieved_gflop_s,kernel_peak_gflop_s,prefill_tokens_per_s", &rows)?;
+    }
+    if let Some(path) = &args.kernel_profile {
+        append_csv(path, "date,commit,machine,model,batch,kernel,calls_per_step,us_per_step,share_of_step,bytes_per_call,achieved_gb_s,bw_ratio", &profile_rows)?;
     }
     Ok(())
+}
+
+/// Append `rows` to the CSV at `path`, with `header` first when the file is new.
+fn append_csv(path: &std::path::Path, header: &str, rows: &[String]) -> Result<()> {
+    let new = !path.exists();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if new {
+        writeln!(f, "{header}")?;
+    }
+    for r in rows {
+        writeln!(f, "{r}")?;
+    }
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+/// Add `b` requests of distinct deterministic prompts and run until each has its first token
+/// (the prefill phase): what follows is decode steps only.
+fn start_batch(engine: &mut crate::engine::Engine, b: usize, args: &BenchArgs) -> Result<()> {
+    for r in 0..b {
+        let prompt: Vec<u32> = (0..args.prompt_len)
+            .map(|i| 1000 + ((r * 7919 + i * 104729) % 50000) as u32)
+            .collect();
+        engine.add_request(
+            prompt,
+            SamplingParams {
+                max_tokens: args.gen_tokens,
+                ignore_eos: true,
+                seed: Some(r as u64),
+                ..Default::default()
+            },
+        )?;
+    }
+    let mut started = 0;
+    while started < b {
+        for ev in engine.step()? {
+            if matches!(ev, Event::Token { .. }) {
+                started += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Batch `b`'s decode again, eagerly, every launch timed: one printed line and one CSV row per
+/// kernel (GEMMs per shape), most time first. Launch gaps are not in the times (each is between
+/// the events just before and after its launch), so the shares say where the device works.
+fn profile_decode(
+    engine: &mut crate::engine::Engine,
+    b: usize,
+    args: &BenchArgs,
+    bw: f64,
+    machine: &str,
+    model: &str,
+) -> Result<Vec<String>> {
+    start_batch(engine, b, args)?;
+    cuda::take_kernel_profile();
+    cuda::profile_kernels(true);
+    let steps0 = engine.stats().steps;
+    let r = engine.run_to_completion();
+    cuda::profile_kernels(false);
+    r?;
+    let steps = (engine.stats().steps - steps0).max(1) as f64;
+    let mut kernels: Vec<(String, cuda::KernelTime)> =
+        cuda::take_kernel_profile().into_iter().collect();
+    let emulated = machine.contains("emulated");
+    if !emulated {
+        kernels.sort_by(|a, b| b.1.ms.total_cmp(&a.1.ms));
+    }
+    let total_ms: f64 = kernels.iter().map(|k| k.1.ms).sum();
+    if emulated {
+        eprintln!(
+            "kernel profile, batch {b} decode ({steps} steps, eager) [emulated device: counts only]:"
+        );
+    } else {
+        eprintln!(
+            "kernel profile, batch {b} decode ({steps} steps, eager, {:.3} ms/step in kernels):",
+            total_ms / steps
+        );
+    }
+    let mut rows = Vec::new();
+    for (label, k) in &kernels {
+        let calls = k.calls as f64 / steps;
+        if emulated {
+            // No speed figure from the emulator: the counts only.
+            eprintln!("  {label:<36} {calls:6.1} calls/step");
+            rows.push(format!(
+                "{},{},{},{model},{b},{label},{calls:.2},,,{},,",
+                super::host::today_utc(),
+                env!("HERD_GIT_COMMIT"),
+                machine.replace(',', " "),
+                k.bytes_per_call,
+            ));
+            continue;
+        }
+        let gb_s = if k.bytes_per_call > 0 && k.ms > 0.0 {
+            (k.bytes_per_call * k.calls) as f64 / (k.ms / 1e3) / 1e9
+        } else {
+            f64::NAN
+        };
+        eprintln!(
+            "  {label:<36} {calls:6.1} calls/step {:9.1} us/step {:5.1}%{}",
+            k.ms * 1e3 / steps,
+            100.0 * k.ms / total_ms,
+            if gb_s.is_nan() {
+                String::new()
+            } else {
+                format!("  {gb_s:7.1} GB/s = {:.0}% of {bw:.0}", 100.0 * gb_s / bw)
+            }
+        );
+        rows.push(format!(
+            "{},{},{},{model},{b},{label},{calls:.2},{:.2},{:.4},{},{:.1},{:.3}",
+            super::host::today_utc(),
+            env!("HERD_GIT_COMMIT"),
+            machine.replace(',', " "),
+            k.ms * 1e3 / steps,
+            k.ms / total_ms,
+            k.bytes_per_call,
+            gb_s,
+            gb_s / bw,
+        ));
+    }
+    Ok(rows)
 }

@@ -10,7 +10,7 @@
 //! NOTE: the graph, arena and staging paths have run on the emulated device only.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use cudarc::driver::{
@@ -256,6 +256,48 @@ pub fn time_steps(on: bool) {
     TIME_STEPS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+static PROFILE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static PROFILE_DATA: std::sync::Mutex<BTreeMap<String, KernelTime>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+/// One kind of kernel's share of the profiled steps (see [`profile_kernels`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KernelTime {
+    pub calls: u64,
+    /// Device time between the events recorded just before and just after each launch.
+    pub ms: f64,
+    /// Bytes a call must move at least (GEMMs: weights, input, output; 0 where not counted).
+    pub bytes_per_call: u64,
+}
+
+/// Time every launch from now on (`herd bench --kernel-profile`): steps run eagerly (no graph
+/// replay: a graph is one launch), each launch between two CUDA events; the totals per kernel
+/// (GEMMs per shape) accumulate until [`take_kernel_profile`].
+pub fn profile_kernels(on: bool) {
+    PROFILE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn profiling() -> bool {
+    PROFILE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The per-kernel totals since the last call, and start afresh.
+pub fn take_kernel_profile() -> BTreeMap<String, KernelTime> {
+    PROFILE_DATA
+        .lock()
+        .map(|mut d| std::mem::take(&mut *d))
+        .unwrap_or_default()
+}
+
+/// Event pairs around the launches since the last synchronization (profiling only).
+#[derive(Default)]
+struct LaunchTimer {
+    /// Reused pairs (created once each): `pending` of them are in flight.
+    events: Vec<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,
+    /// The label and bytes of each in-flight pair, in order.
+    pending: Vec<(String, u64)>,
+}
+
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -279,6 +321,8 @@ pub struct CudaBackend {
     /// With time_steps: when this step began on the host, and its two events.
     step_t0: Cell<Option<std::time::Instant>>,
     step_events: RefCell<Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>>,
+    /// With profile_kernels: the events around each launch of the step.
+    timer: RefCell<LaunchTimer>,
     /// First asynchronous failure since the last `check` (sticky, like CUDA's own errors).
     err: RefCell<Option<String>>,
     /// Kernels launched since the stream last synchronized without error: a kernel fault
@@ -356,7 +400,9 @@ macro_rules! launch {
         $( b.arg($a); )*
         // SAFETY: every kernel's parameter list matches these arguments (the emulated device
         // checks it against the PTX at load), and every pointer is a live device buffer.
+        let timed = $self.time_launch_begin();
         let r = unsafe { b.launch($cfg) };
+        $self.time_launch_end(timed, $name, 0);
         $self.launch_note(r, $name);
     }};
 }
@@ -443,6 +489,7 @@ impl CudaBackend {
             arena_warned: Cell::new(false),
             step_t0: Cell::new(None),
             step_events: RefCell::new(None),
+            timer: RefCell::new(LaunchTimer::default()),
             err: RefCell::new(None),
             launched: RefCell::new(Vec::new()),
             poison: false,
@@ -503,10 +550,59 @@ impl CudaBackend {
         }
     }
 
+    /// Profiling: record the event before a launch; `Some(pair index)` when timed.
+    fn time_launch_begin(&self) -> Option<usize> {
+        if !profiling() || self.capturing.get().is_some() {
+            return None;
+        }
+        let mut t = self.timer.borrow_mut();
+        let i = t.pending.len();
+        if i == t.events.len() {
+            let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            let pair = (
+                self.ctx.new_event(timed).ok()?,
+                self.ctx.new_event(timed).ok()?,
+            );
+            t.events.push(pair);
+        }
+        t.events[i].0.record(&self.stream).ok()?;
+        Some(i)
+    }
+
+    /// Profiling: record the event after the launch begun at `i`.
+    fn time_launch_end(&self, i: Option<usize>, label: impl Into<String>, bytes: u64) {
+        let Some(i) = i else { return };
+        let mut t = self.timer.borrow_mut();
+        if t.events[i].1.record(&self.stream).is_ok() {
+            t.pending.push((label.into(), bytes));
+        }
+    }
+
+    /// Profiling: after a synchronization, add each timed launch to the totals.
+    fn flush_launch_times(&self) {
+        let mut t = self.timer.borrow_mut();
+        if t.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut t.pending);
+        let Ok(mut data) = PROFILE_DATA.lock() else {
+            return;
+        };
+        for ((label, bytes), (a, b)) in pending.into_iter().zip(&t.events) {
+            let ms = a.elapsed_ms(b).unwrap_or(f32::NAN) as f64;
+            let e = data.entry(label).or_default();
+            e.calls += 1;
+            e.ms += ms;
+            e.bytes_per_call = bytes;
+        }
+    }
+
     /// Wait for the stream; the first wait of a timed step adds its host and device times.
     fn sync(&self) -> Result<(), cudarc::driver::DriverError> {
         let Some(t0) = self.step_t0.take() else {
-            return self.stream.synchronize();
+            let r = self.stream.synchronize();
+            self.flush_launch_times();
+            return r;
         };
         let host = t0.elapsed().as_nanos() as u64;
         let ev = self.step_events.borrow();
@@ -515,6 +611,7 @@ impl CudaBackend {
         };
         b.record(&self.stream)?;
         self.stream.synchronize()?;
+        self.flush_launch_times();
         let dev = (a.elapsed_ms(b)? as f64 * 1e6) as u64;
         self.count(|c| {
             c.host_ns += host;
@@ -887,7 +984,8 @@ impl CudaBackend {
             _ => return None,
         };
         let bucket = graph_bucket(n);
-        (decode && bucket <= self.graph_rows && self.err.borrow().is_none())
+        // Profiling times launches one by one: a replayed graph would be one launch.
+        (decode && bucket <= self.graph_rows && self.err.borrow().is_none() && !profiling())
             .then_some((bucket, top))
     }
 
@@ -1142,6 +1240,7 @@ impl CudaBackend {
 
     /// `out = a · Wᵀ` (`accumulate`: `out += a · Wᵀ`) for `m` bf16 rows `a`, one cuBLASLt call.
     fn gemm_bf16(&self, a: u64, w: &CudaMatrix, out: u64, m: usize, accumulate: bool) {
+        let timed = self.time_launch_begin();
         let r = self.gemm.borrow_mut().bf16_f32(
             &self.stream,
             a,
@@ -1152,6 +1251,17 @@ impl CudaBackend {
             w.cols,
             accumulate,
         );
+        if timed.is_some() {
+            // At least: the weights and the bf16 input once, the f32 output written (and read
+            // when accumulating).
+            let (n, k) = (w.rows, w.cols);
+            let bytes = 2 * n * k + 2 * m * k + if accumulate { 8 } else { 4 } * m * n;
+            let label = format!(
+                "gemm m={m} n={n} k={k}{}",
+                if accumulate { " +=" } else { "" }
+            );
+            self.time_launch_end(timed, label, bytes as u64);
+        }
         match r {
             Ok(()) => {
                 self.count(|c| c.launches += 1);

@@ -9,7 +9,8 @@
 //! - plan.rs: the memory plan under `--gpu-memory-utilization`.
 //! - selftest.rs (kernels vs their CPU twins) / report: `herd doctor` sections.
 //!
-//! STATUS: compiled and NVRTC-checked without a GPU; never run on a GPU yet (see README "GPU").
+//! STATUS: run on one GPU (an NVIDIA H200: self-test and bench, results/gpu-check-*); tensor
+//! parallel over NCCL only on the emulated device so far (see README "GPU").
 
 mod arena;
 mod backend;
@@ -24,8 +25,9 @@ pub mod selftest;
 mod staging;
 
 pub use backend::{
-    attn_splits, counters, device_count, driver_present, graph_bucket, time_steps, CudaAct,
-    CudaBackend, CudaKv, CudaMatrix, DeviceInfo, Numerics, StepCounters, MAX_TOP_LOGPROBS,
+    attn_splits, counters, device_count, driver_present, graph_bucket, profile_kernels,
+    take_kernel_profile, time_steps, CudaAct, CudaBackend, CudaKv, CudaMatrix, DeviceInfo,
+    KernelTime, Numerics, StepCounters, MAX_TOP_LOGPROBS,
 };
 pub use nccl::{nccl_present, NcclComm, NCCL_MISSING};
 pub use report::report;
