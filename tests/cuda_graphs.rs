@@ -189,7 +189,11 @@ fn the_kernel_profile_counts_each_launch_of_an_eager_decode_step() {
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
     let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
-    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let all: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let rows: Vec<&Vec<&str>> = all
+        .iter()
+        .filter(|r| r[col("step")] == "decode batch 2")
+        .collect();
     let calls = |pred: &dyn Fn(&str) -> bool| -> f64 {
         rows.iter()
             .filter(|r| pred(r[col("kernel")]))
@@ -201,8 +205,16 @@ fn the_kernel_profile_counts_each_launch_of_an_eager_decode_step() {
     assert_eq!(calls(&|k| k.starts_with("gemm m=2 ")), 9.0, "{text}");
     assert_eq!(calls(&|k| k == "gemm m=2 n=128256 k=64"), 1.0, "{text}");
     assert_eq!(calls(&|k| k == "sample_rows"), 1.0, "{text}");
-    for r in &rows {
-        assert_eq!(r[col("batch")], "2", "{text}");
+    // The prefill of 5 tokens: one step, the same launches (its attention: the tiled kernel).
+    let prefill = |k: &str| {
+        all.iter()
+            .filter(|r| r[col("step")] == "prefill 5" && r[col("kernel")] == k)
+            .map(|r| r[col("calls_per_step")].parse::<f64>().unwrap())
+            .sum::<f64>()
+    };
+    assert_eq!(prefill("attn_prefill_bf16"), 2.0, "{text}");
+    assert_eq!(prefill("gemm m=5 n=384 k=64"), 2.0, "{text}");
+    for r in &all {
         assert_eq!(r[col("us_per_step")], "", "no emulated timings: {text}");
     }
 }

@@ -173,9 +173,10 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     let kv_token_bytes = (2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * kv_elem) as f64;
     let mut rows = Vec::new();
     let mut profile_rows = Vec::new();
+    let mut prompts = Prompts(0);
     for &b in &args.batch_sizes {
         let t_prefill = Instant::now();
-        start_batch(&mut engine, b, &args)?;
+        start_batch(&mut engine, b, &args, &mut prompts)?;
         let prefill_s = t_prefill.elapsed().as_secs_f64();
         let t0 = Instant::now();
         let steps0 = engine.stats().steps;
@@ -235,32 +236,16 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             (b * args.prompt_len) as f64 / prefill_s,
         ));
         if args.kernel_profile.is_some() {
-            profile_rows.extend(profile_decode(
-                &mut engine,
-                b,
-                &args,
-                bw,
-                &machine,
-                &margs.model,
-            )?);
+            start_batch(&mut engine, b, &args, &mut prompts)?;
+            let what = format!("decode batch {b}");
+            profile_rows.extend(profile(&mut engine, &what, bw, &machine, &margs.model)?);
         }
     }
     // Prefill alone: one request of `len` prompt tokens and one generated token; the engine
     // chunks it as it always does (512 tokens per step). FLOPs: 2 per weight per token plus
     // causal attention (QK and PV: 2 * len^2 * q_dim per layer).
     for &len in &args.prefill_lens {
-        let prompt: Vec<u32> = (0..len)
-            .map(|i| 1000 + ((i * 104729) % 50000) as u32)
-            .collect();
-        engine.add_request(
-            prompt,
-            SamplingParams {
-                max_tokens: 1,
-                ignore_eos: true,
-                seed: Some(1),
-                ..Default::default()
-            },
-        )?;
+        add_prefill(&mut engine, len, &mut prompts)?;
         let steps0 = engine.stats().steps;
         let t = Instant::now();
         engine.run_to_completion()?;
@@ -298,12 +283,17 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             peak,
             tok_s,
         ));
+        if args.kernel_profile.is_some() {
+            add_prefill(&mut engine, len, &mut prompts)?;
+            let what = format!("prefill {len}");
+            profile_rows.extend(profile(&mut engine, &what, bw, &machine, &margs.model)?);
+        }
     }
     if let Some(path) = &args.csv {
         append_csv(path, "date,commit,machine,backend,model,batch,prompt_len,ms_per_step,tokens_per_s,bytes_per_step,achieved_gb_s,measured_bw_gb_s,bw_ratio,limit_tokens_per_s,achieved_gflop_s,kernel_peak_gflop_s,prefill_tokens_per_s", &rows)?;
     }
     if let Some(path) = &args.kernel_profile {
-        append_csv(path, "date,commit,machine,model,batch,kernel,calls_per_step,us_per_step,share_of_step,bytes_per_call,achieved_gb_s,bw_ratio", &profile_rows)?;
+        append_csv(path, "date,commit,machine,model,step,kernel,calls_per_step,us_per_step,share_of_step,bytes_per_call,achieved_gb_s,bw_ratio", &profile_rows)?;
     }
     Ok(())
 }
@@ -329,15 +319,31 @@ fn append_csv(path: &std::path::Path, header: &str, rows: &[String]) -> Result<(
     Ok(())
 }
 
-/// Add `b` requests of distinct deterministic prompts and run until each has its first token
-/// (the prefill phase): what follows is decode steps only.
-fn start_batch(engine: &mut crate::engine::Engine, b: usize, args: &BenchArgs) -> Result<()> {
+/// Deterministic prompts, each distinct from its first token on (for 50 000 of them): the
+/// prefix cache serves none of them, so every measured prompt token is computed.
+struct Prompts(usize);
+
+impl Prompts {
+    fn next(&mut self, len: usize) -> Vec<u32> {
+        let id = self.0;
+        self.0 += 1;
+        (0..len)
+            .map(|i| 1000 + ((id * 7919 + i * 104729) % 50000) as u32)
+            .collect()
+    }
+}
+
+/// Add `b` requests and run until each has its first token (the prefill phase): what follows
+/// is decode steps only.
+fn start_batch(
+    engine: &mut crate::engine::Engine,
+    b: usize,
+    args: &BenchArgs,
+    prompts: &mut Prompts,
+) -> Result<()> {
     for r in 0..b {
-        let prompt: Vec<u32> = (0..args.prompt_len)
-            .map(|i| 1000 + ((r * 7919 + i * 104729) % 50000) as u32)
-            .collect();
         engine.add_request(
-            prompt,
+            prompts.next(args.prompt_len),
             SamplingParams {
                 max_tokens: args.gen_tokens,
                 ignore_eos: true,
@@ -357,18 +363,35 @@ fn start_batch(engine: &mut crate::engine::Engine, b: usize, args: &BenchArgs) -
     Ok(())
 }
 
-/// Batch `b`'s decode again, eagerly, every launch timed: one printed line and one CSV row per
-/// kernel (GEMMs per shape), most time first. Launch gaps are not in the times (each is between
-/// the events just before and after its launch), so the shares say where the device works.
-fn profile_decode(
+/// One request of `len` prompt tokens and one generated token: its prefill.
+fn add_prefill(
     engine: &mut crate::engine::Engine,
-    b: usize,
-    args: &BenchArgs,
+    len: usize,
+    prompts: &mut Prompts,
+) -> Result<()> {
+    engine.add_request(
+        prompts.next(len),
+        SamplingParams {
+            max_tokens: 1,
+            ignore_eos: true,
+            seed: Some(1),
+            ..Default::default()
+        },
+    )?;
+    Ok(())
+}
+
+/// The steps until `engine` is idle, run eagerly with every launch timed: one printed line and
+/// one CSV row per kernel (GEMMs per shape), most time first. Launch gaps are not in the times
+/// (each is between the events just before and after its launch), so the shares say where the
+/// device works. `what` names the steps ("decode batch 16", "prefill 512").
+fn profile(
+    engine: &mut crate::engine::Engine,
+    what: &str,
     bw: f64,
     machine: &str,
     model: &str,
 ) -> Result<Vec<String>> {
-    start_batch(engine, b, args)?;
     cuda::take_kernel_profile();
     cuda::profile_kernels(true);
     let steps0 = engine.stats().steps;
@@ -384,12 +407,10 @@ fn profile_decode(
     }
     let total_ms: f64 = kernels.iter().map(|k| k.1.ms).sum();
     if emulated {
-        eprintln!(
-            "kernel profile, batch {b} decode ({steps} steps, eager) [emulated device: counts only]:"
-        );
+        eprintln!("kernel profile, {what} ({steps} steps, eager) [emulated device: counts only]:");
     } else {
         eprintln!(
-            "kernel profile, batch {b} decode ({steps} steps, eager, {:.3} ms/step in kernels):",
+            "kernel profile, {what} ({steps} steps, eager, {:.3} ms/step in kernels):",
             total_ms / steps
         );
     }
@@ -400,7 +421,7 @@ fn profile_decode(
             // No speed figure from the emulator: the counts only.
             eprintln!("  {label:<36} {calls:6.1} calls/step");
             rows.push(format!(
-                "{},{},{},{model},{b},{label},{calls:.2},,,{},,",
+                "{},{},{},{model},{what},{label},{calls:.2},,,{},,",
                 super::host::today_utc(),
                 env!("HERD_GIT_COMMIT"),
                 machine.replace(',', " "),
@@ -424,7 +445,7 @@ fn profile_decode(
             }
         );
         rows.push(format!(
-            "{},{},{},{model},{b},{label},{calls:.2},{:.2},{:.4},{},{:.1},{:.3}",
+            "{},{},{},{model},{what},{label},{calls:.2},{:.2},{:.4},{},{:.1},{:.3}",
             super::host::today_utc(),
             env!("HERD_GIT_COMMIT"),
             machine.replace(',', " "),
