@@ -173,7 +173,7 @@ fn the_kernel_profile_counts_each_launch_of_an_eager_decode_step() {
             "--batch-sizes",
             "2",
             "--prefill-lens",
-            "5",
+            "20",
             "--prompt-len",
             "4",
             "--gen-tokens",
@@ -205,15 +205,17 @@ fn the_kernel_profile_counts_each_launch_of_an_eager_decode_step() {
     assert_eq!(calls(&|k| k.starts_with("gemm m=2 ")), 9.0, "{text}");
     assert_eq!(calls(&|k| k == "gemm m=2 n=128256 k=64"), 1.0, "{text}");
     assert_eq!(calls(&|k| k == "sample_rows"), 1.0, "{text}");
-    // The prefill of 5 tokens: one step, the same launches (its attention: the tiled kernel).
+    // The prefill of 20 tokens (more than a small step's 16): one step, the same launches, its
+    // attention the tiled prefill kernel.
     let prefill = |k: &str| {
         all.iter()
-            .filter(|r| r[col("step")] == "prefill 5" && r[col("kernel")] == k)
+            .filter(|r| r[col("step")] == "prefill 20" && r[col("kernel")] == k)
             .map(|r| r[col("calls_per_step")].parse::<f64>().unwrap())
             .sum::<f64>()
     };
     assert_eq!(prefill("attn_prefill_bf16"), 2.0, "{text}");
-    assert_eq!(prefill("gemm m=5 n=384 k=64"), 2.0, "{text}");
+    assert_eq!(prefill("gemm m=20 n=384 k=64"), 2.0, "{text}");
+    assert_eq!(prefill("attn_partial_bf16"), 0.0, "{text}");
     for r in &all {
         assert_eq!(r[col("us_per_step")], "", "no emulated timings: {text}");
     }
@@ -351,6 +353,79 @@ fn a_decode_shaped_first_step_runs_eagerly_then_replays() {
             .to_string()
     };
     assert_eq!(run(&[]), run(&[("HERD_CUDA_GRAPHS", "0")]));
+}
+
+/// A structured output's grammar-forced tokens run as one chunk per sequence (a few rows): such
+/// "small" steps replay graphs too (keyed by rows and logit rows), with the decode attention
+/// kernel eagerly and in the graph, so the text equals the eager run's exactly.
+#[test]
+fn forced_token_chunks_replay_graphs_and_equal_the_eager_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("s.json");
+    std::fs::write(
+        &schema,
+        json!({"type": "object", "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "age": {"type": "integer", "minimum": 0, "maximum": 99},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 3}},
+            "required": ["name", "age", "tags"], "additionalProperties": false})
+        .to_string(),
+    )
+    .unwrap();
+    let run = |graphs: bool| {
+        let stats = dir.path().join(format!("stats-{graphs}.json"));
+        let s = stats.to_string_lossy().into_owned();
+        let mut env = vec![("CUDA_EMU_STATS", s.as_str())];
+        if !graphs {
+            env.push(("HERD_CUDA_GRAPHS", "0"));
+        }
+        let (code, out) = herd_emu(
+            &[
+                "generate",
+                "--model",
+                "random:tiny",
+                "--device",
+                "cuda",
+                "--kv-cache-gb",
+                "0.05",
+                "--prompt",
+                "Hi",
+                "--temperature",
+                "1",
+                "--seed",
+                "11",
+                "--max-tokens",
+                "120",
+                "--json-schema",
+                &schema.to_string_lossy(),
+                "--json",
+            ],
+            &env,
+        );
+        assert_eq!(code, 0, "{out}");
+        let rec: Value = serde_json::from_str(
+            out.lines()
+                .find(|l| l.starts_with('{'))
+                .unwrap_or_else(|| panic!("no JSON in:\n{out}")),
+        )
+        .unwrap();
+        let calls: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+        (rec, calls["calls"].clone())
+    };
+    let (graph, calls) = run(true);
+    let (eager, eager_calls) = run(false);
+    assert_eq!(graph["finish_reason"], "stop", "{graph}");
+    assert_eq!(
+        graph["text"], eager["text"],
+        "graph replay differs from eager steps"
+    );
+    assert_eq!(graph["token_ids"], eager["token_ids"]);
+    assert_eq!(count(&eager_calls, &["cuGraphLaunch"]), 0);
+    // Decode steps (1 row) and forced chunks (2, 4, 8 rows...) are different shapes: more than
+    // one graph captured, and replayed more often than captured.
+    let captures = count(&calls, &["cuStreamBeginCapture_v2"]);
+    assert!(captures >= 2, "{calls}");
+    assert!(count(&calls, &["cuGraphLaunch"]) > captures, "{calls}");
 }
 
 /// `--tp 2` on two emulated GPUs producing `tokens` tokens: (the JSON result, the API calls of

@@ -204,8 +204,19 @@ struct Meta {
     _own: Vec<DevBuf>,
 }
 
-/// A captured decode step: (rows bucket, top log-probs slots) -> graph.
-type GraphKey = (usize, usize);
+/// A captured step: (rows bucket, logit rows bucket, top log-probs slots) -> graph.
+type GraphKey = (usize, usize, usize);
+
+/// A step whose every sequence runs at most this many new tokens is "small": decode, or a
+/// structured output's forced tokens run as one chunk. Small steps use the split-context
+/// decode attention kernel (a few rows per sequence: re-reading K/V per row costs little) and
+/// may replay a graph; longer chunks (prompts) use the tiled prefill kernel, eagerly.
+pub const SMALL_STEP_TOKENS: usize = 16;
+
+/// Whether every sequence of `batch` runs at most [`SMALL_STEP_TOKENS`] new tokens.
+pub fn small_step(batch: &AttnBatch) -> bool {
+    batch.seqs.iter().all(|s| s.n_tokens <= SMALL_STEP_TOKENS)
+}
 
 struct Graph {
     exec: cudarc::driver::CudaGraph,
@@ -959,11 +970,13 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// A decode step may replay a graph: every row one new token and needing logits, at most
-    /// `graph_rows` rows, and either every row sampled on the device, or (a tensor-parallel
-    /// follower, which only takes part in the collectives) no sampling at all. The NCCL calls
-    /// are captured with the rest; every rank captures and replays at the same steps (the key
-    /// and the warm-up depend on the step's shape), so the collectives stay in order.
+    /// A small step (see [`small_step`]) may replay a graph: logits at each sequence's last row,
+    /// at most `graph_rows` rows, and either every logit row sampled on the device, or (a
+    /// tensor-parallel follower, which only takes part in the collectives) no sampling at all.
+    /// Rows and logit rows are padded to their buckets; the staged tables say which row is
+    /// whose. The NCCL calls are captured with the rest; every rank captures and replays at the
+    /// same steps (the key and the warm-up depend on the step's shape), so the collectives stay
+    /// in order.
     fn graph_key(
         &self,
         batch: &AttnBatch,
@@ -971,12 +984,15 @@ impl CudaBackend {
         sampling: Option<&[RowSampling]>,
     ) -> Option<GraphKey> {
         let n = batch.n_tokens();
-        let decode = n > 0
-            && batch.seqs.iter().all(|s| s.n_tokens == 1)
-            && logit_rows.iter().copied().eq(0..n);
+        let last_rows = batch.seqs.iter().map(|s| s.token_start + s.n_tokens - 1);
+        let small = n > 0
+            && small_step(batch)
+            && batch.seqs.iter().all(|s| s.n_tokens > 0)
+            && logit_rows.iter().copied().eq(last_rows);
         let top = match sampling {
             Some(rows)
-                if rows.len() == n && rows.iter().all(|r| r.top_logprobs <= MAX_TOP_LOGPROBS) =>
+                if rows.len() == logit_rows.len()
+                    && rows.iter().all(|r| r.top_logprobs <= MAX_TOP_LOGPROBS) =>
             {
                 top_slots(rows)
             }
@@ -985,8 +1001,8 @@ impl CudaBackend {
         };
         let bucket = graph_bucket(n);
         // Profiling times launches one by one: a replayed graph would be one launch.
-        (decode && bucket <= self.graph_rows && self.err.borrow().is_none() && !profiling())
-            .then_some((bucket, top))
+        (small && bucket <= self.graph_rows && self.err.borrow().is_none() && !profiling())
+            .then_some((bucket, graph_bucket(logit_rows.len()), top))
     }
 
     /// Stage a step and, for a decode step whose graph exists, run it (one launch).
@@ -1005,9 +1021,9 @@ impl CudaBackend {
             return None;
         }
         let key = self.graph_key(batch, logit_rows, sampling);
-        let (pad, top) = match key {
-            Some((b, t)) => (b, t.max(1)),
-            None => (0, sampling.map_or(1, top_slots)),
+        let (pad, pad_logits, top) = match key {
+            Some((b, l, t)) => (b, l, t.max(1)),
+            None => (0, 0, sampling.map_or(1, top_slots)),
         };
         let d = StepData {
             tokens,
@@ -1016,7 +1032,7 @@ impl CudaBackend {
             sampling,
             block_size: bs,
             pad_rows: pad,
-            pad_logit_rows: pad,
+            pad_logit_rows: pad_logits,
         };
         if let Err(e) = self.stage(&d, top) {
             return Some(Err(e));
@@ -1718,8 +1734,9 @@ impl Backend for CudaBackend {
         }
     }
 
-    /// Steps with prompt rows (a sequence with more than one new token) use the tiled prefill
-    /// kernel; decode steps the split-context decode kernel.
+    /// Steps with prompt chunks (a sequence with more than [`SMALL_STEP_TOKENS`] new tokens) use
+    /// the tiled prefill kernel; small steps the split-context decode kernel (eagerly and in a
+    /// graph alike, so that a replay gives exactly the eager step's numbers).
     fn attention(
         &self,
         q: &CudaAct,
@@ -1728,8 +1745,7 @@ impl Backend for CudaBackend {
         n_heads: usize,
         batch: &AttnBatch,
     ) -> CudaAct {
-        let prefill = batch.seqs.iter().any(|s| s.n_tokens > 1);
-        self.attention_with(q, kv, layer, n_heads, batch, prefill)
+        self.attention_with(q, kv, layer, n_heads, batch, !small_step(batch))
     }
 
     fn silu_mul(&self, gate_up: &CudaAct) -> CudaAct {
