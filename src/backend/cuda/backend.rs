@@ -213,6 +213,11 @@ type GraphKey = (usize, usize, usize);
 /// may replay a graph; longer chunks (prompts) use the tiled prefill kernel, eagerly.
 pub const SMALL_STEP_TOKENS: usize = 16;
 
+/// Query rows per block of the tiled prefill kernel (FP_ROWS in attention.cu).
+const PREFILL_ROWS: usize = 16;
+/// The largest head_dim the tiled prefill kernel takes (FP_MAX_HD in attention.cu).
+const PREFILL_MAX_HEAD_DIM: usize = 128;
+
 /// Whether every sequence of `batch` runs at most [`SMALL_STEP_TOKENS`] new tokens.
 pub fn small_step(batch: &AttnBatch) -> bool {
     batch.seqs.iter().all(|s| s.n_tokens <= SMALL_STEP_TOKENS)
@@ -1354,7 +1359,8 @@ impl CudaBackend {
             };
             let (t16, twin) = self.twin(q.rows * n_heads * hd);
             let rows = q.rows as i32;
-            launch!(self, f, name, cfg((q.rows.div_ceil(8) as u32, n_heads as u32, 1), 128);
+            let tiles = q.rows.div_ceil(PREFILL_ROWS) as u32;
+            launch!(self, f, name, cfg((tiles, n_heads as u32, 1), 128);
                 &kc, &vc, &qb.ptr, &q_stride, &m.row_ctx, &m.row_table, &m.tables, &ob.ptr, &t16,
                 &rows, &nh, &nkv, &hdi, &bs, &scale);
             *out.b16.borrow_mut() = twin;
@@ -1519,9 +1525,14 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_kv(&self, shape: KvShape) -> Result<CudaKv, BackendError> {
-        if shape.head_dim > 256 || !shape.head_dim.is_multiple_of(2) || shape.head_dim == 0 {
+        // The prefill kernel keeps a tile of 32 keys, values and 16 queries in 48 KB of shared
+        // memory: head_dim 128 at most (every Llama 3 has 64 or 128).
+        if shape.head_dim > PREFILL_MAX_HEAD_DIM
+            || !shape.head_dim.is_multiple_of(2)
+            || shape.head_dim == 0
+        {
             return Err(BackendError::Unsupported(format!(
-                "the CUDA kernels need an even head_dim of at most 256, got {}",
+                "the CUDA kernels need an even head_dim of at most {PREFILL_MAX_HEAD_DIM}, got {}",
                 shape.head_dim
             )));
         }

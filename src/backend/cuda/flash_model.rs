@@ -7,8 +7,8 @@
 
 #![cfg(test)]
 
-const FP_ROWS: usize = 8;
-const FP_KEYS: usize = 16;
+const FP_ROWS: usize = 16;
+const FP_KEYS: usize = 32;
 
 /// One head: `q[rows][hd]` (row r sees positions `< ctx[r]`), keys/values `[pos][hd]` of one
 /// sequence reached through `table` (block ids of `block_size` positions) in a paged pool.
@@ -43,18 +43,31 @@ fn flash(
             }
             for r in t0..t1 {
                 let i = r - t0;
-                for kk in 0..FP_KEYS.min(ctx[r].saturating_sub(p0)) {
-                    let d: f32 = (0..hd)
-                        .map(|e| q[r * hd + e] * scale * s_k[kk * hd + e])
-                        .sum();
-                    let m2 = m[i].max(d);
-                    let (corr, pw) = ((m[i] - m2).exp(), (d - m2).exp());
-                    l[i] = l[i] * corr + pw;
-                    for e in 0..hd {
-                        acc[i * hd + e] = acc[i * hd + e] * corr + pw * s_v[kk * hd + e];
-                    }
-                    m[i] = m2;
+                let kn = FP_KEYS.min(ctx[r].saturating_sub(p0));
+                if kn == 0 {
+                    continue;
                 }
+                // As a warp does it: every visible key's score (one per lane), the tile's
+                // maximum, one rescale of the running sums, then the weighted values.
+                let s: Vec<f32> = (0..kn)
+                    .map(|kk| {
+                        (0..hd)
+                            .map(|e| q[r * hd + e] * scale * s_k[kk * hd + e])
+                            .sum()
+                    })
+                    .collect();
+                let m2 = s.iter().fold(m[i], |a, &b| a.max(b));
+                let p: Vec<f32> = s.iter().map(|&x| (x - m2).exp()).collect();
+                let corr = (m[i] - m2).exp();
+                l[i] = l[i] * corr + p.iter().sum::<f32>();
+                for e in 0..hd {
+                    let a = &mut acc[i * hd + e];
+                    *a *= corr;
+                    for (kk, &pk) in p.iter().enumerate() {
+                        *a += pk * s_v[kk * hd + e];
+                    }
+                }
+                m[i] = m2;
             }
         }
         for r in t0..t1 {

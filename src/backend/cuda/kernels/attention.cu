@@ -126,12 +126,17 @@ extern "C" __global__ void attn_combine(const float* __restrict__ part_acc,
 // (the decode kernel above re-reads the context for every row). Online softmax per row, causal
 // (row r sees positions < row_ctx[r]), GQA, paged KV. Rows of a tile that belong to different
 // sequences (packed steps) are handled as consecutive groups, each with its own block table.
-// Warp w holds rows w and w + 4 of the group; each lane ceil(head_dim/32) elements, as above.
+// Work per (row, tile of 32 keys), one warp: lane j computes key j's whole dot product from
+// shared memory (no reduction across lanes per key: the earlier layout, one key at a time with
+// a 5-shuffle sum each, was latency-bound); one max and one sum across the warp per tile; then
+// every lane adds the 32 weighted values for its ceil(head_dim/32) elements. Warp w holds rows
+// w, w + 4, w + 8, w + 12 of the group. head_dim <= FP_MAX_HD (every Llama 3 has 64 or 128).
 // CPU twin: flash_model.rs (the same tiling on the host); checked against the decode kernel by
 // the self-test at context lengths 1 to 4097.
-#define FP_ROWS 8
-#define FP_KEYS 16
-#define FP_MAX_HD 256
+#define FP_ROWS 16
+#define FP_KEYS 32  // one key per lane
+#define FP_MAX_HD 128
+#define FP_ROWS_PER_WARP (FP_ROWS / ATT_WARPS)
 
 template <typename KV>
 __device__ __forceinline__ void attn_prefill_impl(
@@ -140,8 +145,11 @@ __device__ __forceinline__ void attn_prefill_impl(
              const unsigned int* __restrict__ row_table, const unsigned int* __restrict__ tables,
              float* __restrict__ out, bf16_t* __restrict__ out16, int rows, int n_heads,
              int n_kv_heads, int head_dim, int block_size, float scale) {
-    __shared__ float s_k[FP_KEYS][FP_MAX_HD];
+    // K rows padded by one float: lane j reads row j, element e at bank (j + e) % 32 — no
+    // conflicts. V is read along a row (lanes take consecutive elements).
+    __shared__ float s_k[FP_KEYS][FP_MAX_HD + 1];
     __shared__ float s_v[FP_KEYS][FP_MAX_HD];
+    __shared__ float s_q[FP_ROWS][FP_MAX_HD];
     int h = blockIdx.y, kvh = h / (n_heads / n_kv_heads);
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     int per = (head_dim + 31) / 32;
@@ -153,56 +161,74 @@ __device__ __forceinline__ void attn_prefill_impl(
         while (g1 < r_end && row_table[g1] == off) g1++;
         const unsigned int* table = tables + off;
         int n_max = row_ctx[g1 - 1];
-        float qv[2][MAX_PER_LANE], acc[2][MAX_PER_LANE], m[2], l[2];
-        for (int i = 0; i < 2; i++) {
-            int row = g0 + w + ATT_WARPS * i;
-            const float* qr = q + (u64)(row < g1 ? row : g0) * q_stride + (u64)h * head_dim + lane * per;
+        int base = g0 - (int)blockIdx.x * FP_ROWS;  // the group's first row in s_q
+        __syncthreads();  // the previous group's last tile is read by every warp
+        for (int t = threadIdx.x; t < (g1 - g0) * head_dim; t += blockDim.x) {
+            int r = t / head_dim, d = t % head_dim;
+            s_q[base + r][d] = q[(u64)(g0 + r) * q_stride + (u64)h * head_dim + d] * scale;
+        }
+        float acc[FP_ROWS_PER_WARP][MAX_PER_LANE / 2], m[FP_ROWS_PER_WARP], l[FP_ROWS_PER_WARP];
 #pragma unroll
-            for (int e = 0; e < MAX_PER_LANE; e++) {
-                qv[i][e] = (row < g1 && LANE_OK(e)) ? qr[e] * scale : 0.f;
-                acc[i][e] = 0.f;
-            }
+        for (int i = 0; i < FP_ROWS_PER_WARP; i++) {
+#pragma unroll
+            for (int e = 0; e < MAX_PER_LANE / 2; e++) acc[i][e] = 0.f;
             m[i] = -INFINITY;
             l[i] = 0.f;
         }
         for (int p0 = 0; p0 < n_max; p0 += FP_KEYS) {
+            __syncthreads();  // every warp is done with the previous tile (and s_q is written)
             for (int t = threadIdx.x; t < FP_KEYS * head_dim; t += blockDim.x) {
                 int kk = t / head_dim, d = t % head_dim, p = p0 + kk;
+                float kx = 0.f, vx = 0.f;  // past the context: zeros, weighted 0 below
                 if (p < n_max) {
                     u64 slot = (u64)table[p / block_size] * block_size + p % block_size;
                     u64 at = (slot * n_kv_heads + kvh) * head_dim + d;
-                    s_k[kk][d] = kv_load(kcache, at);
-                    s_v[kk][d] = kv_load(vcache, at);
+                    kx = kv_load(kcache, at);
+                    vx = kv_load(vcache, at);
                 }
+                s_k[kk][d] = kx;
+                s_v[kk][d] = vx;
             }
             __syncthreads();
-            for (int i = 0; i < 2; i++) {
+#pragma unroll
+            for (int i = 0; i < FP_ROWS_PER_WARP; i++) {
                 int row = g0 + w + ATT_WARPS * i;
                 if (row >= g1) continue;  // warp-uniform: a warp holds whole rows
                 int n = row_ctx[row];
-                for (int kk = 0; kk < FP_KEYS && p0 + kk < n; kk++) {
-                    float d = 0.f;
-#pragma unroll
-                    for (int e = 0; e < MAX_PER_LANE; e++)
-                        if (LANE_OK(e)) d += qv[i][e] * s_k[kk][lane * per + e];
-                    d = warp_sum(d);
-                    float m2 = fmaxf(m[i], d);
-                    float corr = expf(m[i] - m2), pw = expf(d - m2);
-                    l[i] = l[i] * corr + pw;
-#pragma unroll
-                    for (int e = 0; e < MAX_PER_LANE; e++)
-                        if (LANE_OK(e)) acc[i][e] = acc[i][e] * corr + pw * s_v[kk][lane * per + e];
-                    m[i] = m2;
+                if (p0 >= n) continue;  // warp-uniform: nothing of this tile is visible
+                const float* qr = s_q[base + (row - g0)];
+                int j = p0 + lane;
+                float sc = -INFINITY;
+                if (j < n) {
+                    float d0 = 0.f;
+#pragma unroll 8
+                    for (int e = 0; e < head_dim; e++) d0 += qr[e] * s_k[lane][e];
+                    sc = d0;
                 }
+                // Position p0 is visible: the tile's maximum is finite.
+                float m2 = fmaxf(m[i], warp_max(sc));
+                float pw = j < n ? expf(sc - m2) : 0.f;
+                float corr = expf(m[i] - m2);
+                l[i] = l[i] * corr + warp_sum(pw);
+#pragma unroll
+                for (int e = 0; e < MAX_PER_LANE / 2; e++) acc[i][e] *= corr;
+                int kn = min(FP_KEYS, n - p0);
+                for (int kk = 0; kk < kn; kk++) {
+                    float pk = __shfl_sync(0xffffffffu, pw, kk);
+#pragma unroll
+                    for (int e = 0; e < MAX_PER_LANE / 2; e++)
+                        if (LANE_OK(e)) acc[i][e] += pk * s_v[kk][lane * per + e];
+                }
+                m[i] = m2;
             }
-            __syncthreads();
         }
-        for (int i = 0; i < 2; i++) {
+#pragma unroll
+        for (int i = 0; i < FP_ROWS_PER_WARP; i++) {
             int row = g0 + w + ATT_WARPS * i;
             if (row >= g1) continue;
             u64 o = ((u64)row * n_heads + h) * head_dim + lane * per;
 #pragma unroll
-            for (int e = 0; e < MAX_PER_LANE; e++) {
+            for (int e = 0; e < MAX_PER_LANE / 2; e++) {
                 if (!LANE_OK(e)) continue;
                 float v = acc[i][e] / l[i];
                 out[o + e] = v;
