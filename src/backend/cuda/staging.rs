@@ -180,34 +180,81 @@ impl StepData<'_> {
                 (r.min(l.rows.saturating_sub(1)) as u32).to_le_bytes(),
             );
             let p = self.sampling.and_then(|s| s.get(i));
-            let mut row = [0u8; SAMPLE_ROW_BYTES];
-            let (temp, top_p, top_k, n_top, seed, gen) = match p {
-                Some(p) => (
-                    p.temperature,
-                    p.top_p,
-                    p.top_k.min(u32::MAX as usize) as u32,
-                    p.top_logprobs as u32,
-                    p.seed,
-                    p.n,
-                ),
-                None => (0.0, 1.0, 0, 0, 0, 0),
-            };
-            row[0..4].copy_from_slice(&temp.to_le_bytes());
-            row[4..8].copy_from_slice(&top_p.to_le_bytes());
-            row[8..12].copy_from_slice(&top_k.to_le_bytes());
-            row[12..16].copy_from_slice(&n_top.to_le_bytes());
-            row[16..24].copy_from_slice(&seed.to_le_bytes());
-            row[24..32].copy_from_slice(&gen.to_le_bytes());
             // The mask: its words after the tables, found by word offset; none = all allowed.
-            if let Some(m) = p.and_then(|p| p.mask) {
-                for (w, &word) in m.iter().enumerate() {
-                    put(buf, mask_at, w, word.to_le_bytes());
-                }
-                row[32..36].copy_from_slice(&((mask_at / 4) as u32).to_le_bytes());
-                row[36..40].copy_from_slice(&(m.len() as u32).to_le_bytes());
-                mask_at += 4 * m.len();
-            }
+            let row = sample_row(p, buf, &mut mask_at);
             put(buf, l.params, i, row);
+        }
+    }
+}
+
+/// One sampling row (struct SampleRow in sample.cu; `None`: a padded row, greedy), its mask's
+/// words written into `buf` at byte `mask_at` (advanced past them), which the kernel finds by
+/// word offset from the start of `buf` (its `stage` argument).
+fn sample_row(
+    p: Option<&RowSampling>,
+    buf: &mut [u8],
+    mask_at: &mut usize,
+) -> [u8; SAMPLE_ROW_BYTES] {
+    let mut row = [0u8; SAMPLE_ROW_BYTES];
+    let (temp, top_p, top_k, n_top, seed, gen) = match p {
+        Some(p) => (
+            p.temperature,
+            p.top_p,
+            p.top_k.min(u32::MAX as usize) as u32,
+            p.top_logprobs as u32,
+            p.seed,
+            p.n,
+        ),
+        None => (0.0, 1.0, 0, 0, 0, 0),
+    };
+    row[0..4].copy_from_slice(&temp.to_le_bytes());
+    row[4..8].copy_from_slice(&top_p.to_le_bytes());
+    row[8..12].copy_from_slice(&top_k.to_le_bytes());
+    row[12..16].copy_from_slice(&n_top.to_le_bytes());
+    row[16..24].copy_from_slice(&seed.to_le_bytes());
+    row[24..32].copy_from_slice(&gen.to_le_bytes());
+    if let Some(m) = p.and_then(|p| p.mask) {
+        let at = *mask_at;
+        for (w, &word) in m.iter().enumerate() {
+            buf[at + 4 * w..at + 4 * w + 4].copy_from_slice(&word.to_le_bytes());
+        }
+        row[32..36].copy_from_slice(&((at / 4) as u32).to_le_bytes());
+        row[36..40].copy_from_slice(&(m.len() as u32).to_le_bytes());
+        *mask_at += 4 * m.len();
+    }
+    row
+}
+
+/// A deferred step's sampling, sent once its forward runs (structured outputs: the masks are
+/// computed meanwhile): `rows` sampling rows (the padded ones greedy and unmasked), then the
+/// masks, in a buffer of their own whose start is the kernel's `params` and `stage` both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SamplingLayout {
+    pub rows: usize,
+    pub masks: usize,
+    /// Bytes used.
+    pub end: usize,
+}
+
+impl SamplingLayout {
+    /// For `sampling` padded to `pad_rows` rows.
+    pub fn new(sampling: &[RowSampling], pad_rows: usize) -> Self {
+        let rows = pad_rows.max(sampling.len());
+        let words: usize = sampling.iter().filter_map(|r| r.mask).map(<[u32]>::len).sum();
+        let masks = up(SAMPLE_ROW_BYTES * rows);
+        SamplingLayout {
+            rows,
+            masks,
+            end: up(masks + 4 * words),
+        }
+    }
+
+    /// Write the rows and their masks into `buf` (at least `end` bytes).
+    pub fn pack(&self, sampling: &[RowSampling], buf: &mut [u8]) {
+        let mut mask_at = self.masks;
+        for i in 0..self.rows {
+            let row = sample_row(sampling.get(i), buf, &mut mask_at);
+            buf[SAMPLE_ROW_BYTES * i..SAMPLE_ROW_BYTES * (i + 1)].copy_from_slice(&row);
         }
     }
 }
