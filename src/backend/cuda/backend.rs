@@ -6,7 +6,9 @@
 //! memory plan (no allocation per buffer), everything the step needs from the host goes up in one
 //! copy from a pinned buffer and the sampled tokens come back in one, cuBLASLt plans are cached,
 //! and a decode step (every row one new token, all rows sampled) is a CUDA graph captured once
-//! per batch-size bucket and replayed with one launch.
+//! per batch-size bucket and replayed with one launch. A structured-output step is deferred: its
+//! forward (the graph that ends at the logits) runs while the host computes the masks, which
+//! then go up in a second copy, followed by the sampling kernel.
 //! NOTE: the graph, arena and staging paths have run on the emulated device only.
 
 use std::cell::{Cell, RefCell};

@@ -1,6 +1,8 @@
 //! One step's host data in one buffer: tokens, positions, KV slots, block tables, row metadata,
-//! logit rows, sampling parameters and the structured-output masks are packed into a pinned buffer and sent with a single
-//! host-to-device copy; the sampled tokens and log-probs come back in a single copy the other way.
+//! logit rows, sampling parameters (and masks, when known before the step) are packed into a
+//! pinned buffer and sent with a single host-to-device copy; the sampled tokens and log-probs come
+//! back in a single copy the other way. A deferred step's sampling rows and masks, computed while
+//! its forward runs, go in a buffer of their own ([`SamplingLayout`]).
 //! The layout is pure arithmetic over the step's sizes, so that a decode graph of a given batch
 //! bucket finds every table at the same device address at every replay.
 
@@ -403,5 +405,51 @@ mod tests {
             (0..3).map(|w| u32_at(&b, 4 * off, w)).collect::<Vec<_>>(),
             words
         );
+    }
+
+    #[test]
+    fn a_deferred_steps_sampling_rows_and_masks_share_one_buffer() {
+        let words = [7u32, 0, 1 << 5];
+        let plain = RowSampling {
+            temperature: 0.8,
+            top_p: 1.0,
+            top_k: 5,
+            seed: 9,
+            n: 4,
+            top_logprobs: 1,
+            mask: None,
+        };
+        let rows = [
+            RowSampling {
+                mask: Some(&words),
+                ..plain
+            },
+            plain,
+            RowSampling {
+                mask: Some(&words[..2]),
+                ..plain
+            },
+        ];
+        // Padded to the graph's 4 rows: the fourth is greedy and unmasked.
+        let l = SamplingLayout::new(&rows, 4);
+        assert_eq!(l.rows, 4);
+        assert_eq!(l.masks, (4 * SAMPLE_ROW_BYTES).next_multiple_of(ALIGN));
+        assert_eq!(l.end, (l.masks + 4 * 5).next_multiple_of(ALIGN));
+        let mut b = vec![0xAAu8; l.end];
+        l.pack(&rows, &mut b);
+        let row = |i: usize| SAMPLE_ROW_BYTES * i;
+        assert_eq!(u32_at(&b, row(0) + 8, 0), 5, "top_k");
+        // Mask offsets count words from the buffer's start (the kernel's `stage`).
+        assert_eq!(u32_at(&b, row(0) + 32, 0) as usize * 4, l.masks);
+        assert_eq!(u32_at(&b, row(0) + 36, 0), 3);
+        assert_eq!(u32_at(&b, row(1) + 36, 0), 0, "unconstrained row: no mask");
+        assert_eq!(u32_at(&b, row(2) + 32, 0) as usize * 4, l.masks + 12);
+        assert_eq!(u32_at(&b, row(2) + 36, 0), 2);
+        assert_eq!(
+            (0..5).map(|w| u32_at(&b, l.masks, w)).collect::<Vec<_>>(),
+            [7, 0, 1 << 5, 7, 0]
+        );
+        assert_eq!(u32_at(&b, row(3), 0), 0, "padded row: temperature 0");
+        assert_eq!(u32_at(&b, row(3) + 36, 0), 0);
     }
 }
