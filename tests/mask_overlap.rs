@@ -104,8 +104,7 @@ impl Backend for Recording {
         layer: usize,
         batch: &AttnBatch,
     ) {
-        self.cpu
-            .rope_store_kv(q, k, v, inv_freq, kv, layer, batch)
+        self.cpu.rope_store_kv(q, k, v, inv_freq, kv, layer, batch)
     }
     fn copy_kv_block(&self, kv: &mut CpuKv, src: u32, dst: u32) {
         self.cpu.copy_kv_block(kv, src, dst)
@@ -161,7 +160,10 @@ impl Backend for Recording {
         rows: &[RowSampling],
     ) -> Option<Result<Vec<Sampled>, BackendError>> {
         let masked = rows.iter().filter(|r| r.mask.is_some()).count();
-        note(&self.log, format!("deferred rows sampled ({masked} masked)"));
+        note(
+            &self.log,
+            format!("deferred rows sampled ({masked} masked)"),
+        );
         logits.map(|l| Ok(self.sample_host(l, rows)))
     }
     fn samples_on_device(&self) -> bool {

@@ -816,11 +816,7 @@ impl Engine {
     }
 
     /// Count a forward and split its output into host logits or sampled rows.
-    fn forward_done(
-        &mut self,
-        t0: Instant,
-        out: StepOutput,
-    ) -> (Vec<f32>, Option<Vec<Sampled>>) {
+    fn forward_done(&mut self, t0: Instant, out: StepOutput) -> (Vec<f32>, Option<Vec<Sampled>>) {
         self.stats.forward_seconds += t0.elapsed().as_secs_f64();
         self.stats.steps += 1;
         match out {

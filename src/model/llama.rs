@@ -234,12 +234,11 @@ impl<B: Backend> ModelRunner for Llama<B> {
         let batch = self.step_batch(step)?;
         self.copy_blocks(step);
         let backend_err = |e: crate::backend::BackendError| ModelError::Backend(e.to_string());
-        let logits = match self.backend.begin_step_deferred(
-            &step.tokens,
-            &batch,
-            &step.logit_rows,
-            rows,
-        ) {
+        // A recorded step is launched here (Some); else its kernels are queued one by one.
+        let launched =
+            self.backend
+                .begin_step_deferred(&step.tokens, &batch, &step.logit_rows, rows);
+        let logits = match launched {
             Some(r) => {
                 r.map_err(backend_err)?;
                 None

@@ -242,7 +242,11 @@ impl SamplingLayout {
     /// For `sampling` padded to `pad_rows` rows.
     pub fn new(sampling: &[RowSampling], pad_rows: usize) -> Self {
         let rows = pad_rows.max(sampling.len());
-        let words: usize = sampling.iter().filter_map(|r| r.mask).map(<[u32]>::len).sum();
+        let words: usize = sampling
+            .iter()
+            .filter_map(|r| r.mask)
+            .map(<[u32]>::len)
+            .sum();
         let masks = up(SAMPLE_ROW_BYTES * rows);
         SamplingLayout {
             rows,
