@@ -566,9 +566,9 @@ fn bench_mask_cost_and_throughput() {
 }
 
 /// On the CUDA backend (the emulated device: the real kernels, run on the CPU) a constrained step
-/// samples on the device: the masks go up with the step and the sampling kernel applies them, so
-/// its decode steps replay the sampling decode graph (the host path, logits copied back and
-/// masked there, runs no graph). The same flags, valid outputs.
+/// samples on the device: the masks go up once its forward is launched and the sampling kernel
+/// applies them, so its decode steps replay the decode graph that ends at the logits (the host
+/// path, logits copied back and masked there, runs no graph). The same flags, valid outputs.
 #[test]
 fn constraints_run_on_the_emulated_cuda_device() {
     let dir = tempfile::tempdir().unwrap();
@@ -634,6 +634,87 @@ fn constraints_run_on_the_emulated_cuda_device() {
     }
 }
 
+/// A batch of constrained records (schema, regex with log-probs, choice) beside an unconstrained
+/// one on the emulated device: the decode graph that ends at the logits, replayed while the host
+/// computes the masks, gives exactly the tokens and log-probs of eager steps (HERD_CUDA_GRAPHS=0).
+#[test]
+fn constrained_batches_replay_the_logits_graph_exactly_as_eager_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let re = "[0-9]{3,6}-[A-Z]{2}";
+    let mut recs = Vec::new();
+    for i in 0..2 {
+        recs.push(
+            json!({"id": format!("s{i}"), "prompt": format!("Person {i}:"), "seed": 10 + i,
+            "max_tokens": 60, "response_format": {"type": "json_schema",
+                "json_schema": {"name": "p", "schema": schemas()[2]}}}),
+        );
+        recs.push(
+            json!({"id": format!("r{i}"), "prompt": format!("Code {i}:"), "seed": 20 + i,
+            "max_tokens": 20, "logprobs": 2, "structured_outputs": {"regex": re}}),
+        );
+    }
+    recs.push(
+        json!({"id": "c", "prompt": "Dir:", "seed": 30, "max_tokens": 8,
+        "guided_choice": ["north", "south", "east"]}),
+    );
+    recs.push(json!({"id": "free", "prompt": "Hello", "seed": 5, "max_tokens": 12}));
+    write_lines(&input, &recs);
+    let run = |tag: &str, graphs: &str| {
+        let out = dir.path().join(format!("out-{tag}.jsonl"));
+        let stats = dir.path().join(format!("stats-{tag}.json"));
+        let o = common::herd_on_emulated_device()
+            .args(["batch", "--model", "random:tiny", "--device", "cuda"])
+            .args([
+                "--kv-cache-gb",
+                "0.05",
+                "--max-batch-size",
+                "8",
+                "--temperature",
+                "1",
+            ])
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&out)
+            .env("HERD_CUDA_GRAPHS", graphs)
+            .env("CUDA_EMU_STATS", &stats)
+            .output()
+            .expect("scripts/cuda-emu runs");
+        assert!(
+            o.status.success(),
+            "{tag}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let calls: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+        let graphs = calls["calls"]["cuGraphLaunch"].as_u64().unwrap_or(0);
+        let recs: Vec<Value> = common::jsonl(&out)
+            .into_iter()
+            .map(|r| {
+                json!({"id": r["id"], "token_ids": r["token_ids"], "logprobs": r["logprobs"],
+                       "text": r["text"], "finish_reason": r["finish_reason"]})
+            })
+            .collect();
+        (recs, graphs)
+    };
+    let (eager, eager_graphs) = run("eager", "0");
+    let (graph, graph_launches) = run("graph", "1");
+    assert_eq!(eager_graphs, 0);
+    assert!(graph_launches > 0, "no decode step replayed a graph");
+    assert_eq!(graph, eager, "graph replay differs from eager steps");
+    assert_eq!(graph.len(), 6);
+    for r in &graph {
+        let id = r["id"].as_str().unwrap();
+        let text = r["text"].as_str().unwrap();
+        if id.starts_with('r') {
+            assert!(full_match(re, text), "{id}: {text}");
+            assert_eq!(r["finish_reason"], "stop", "{r}");
+        } else if id == "c" {
+            assert!(["north", "south", "east"].contains(&text), "{text}");
+        }
+    }
+}
+
 /// The driver calls of a constrained `herd generate` of `tokens` tokens on the emulated device.
 fn constrained_calls(dir: &std::path::Path, tokens: usize) -> Value {
     let stats = dir.join(format!("stats-{tokens}.json"));
@@ -671,30 +752,47 @@ fn constrained_calls(dir: &std::path::Path, tokens: usize) -> Value {
     v["calls"].clone()
 }
 
-/// A constrained decode step on the device is what an unconstrained one is: one graph replay,
-/// one upload (the masks ride it), one download (tokens, not logits), nothing launched loose.
+/// A constrained decode step on the device overlaps its masks with its forward: the forward is
+/// the decode graph without its sampling (one launch, queued before the masks are computed on
+/// the host), then one more upload (the sampling rows and masks, from pinned memory), the
+/// sampling kernel, and the one download (tokens, not logits). Nothing allocated, no event.
 /// Counted as the difference between a 40-token and a 16-token run of a regex with no forced
-/// token (every step is one decode step).
+/// token (every step is one decode step). EMULATED: counts, not timings.
 #[test]
-fn a_constrained_decode_step_is_one_graph_launch_one_upload_one_download() {
+fn a_constrained_decode_step_is_one_graph_launch_one_sampling_kernel_two_uploads_one_download() {
     let dir = tempfile::tempdir().unwrap();
     let short = constrained_calls(dir.path(), 16);
     let long = constrained_calls(dir.path(), 40);
-    let per =
-        |n: &str| long[n].as_u64().unwrap_or(0) as i64 - short[n].as_u64().unwrap_or(0) as i64;
+    let per = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| long[n].as_u64().unwrap_or(0) as i64 - short[n].as_u64().unwrap_or(0) as i64)
+            .sum::<i64>()
+    };
     let report = format!("16 tokens: {short}\n40 tokens: {long}");
-    assert_eq!(per("cuGraphLaunch"), 24, "{report}");
-    assert_eq!(per("cuLaunchKernel"), 0, "{report}");
+    let steps = 24;
+    assert_eq!(per(&["cuGraphLaunch"]), steps, "{report}");
+    assert_eq!(per(&["cuLaunchKernel"]), steps, "{report}");
+    assert_eq!(per(&["cublasLtMatmul"]), 0, "{report}");
     assert_eq!(
-        per("cuMemcpyHtoDAsync_v2") + per("cuMemcpyHtoD_v2"),
-        24,
+        per(&["cuMemcpyHtoDAsync_v2", "cuMemcpyHtoD_v2"]),
+        2 * steps,
         "{report}"
     );
     assert_eq!(
-        per("cuMemcpyDtoHAsync_v2") + per("cuMemcpyDtoH_v2"),
-        24,
+        per(&["cuMemcpyDtoHAsync_v2", "cuMemcpyDtoH_v2"]),
+        steps,
         "{report}"
     );
+    for alloc in [
+        ["cuMemAllocAsync", "cuMemAlloc_v2"],
+        ["cuMemFreeAsync", "cuMemFree_v2"],
+        ["cuMemHostAlloc", "cuMemFreeHost"],
+    ] {
+        assert_eq!(per(&alloc), 0, "{alloc:?}\n{report}");
+    }
+    assert_eq!(per(&["cuEventCreate"]), 0, "{report}");
+    assert_eq!(per(&["cublasLtMatmulAlgoGetHeuristic"]), 0, "{report}");
 }
 
 #[test]

@@ -210,6 +210,36 @@ pub trait Backend: Send {
     ) -> Option<Result<Replayed, BackendError>> {
         None
     }
+    /// `begin_step` for a step whose rows are sampled later, with masks not known yet
+    /// (structured outputs: they are computed on the host while the device runs the forward).
+    /// A backend that recorded this step's shape launches it here and answers `Some(Ok(()))`,
+    /// its logits left on the device; on `None` the forward pass runs and hands its logits to
+    /// [`Backend::logits_ready`]. Then [`Backend::sample_deferred`]. The default records
+    /// nothing.
+    fn begin_step_deferred(
+        &self,
+        _tokens: &[u32],
+        _batch: &AttnBatch,
+        _logit_rows: &[usize],
+        _sampling: &[RowSampling],
+    ) -> Option<Result<(), BackendError>> {
+        None
+    }
+    /// A deferred step's forward pass is queued up to `logits` (a recording ends here and
+    /// starts running). Nothing to do where kernels run as they are called.
+    fn logits_ready(&self, _logits: &Self::Act) -> Result<(), BackendError> {
+        Ok(())
+    }
+    /// Sample a deferred step's rows (masks included): `logits` from the forward pass, or
+    /// `None` for the logits a launched recording left on the device. `None` back: "sample on
+    /// the host", as from `sample`.
+    fn sample_deferred(
+        &self,
+        logits: Option<&Self::Act>,
+        rows: &[RowSampling],
+    ) -> Option<Result<Vec<Sampled>, BackendError>> {
+        logits.and_then(|l| self.sample(l, rows))
+    }
     /// `x += a · Wᵀ` (the residual add of a projection): cuBLASLt adds it in the GEMM for free
     /// (beta = 1). The default is `matmul` then `add_in_place`.
     fn matmul_add(&self, x: &mut Self::Act, a: &Self::Act, w: &Self::Matrix) {

@@ -25,7 +25,9 @@ use kv_blocks::BlockPool;
 pub use request::{Event, FinishReason, RequestOutput, SamplingParams, TokenLogprob};
 use sequence::{find_stop, safe_prefix, Sequence};
 
-use crate::model::{ModelError, ModelRunner, RowSampling, Sampled, SeqSpan, StepInput, StepOutput};
+use crate::model::{
+    ModelError, ModelRunner, RowMasks, RowSampling, Sampled, SeqSpan, StepInput, StepOutput,
+};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Batching limits.
@@ -559,29 +561,39 @@ impl Engine {
                 RowUse::PromptLogprob { .. } => None,
             })
             .collect();
-        // A device that samples takes the masks with the step (they go up in its one upload and
-        // are applied in its sampling kernel): computed first, then. A mask in error or empty
-        // goes the host way below, which stops its request.
+        // A device that samples takes the masks after it has started the forward (they go up
+        // in one more copy and its sampling kernel applies them): the model calls back for them
+        // once the forward is queued. A mask in error or empty stops its request below (the
+        // row's token, sampled without it, is dropped).
         let on_device = !matchers.is_empty()
             && uses.iter().all(|u| matches!(u, RowUse::Sample { .. }))
             && self.model.samples_on_device();
         let (logits, sampled, masks) = if on_device {
-            let masks = compute_masks(&mut matchers);
-            let mut words: Vec<Option<&[u32]>> = vec![None; uses.len()];
-            let usable = masks.0.iter().zip(&matchers).all(|(m, (r, _, _))| match m {
-                Ok(m) if !m.is_empty() => {
-                    words[*r] = Some(m.words());
-                    true
+            let mut computed = None;
+            let n_rows = uses.len();
+            let mut masks_now = || {
+                let (masks, secs) = compute_masks(&mut matchers);
+                let mut words: RowMasks = vec![None; n_rows];
+                for ((r, _, _), m) in matchers.iter().zip(&masks) {
+                    match m {
+                        Ok(m) if !m.is_empty() => words[*r] = Some(m.words().to_vec()),
+                        _ => {}
+                    }
                 }
-                _ => false,
-            });
-            let fwd = self.forward_step(&input, &uses, true, usable.then_some(&words[..]))?;
-            (fwd.0, fwd.1, Some(masks))
+                tracing::trace!(rows = words.len(), "masks computed");
+                computed = Some((masks, secs));
+                words
+            };
+            let (l, smp) = self.forward_masked(&input, &uses, &mut masks_now)?;
+            let masks = computed.ok_or_else(|| {
+                ModelError::Backend("the model sampled a constrained step without its masks".into())
+            })?;
+            (l, smp, Some(masks))
         } else {
             std::thread::scope(|scope| {
                 let masking =
                     (!matchers.is_empty()).then(|| scope.spawn(|| compute_masks(&mut matchers)));
-                let fwd = self.forward_step(&input, &uses, masking.is_some(), None);
+                let fwd = self.forward_step(&input, &uses, masking.is_some());
                 let masks =
                     masking.map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
                 fwd.map(|(l, s)| (l, s, masks))
@@ -610,7 +622,7 @@ impl Engine {
                 self.register_full_blocks(id);
             }
         }
-        let mut events = Vec::new();
+        let mut events = self.stop_failed_masks(&uses, &mut row_masks);
         if let Some(sampled) = sampled {
             for (u, smp) in uses.into_iter().zip(sampled) {
                 if let RowUse::Sample { seq } = u {
@@ -622,7 +634,6 @@ impl Engine {
             }
             return Ok(events);
         }
-        events.extend(self.stop_failed_masks(&uses, &mut row_masks));
         let mut picks = self.host_picks(&uses, &logits, &row_masks);
         for (r, u) in uses.into_iter().enumerate() {
             let row = &logits[r * vocab..(r + 1) * vocab];
@@ -751,50 +762,67 @@ impl Engine {
             .collect()
     }
 
-    /// The step's forward: through forward_sample when every row samples and none is constrained,
-    /// or the constrained rows' masks are given (`masks`, one per row: a GPU backend samples where
-    /// the logits are; the CPU backend hands the logits back), else host logits for the host
-    /// sampler (constrained rows are masked there, on the CPU).
+    /// The step's forward: through forward_sample when every row samples and none is
+    /// constrained (a GPU backend samples where the logits are; the CPU backend hands the logits
+    /// back), else host logits for the host sampler (constrained rows are masked there, on the
+    /// CPU).
     fn forward_step(
         &mut self,
         input: &StepInput,
         uses: &[RowUse],
         constrained: bool,
-        masks: Option<&[Option<&[u32]>]>,
     ) -> Result<(Vec<f32>, Option<Vec<Sampled>>), ModelError> {
         let t0 = Instant::now();
         let only_samples = uses.iter().all(|u| matches!(u, RowUse::Sample { .. }));
-        let mut sampled = None;
-        let logits = if only_samples && (!constrained || masks.is_some()) {
-            let rows: Vec<RowSampling> = uses
-                .iter()
-                .enumerate()
-                .filter_map(|(r, u)| match u {
-                    RowUse::Sample { seq } => self.seqs.get(seq).map(|s| RowSampling {
-                        temperature: s.params.temperature,
-                        top_p: s.params.top_p,
-                        top_k: s.params.top_k,
-                        seed: s.seed,
-                        n: s.generated.len() as u64,
-                        top_logprobs: s.params.logprobs.unwrap_or(0),
-                        mask: masks.and_then(|m| m[r]),
-                    }),
-                    RowUse::PromptLogprob { .. } => None,
-                })
-                .collect();
-            match self.model.forward_sample(input, &rows)? {
-                StepOutput::Logits(l) => l,
-                StepOutput::Sampled(s) => {
-                    sampled = Some(s);
-                    Vec::new()
-                }
-            }
+        let out = if only_samples && !constrained {
+            let rows = self.row_sampling(uses);
+            self.model.forward_sample(input, &rows)?
         } else {
-            self.model.forward(input)?
+            StepOutput::Logits(self.model.forward(input)?)
         };
+        Ok(self.forward_done(t0, out))
+    }
+
+    /// A constrained step on a device that samples (every row samples): `masks` runs while
+    /// the device computes the forward, then the rows are sampled with them.
+    fn forward_masked(
+        &mut self,
+        input: &StepInput,
+        uses: &[RowUse],
+        masks: &mut dyn FnMut() -> RowMasks,
+    ) -> Result<(Vec<f32>, Option<Vec<Sampled>>), ModelError> {
+        let t0 = Instant::now();
+        let rows = self.row_sampling(uses);
+        let out = self.model.forward_sample_masked(input, &rows, masks)?;
+        Ok(self.forward_done(t0, out))
+    }
+
+    /// The sampling parameters of a step whose rows all sample (no masks).
+    fn row_sampling(&self, uses: &[RowUse]) -> Vec<RowSampling<'static>> {
+        uses.iter()
+            .filter_map(|u| match u {
+                RowUse::Sample { seq } => self.seqs.get(seq).map(|s| RowSampling {
+                    temperature: s.params.temperature,
+                    top_p: s.params.top_p,
+                    top_k: s.params.top_k,
+                    seed: s.seed,
+                    n: s.generated.len() as u64,
+                    top_logprobs: s.params.logprobs.unwrap_or(0),
+                    mask: None,
+                }),
+                RowUse::PromptLogprob { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Count a forward and split its output into host logits or sampled rows.
+    fn forward_done(&mut self, t0: Instant, out: StepOutput) -> (Vec<f32>, Option<Vec<Sampled>>) {
         self.stats.forward_seconds += t0.elapsed().as_secs_f64();
         self.stats.steps += 1;
-        Ok((logits, sampled))
+        match out {
+            StepOutput::Logits(l) => (l, None),
+            StepOutput::Sampled(s) => (Vec::new(), Some(s)),
+        }
     }
 
     /// Structured outputs: tokens the constraint forces next (a JSON schema's keys and

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use super::config::LlamaConfig;
 use super::shard::ShardPlan;
-use super::{ModelError, ModelRunner, StepInput, StepOutput};
+use super::{with_masks, ModelError, ModelRunner, RowMasks, StepInput, StepOutput};
 use crate::backend::{AttnBatch, Backend, KvShape, Replayed, RowSampling};
 use crate::checkpoint::{Slice, TensorSource};
 
@@ -235,6 +235,48 @@ impl<B: Backend> ModelRunner for Llama<B> {
         let out = match self.backend.sample(&logits, rows) {
             Some(r) => StepOutput::Sampled(r.map_err(backend_err)?),
             None => StepOutput::Logits(self.backend.take_to_host(logits)),
+        };
+        self.backend.check().map_err(backend_err)?;
+        Ok(out)
+    }
+
+    /// The forward is queued (a recorded step's one launch, or its kernels one by one, up to
+    /// the logits) before `masks` runs on this thread, so the device computes while the host
+    /// does; then the masks go up and the rows are sampled where the logits are.
+    fn forward_sample_masked(
+        &mut self,
+        step: &StepInput,
+        rows: &[RowSampling],
+        masks: &mut dyn FnMut() -> RowMasks,
+    ) -> Result<StepOutput, ModelError> {
+        let batch = self.step_batch(step)?;
+        self.copy_blocks(step);
+        let backend_err = |e: crate::backend::BackendError| ModelError::Backend(e.to_string());
+        // A recorded step is launched here (Some); else its kernels are queued one by one.
+        let launched =
+            self.backend
+                .begin_step_deferred(&step.tokens, &batch, &step.logit_rows, rows);
+        let logits = match launched {
+            Some(r) => {
+                r.map_err(backend_err)?;
+                None
+            }
+            None => {
+                let logits = self.logits(step, &batch)?;
+                self.backend.logits_ready(&logits).map_err(backend_err)?;
+                Some(logits)
+            }
+        };
+        let words = masks();
+        let rows = with_masks(rows, &words);
+        let out = match (self.backend.sample_deferred(logits.as_ref(), &rows), logits) {
+            (Some(r), _) => StepOutput::Sampled(r.map_err(backend_err)?),
+            (None, Some(l)) => StepOutput::Logits(self.backend.take_to_host(l)),
+            (None, None) => {
+                return Err(ModelError::Backend(
+                    "the backend launched a recorded step but cannot sample it".into(),
+                ))
+            }
         };
         self.backend.check().map_err(backend_err)?;
         Ok(out)

@@ -65,11 +65,46 @@ pub trait ModelRunner: Send {
         let _ = rows;
         Ok(StepOutput::Logits(self.forward(step)?))
     }
+    /// `forward_sample` for rows with structured-output masks, which `masks` computes (one per
+    /// row, `None`: unconstrained) while the device runs the forward: a backend that samples on
+    /// the device queues the forward, calls `masks`, then samples with them. The default
+    /// computes the masks first, then runs `forward_sample`.
+    fn forward_sample_masked(
+        &mut self,
+        step: &StepInput,
+        rows: &[RowSampling],
+        masks: &mut dyn FnMut() -> RowMasks,
+    ) -> Result<StepOutput, ModelError> {
+        let words = masks();
+        let rows = with_masks(rows, &words);
+        self.forward_sample(step, &rows)
+    }
     /// Whether `forward_sample` samples on the device, masks included (`RowSampling::mask`):
-    /// the engine then computes a step's masks before its forward instead of during it.
+    /// the engine then hands a constrained step's masks to `forward_sample_masked`, which
+    /// computes them while the forward runs.
     fn samples_on_device(&self) -> bool {
         false
     }
+}
+
+/// One allowed-token bitmask per sampled row (`RowSampling::mask`'s layout), `None` for a row
+/// without a constraint.
+pub type RowMasks = Vec<Option<Vec<u32>>>;
+
+/// `rows` with `masks` attached, row by row.
+pub fn with_masks<'a>(rows: &[RowSampling], masks: &'a [Option<Vec<u32>>]) -> Vec<RowSampling<'a>> {
+    rows.iter()
+        .enumerate()
+        .map(|(i, r)| RowSampling {
+            temperature: r.temperature,
+            top_p: r.top_p,
+            top_k: r.top_k,
+            seed: r.seed,
+            n: r.n,
+            top_logprobs: r.top_logprobs,
+            mask: masks.get(i).and_then(|m| m.as_deref()),
+        })
+        .collect()
 }
 
 /// What [`ModelRunner::forward_sample`] gives back.

@@ -6,7 +6,9 @@
 //! memory plan (no allocation per buffer), everything the step needs from the host goes up in one
 //! copy from a pinned buffer and the sampled tokens come back in one, cuBLASLt plans are cached,
 //! and a decode step (every row one new token, all rows sampled) is a CUDA graph captured once
-//! per batch-size bucket and replayed with one launch.
+//! per batch-size bucket and replayed with one launch. A structured-output step is deferred: its
+//! forward (the graph that ends at the logits) runs while the host computes the masks, which
+//! then go up in a second copy, followed by the sampling kernel.
 //! NOTE: the graph, arena and staging paths have run on the emulated device only.
 
 use std::cell::{Cell, RefCell};
@@ -21,7 +23,7 @@ use super::arena::{Arena, DevBuf};
 use super::gemm::{m_bucket, Gemm};
 use super::kernels;
 use super::nccl::NcclComm;
-use super::staging::{OutLayout, StepData, StepLayout};
+use super::staging::{OutLayout, SamplingLayout, StepData, StepLayout};
 use crate::backend::{AttnBatch, Backend, BackendError, KvShape, Replayed, RowSampling, Sampled};
 use crate::checkpoint::{DType, Tensor};
 
@@ -166,13 +168,16 @@ impl Pinned {
 
 /// The staging buffers: step data up, sampled results down (pinned on the host, a device
 /// allocation of their own each, grown when a step needs more; growing drops the graphs, which
-/// point into them).
+/// point into them). And a constrained step's sampling rows with their masks, sent after its
+/// forward was launched (no graph points into those: they grow without dropping any).
 #[derive(Default)]
 struct Staging {
     up_host: Option<Pinned>,
     up_dev: Option<DevBuf>,
     down_host: Option<Pinned>,
     down_dev: Option<DevBuf>,
+    mask_host: Option<Pinned>,
+    mask_dev: Option<DevBuf>,
 }
 
 /// The current step's tables on the device (the staging buffer) and what they hold.
@@ -184,6 +189,8 @@ struct Staged {
     logit_rows: Vec<usize>,
     /// Top log-probs slots per row in the output (at least 1).
     top: usize,
+    /// A deferred step whose graph was launched: where it leaves the logits (address, columns).
+    launched: Option<(u64, usize)>,
 }
 
 impl Staged {
@@ -971,6 +978,7 @@ impl CudaBackend {
             positions: d.batch.positions.clone(),
             logit_rows: d.logit_rows.to_vec(),
             top,
+            launched: None,
         });
         Ok(())
     }
@@ -981,12 +989,14 @@ impl CudaBackend {
     /// Rows and logit rows are padded to their buckets; the staged tables say which row is
     /// whose. The NCCL calls are captured with the rest; every rank captures and replays at the
     /// same steps (the key and the warm-up depend on the step's shape), so the collectives stay
-    /// in order.
+    /// in order. A deferred step (sampled after its graph, with masks) and a follower's have the
+    /// graph that ends at the logits: top log-probs slots 0 in the key.
     fn graph_key(
         &self,
         batch: &AttnBatch,
         logit_rows: &[usize],
         sampling: Option<&[RowSampling]>,
+        deferred: bool,
     ) -> Option<GraphKey> {
         let n = batch.n_tokens();
         let last_rows = batch.seqs.iter().map(|s| s.token_start + s.n_tokens - 1);
@@ -999,7 +1009,11 @@ impl CudaBackend {
                 if rows.len() == logit_rows.len()
                     && rows.iter().all(|r| r.top_logprobs <= MAX_TOP_LOGPROBS) =>
             {
-                top_slots(rows)
+                if deferred {
+                    0
+                } else {
+                    top_slots(rows)
+                }
             }
             None if self.tp_size() > 1 => 0,
             _ => return None,
@@ -1010,14 +1024,17 @@ impl CudaBackend {
             .then_some((bucket, graph_bucket(logit_rows.len()), top))
     }
 
-    /// Stage a step and, for a decode step whose graph exists, run it (one launch).
+    /// Stage a step and, for a decode step whose graph exists, run it (one launch). A deferred
+    /// step's graph ends at the logits: `Ok(None)`, they stay on the device for
+    /// `sample_deferred`.
     fn begin(
         &self,
         tokens: &[u32],
         batch: &AttnBatch,
         logit_rows: &[usize],
         sampling: Option<&[RowSampling]>,
-    ) -> Option<Result<Replayed, BackendError>> {
+        deferred: bool,
+    ) -> Option<Result<Option<Replayed>, BackendError>> {
         self.abandon_capture();
         self.step_started();
         let bs = self.block_size.get();
@@ -1025,11 +1042,9 @@ impl CudaBackend {
             // No KV cache yet, or a malformed step: the ops report it (or run unstaged).
             return None;
         }
-        let key = self.graph_key(batch, logit_rows, sampling);
-        let (pad, pad_logits, top) = match key {
-            Some((b, l, t)) => (b, l, t.max(1)),
-            None => (0, 0, sampling.map_or(1, top_slots)),
-        };
+        let key = self.graph_key(batch, logit_rows, sampling, deferred);
+        let (pad, pad_logits) = key.map_or((0, 0), |(b, l, _)| (b, l));
+        let top = sampling.map_or(1, top_slots);
         let d = StepData {
             tokens,
             batch,
@@ -1050,14 +1065,22 @@ impl CudaBackend {
             }
             self.count(|c| c.graph_launches += 1);
             self.launched("the decode graph");
-            return Some(match (sampling, g.logits) {
+            let r = match (sampling, g.logits) {
+                (Some(_), Some(at)) if deferred => {
+                    if let Some(s) = self.staged.borrow_mut().as_mut() {
+                        s.launched = Some(at);
+                    }
+                    return Some(Ok(None));
+                }
+                (Some(_), None) if deferred => Err(be("a deferred decode graph without logits")),
                 (Some(rows), _) => self.fetch_sampled(rows).map(Replayed::Sampled),
                 (None, Some((ptr, cols))) => {
                     let n = logit_rows.len();
                     self.logits_to_host(ptr, n * cols).map(Replayed::Logits)
                 }
                 (None, None) => Err(be("a decode graph without logits")),
-            });
+            };
+            return Some(r.map(Some));
         }
         // The first step of a shape runs eagerly (it sets up what the graph then only uses:
         // the RoPE table, cuBLASLt plans); the second is captured.
@@ -1567,7 +1590,47 @@ impl Backend for CudaBackend {
         logit_rows: &[usize],
         sampling: Option<&[RowSampling]>,
     ) -> Option<Result<Replayed, BackendError>> {
-        self.begin(tokens, batch, logit_rows, sampling)
+        let r = self.begin(tokens, batch, logit_rows, sampling, false)?;
+        Some(r.and_then(|r| r.ok_or_else(|| be("a step not deferred was left unsampled"))))
+    }
+
+    fn begin_step_deferred(
+        &self,
+        tokens: &[u32],
+        batch: &AttnBatch,
+        logit_rows: &[usize],
+        sampling: &[RowSampling],
+    ) -> Option<Result<(), BackendError>> {
+        let r = self.begin(tokens, batch, logit_rows, Some(sampling), true)?;
+        Some(r.and_then(|r| match r {
+            None => Ok(()),
+            Some(_) => Err(be("a deferred step was sampled before its masks")),
+        }))
+    }
+
+    /// A deferred step being captured ends here, before its sampling: the graph runs now.
+    fn logits_ready(&self, logits: &CudaAct) -> Result<(), BackendError> {
+        let Some(key) = self.capturing.get() else {
+            return Ok(());
+        };
+        let Some(lb) = logits.buf.as_ref() else {
+            self.abandon_capture();
+            return Err(self.take_err());
+        };
+        self.finish_capture(key, Some((lb.ptr, logits.cols)))
+    }
+
+    fn sample_deferred(
+        &self,
+        logits: Option<&CudaAct>,
+        rows: &[RowSampling],
+    ) -> Option<Result<Vec<Sampled>, BackendError>> {
+        // More alternatives than the kernel's passes are worth: sample on the host instead
+        // (such a step runs eagerly: no graph is keyed for it).
+        if rows.iter().any(|r| r.top_logprobs > MAX_TOP_LOGPROBS) && logits.is_some() {
+            return None;
+        }
+        Some(self.sample_masked(logits, rows))
     }
 
     fn embed(&self, table: &CudaMatrix, tokens: &[u32]) -> CudaAct {
@@ -1966,15 +2029,35 @@ impl CudaBackend {
             };
             (s.at(s.layout.params), s.base, s.top, dev.ptr)
         };
-        let out = OutLayout {
-            rows: n_logits,
-            top,
-        };
         let Some(lb) = logits.buf.as_ref() else {
             self.abandon_capture();
             return Err(self.take_err());
         };
-        let (vocab, mt) = (logits.cols as i32, top as i32);
+        self.launch_sample(lb.ptr, logits.cols, n_logits, params, stage, top, out_ptr);
+        if let Some(key) = self.capturing.get() {
+            self.finish_capture(key, None)?;
+        }
+        self.fetch_sampled(rows)
+    }
+
+    /// The sampling kernel over `n_logits` rows of logits at `logits`: parameters at `params`,
+    /// masks found from `stage`, results into the output buffer at `out_ptr`.
+    #[allow(clippy::too_many_arguments)] // a kernel launch: every input is needed
+    fn launch_sample(
+        &self,
+        logits: u64,
+        cols: usize,
+        n_logits: usize,
+        params: u64,
+        stage: u64,
+        top: usize,
+        out_ptr: u64,
+    ) {
+        let out = OutLayout {
+            rows: n_logits,
+            top,
+        };
+        let (vocab, mt) = (cols as i32, top as i32);
         let (tok, lp, tid, tlp) = (
             out_ptr + out.token() as u64,
             out_ptr + out.logprob() as u64,
@@ -1982,10 +2065,83 @@ impl CudaBackend {
             out_ptr + out.top_lp() as u64,
         );
         launch!(self, &self.f.sample, "sample_rows", cfg((n_logits as u32, 1, 1), 1024);
-            &lb.ptr, &vocab, &params, &stage, &mt, &tok, &lp, &tid, &tlp);
-        if let Some(key) = self.capturing.get() {
-            self.finish_capture(key, None)?;
+            &logits, &vocab, &params, &stage, &mt, &tok, &lp, &tid, &tlp);
+    }
+
+    /// Sample a deferred step (its forward launched: `logits`, or its graph's): the sampling
+    /// rows and their masks go up in one more copy from pinned memory, then the sampling kernel,
+    /// then the one copy down.
+    fn sample_masked(
+        &self,
+        logits: Option<&CudaAct>,
+        rows: &[RowSampling],
+    ) -> Result<Vec<Sampled>, BackendError> {
+        let (n_logits, n_real, top, launched) = match self.staged.borrow().as_ref() {
+            Some(s) => (s.layout.logit_rows, s.logit_rows.len(), s.top, s.launched),
+            None => return Err(be("no staged step to sample")),
+        };
+        let (ptr, cols) = match (logits, launched) {
+            (Some(l), _) if l.rows == n_logits => match l.buf.as_ref() {
+                Some(b) => (b.ptr, l.cols),
+                None => return Err(self.take_err()),
+            },
+            (None, Some(at)) => at,
+            _ => return Err(be("the deferred step's logits are not where it left them")),
+        };
+        if rows.len() != n_real {
+            return Err(BackendError::Unsupported(format!(
+                "{} sampling rows for {n_real} logits rows",
+                rows.len()
+            )));
         }
+        let l = SamplingLayout::new(rows, n_logits);
+        self.mask_room(l.end)?;
+        let dev = {
+            let mut st = self.staging.borrow_mut();
+            let st = &mut *st;
+            let (Some(host), Some(dev)) = (st.mask_host.as_mut(), st.mask_dev.as_ref()) else {
+                return Err(be("the mask staging buffer is missing"));
+            };
+            l.pack(rows, host.bytes());
+            // SAFETY: pinned source of l.end bytes, device buffer at least as large; the host
+            // buffer is not written again before this step's synchronization (fetch_sampled).
+            unsafe {
+                cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
+                    dev.ptr,
+                    host.ptr as *const std::ffi::c_void,
+                    l.end,
+                    self.stream.cu_stream(),
+                )
+                .result()
+            }
+            .map_err(|e| {
+                self.driver_failed(e, "uploading the masks");
+                self.take_err()
+            })?;
+            dev.ptr
+        };
+        let out_ptr = match self.staging.borrow().down_dev.as_ref() {
+            Some(d) => d.ptr,
+            None => return Err(be("the sampled-token buffer is missing")),
+        };
+        self.launch_sample(ptr, cols, n_logits, dev, dev, top, out_ptr);
         self.fetch_sampled(rows)
+    }
+
+    /// Make sure the mask staging buffers hold `bytes` (grown to a power of two: rarely).
+    fn mask_room(&self, bytes: usize) -> Result<(), BackendError> {
+        let mut st = self.staging.borrow_mut();
+        if st.mask_host.as_ref().is_some_and(|p| p.len >= bytes) {
+            return Ok(());
+        }
+        let want = bytes.next_power_of_two().max(64 << 10);
+        st.mask_host = None;
+        st.mask_dev = None;
+        st.mask_host = Some(Pinned::new(&self.ctx, want, true).map_err(be)?);
+        st.mask_dev = Some(
+            self.alloc_own(want, "the mask staging buffer")
+                .ok_or_else(|| self.take_err())?,
+        );
+        Ok(())
     }
 }

@@ -1,6 +1,8 @@
 //! One step's host data in one buffer: tokens, positions, KV slots, block tables, row metadata,
-//! logit rows, sampling parameters and the structured-output masks are packed into a pinned buffer and sent with a single
-//! host-to-device copy; the sampled tokens and log-probs come back in a single copy the other way.
+//! logit rows, sampling parameters (and masks, when known before the step) are packed into a
+//! pinned buffer and sent with a single host-to-device copy; the sampled tokens and log-probs come
+//! back in a single copy the other way. A deferred step's sampling rows and masks, computed while
+//! its forward runs, go in a buffer of their own ([`SamplingLayout`]).
 //! The layout is pure arithmetic over the step's sizes, so that a decode graph of a given batch
 //! bucket finds every table at the same device address at every replay.
 
@@ -180,34 +182,85 @@ impl StepData<'_> {
                 (r.min(l.rows.saturating_sub(1)) as u32).to_le_bytes(),
             );
             let p = self.sampling.and_then(|s| s.get(i));
-            let mut row = [0u8; SAMPLE_ROW_BYTES];
-            let (temp, top_p, top_k, n_top, seed, gen) = match p {
-                Some(p) => (
-                    p.temperature,
-                    p.top_p,
-                    p.top_k.min(u32::MAX as usize) as u32,
-                    p.top_logprobs as u32,
-                    p.seed,
-                    p.n,
-                ),
-                None => (0.0, 1.0, 0, 0, 0, 0),
-            };
-            row[0..4].copy_from_slice(&temp.to_le_bytes());
-            row[4..8].copy_from_slice(&top_p.to_le_bytes());
-            row[8..12].copy_from_slice(&top_k.to_le_bytes());
-            row[12..16].copy_from_slice(&n_top.to_le_bytes());
-            row[16..24].copy_from_slice(&seed.to_le_bytes());
-            row[24..32].copy_from_slice(&gen.to_le_bytes());
             // The mask: its words after the tables, found by word offset; none = all allowed.
-            if let Some(m) = p.and_then(|p| p.mask) {
-                for (w, &word) in m.iter().enumerate() {
-                    put(buf, mask_at, w, word.to_le_bytes());
-                }
-                row[32..36].copy_from_slice(&((mask_at / 4) as u32).to_le_bytes());
-                row[36..40].copy_from_slice(&(m.len() as u32).to_le_bytes());
-                mask_at += 4 * m.len();
-            }
+            let row = sample_row(p, buf, &mut mask_at);
             put(buf, l.params, i, row);
+        }
+    }
+}
+
+/// One sampling row (struct SampleRow in sample.cu; `None`: a padded row, greedy), its mask's
+/// words written into `buf` at byte `mask_at` (advanced past them), which the kernel finds by
+/// word offset from the start of `buf` (its `stage` argument).
+fn sample_row(
+    p: Option<&RowSampling>,
+    buf: &mut [u8],
+    mask_at: &mut usize,
+) -> [u8; SAMPLE_ROW_BYTES] {
+    let mut row = [0u8; SAMPLE_ROW_BYTES];
+    let (temp, top_p, top_k, n_top, seed, gen) = match p {
+        Some(p) => (
+            p.temperature,
+            p.top_p,
+            p.top_k.min(u32::MAX as usize) as u32,
+            p.top_logprobs as u32,
+            p.seed,
+            p.n,
+        ),
+        None => (0.0, 1.0, 0, 0, 0, 0),
+    };
+    row[0..4].copy_from_slice(&temp.to_le_bytes());
+    row[4..8].copy_from_slice(&top_p.to_le_bytes());
+    row[8..12].copy_from_slice(&top_k.to_le_bytes());
+    row[12..16].copy_from_slice(&n_top.to_le_bytes());
+    row[16..24].copy_from_slice(&seed.to_le_bytes());
+    row[24..32].copy_from_slice(&gen.to_le_bytes());
+    if let Some(m) = p.and_then(|p| p.mask) {
+        let at = *mask_at;
+        for (w, &word) in m.iter().enumerate() {
+            buf[at + 4 * w..at + 4 * w + 4].copy_from_slice(&word.to_le_bytes());
+        }
+        row[32..36].copy_from_slice(&((at / 4) as u32).to_le_bytes());
+        row[36..40].copy_from_slice(&(m.len() as u32).to_le_bytes());
+        *mask_at += 4 * m.len();
+    }
+    row
+}
+
+/// A deferred step's sampling, sent once its forward runs (structured outputs: the masks are
+/// computed meanwhile): `rows` sampling rows (the padded ones greedy and unmasked), then the
+/// masks, in a buffer of their own whose start is the kernel's `params` and `stage` both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SamplingLayout {
+    pub rows: usize,
+    pub masks: usize,
+    /// Bytes used.
+    pub end: usize,
+}
+
+impl SamplingLayout {
+    /// For `sampling` padded to `pad_rows` rows.
+    pub fn new(sampling: &[RowSampling], pad_rows: usize) -> Self {
+        let rows = pad_rows.max(sampling.len());
+        let words: usize = sampling
+            .iter()
+            .filter_map(|r| r.mask)
+            .map(<[u32]>::len)
+            .sum();
+        let masks = up(SAMPLE_ROW_BYTES * rows);
+        SamplingLayout {
+            rows,
+            masks,
+            end: up(masks + 4 * words),
+        }
+    }
+
+    /// Write the rows and their masks into `buf` (at least `end` bytes).
+    pub fn pack(&self, sampling: &[RowSampling], buf: &mut [u8]) {
+        let mut mask_at = self.masks;
+        for i in 0..self.rows {
+            let row = sample_row(sampling.get(i), buf, &mut mask_at);
+            buf[SAMPLE_ROW_BYTES * i..SAMPLE_ROW_BYTES * (i + 1)].copy_from_slice(&row);
         }
     }
 }
@@ -356,5 +409,51 @@ mod tests {
             (0..3).map(|w| u32_at(&b, 4 * off, w)).collect::<Vec<_>>(),
             words
         );
+    }
+
+    #[test]
+    fn a_deferred_steps_sampling_rows_and_masks_share_one_buffer() {
+        let words = [7u32, 0, 1 << 5];
+        let plain = RowSampling {
+            temperature: 0.8,
+            top_p: 1.0,
+            top_k: 5,
+            seed: 9,
+            n: 4,
+            top_logprobs: 1,
+            mask: None,
+        };
+        let rows = [
+            RowSampling {
+                mask: Some(&words),
+                ..plain
+            },
+            plain,
+            RowSampling {
+                mask: Some(&words[..2]),
+                ..plain
+            },
+        ];
+        // Padded to the graph's 4 rows: the fourth is greedy and unmasked.
+        let l = SamplingLayout::new(&rows, 4);
+        assert_eq!(l.rows, 4);
+        assert_eq!(l.masks, (4 * SAMPLE_ROW_BYTES).next_multiple_of(ALIGN));
+        assert_eq!(l.end, (l.masks + 4 * 5).next_multiple_of(ALIGN));
+        let mut b = vec![0xAAu8; l.end];
+        l.pack(&rows, &mut b);
+        let row = |i: usize| SAMPLE_ROW_BYTES * i;
+        assert_eq!(u32_at(&b, row(0) + 8, 0), 5, "top_k");
+        // Mask offsets count words from the buffer's start (the kernel's `stage`).
+        assert_eq!(u32_at(&b, row(0) + 32, 0) as usize * 4, l.masks);
+        assert_eq!(u32_at(&b, row(0) + 36, 0), 3);
+        assert_eq!(u32_at(&b, row(1) + 36, 0), 0, "unconstrained row: no mask");
+        assert_eq!(u32_at(&b, row(2) + 32, 0) as usize * 4, l.masks + 12);
+        assert_eq!(u32_at(&b, row(2) + 36, 0), 2);
+        assert_eq!(
+            (0..5).map(|w| u32_at(&b, l.masks, w)).collect::<Vec<_>>(),
+            [7, 0, 1 << 5, 7, 0]
+        );
+        assert_eq!(u32_at(&b, row(3), 0), 0, "padded row: temperature 0");
+        assert_eq!(u32_at(&b, row(3) + 36, 0), 0);
     }
 }
