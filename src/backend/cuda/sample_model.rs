@@ -372,7 +372,10 @@ mod tests {
         let u = sampler::uniform(seed, n);
         let old = sample(l, words, t, p, k, u, Path::F64, false);
         let new = sample(l, words, t, p, k, u, Path::F32, true);
-        let what = format!("seed {seed} n {n} t {t} p {p} k {k} mask {}", words.is_some());
+        let what = format!(
+            "seed {seed} n {n} t {t} p {p} k {k} mask {}",
+            words.is_some()
+        );
         assert_eq!(old, want, "f64 kernel vs host: {what}");
         assert_eq!(new, want, "f32 kernel vs host: {what}");
     }
@@ -466,7 +469,7 @@ mod tests {
                     .collect();
                 let mut words = vec![0u32; vocab.div_ceil(32)];
                 for j in 0..vocab {
-                    if rng.bits() % 3 != 0 {
+                    if !rng.bits().is_multiple_of(3) {
                         words[j / 32] |= 1 << (j % 32);
                     }
                 }
@@ -514,7 +517,6 @@ mod tests {
                 new32 += e_new.1;
                 unsure += un;
             }
-            let rows = rows as u64;
             println!(
                 "{name}: f64 exps per row {} -> {}, f32 exps {}, unsure steps {}",
                 old / rows,
