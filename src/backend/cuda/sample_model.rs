@@ -108,6 +108,19 @@ impl Row<'_> {
     fn mass_above(&self, t: u32) -> f64 {
         self.above(t).map(|j| w64(self.x(j))).sum()
     }
+    /// `mass_above(t)` and the total, `mass_above(0)`, from one exp per candidate (kernel:
+    /// mass_above_and_total); each sum in `mass_above`'s order.
+    fn mass_above_and_total(&self, t: u32) -> (f64, f64) {
+        let (mut above, mut total) = (0.0, 0.0);
+        for j in self.above(0) {
+            let w = w64(self.x(j));
+            total += w;
+            if fkey(self.l[j]) > t {
+                above += w;
+            }
+        }
+        (above, total)
+    }
     fn mass_bound(&self, t: u32) -> Bound {
         let s: f64 = self.above(t).map(|j| w32(self.x(j))).sum();
         Bound {
@@ -137,16 +150,14 @@ impl Row<'_> {
                 hi = mid - 1;
             }
         }
-        self.tie_walk(lo as u32, target, ge)
+        let key = lo as u32;
+        self.tie_walk(key, target, self.mass_above(key), ge)
     }
 
-    /// Among the candidates tied at `key`, in id order, the one whose inclusion passes `target`.
-    fn tie_walk(&self, key: u32, target: f64, ge: bool) -> (u32, usize) {
-        let mut cum = if key == u32::MAX {
-            0.0
-        } else {
-            self.mass_above(key)
-        };
+    /// Among the candidates tied at `key`, in id order, the one whose inclusion passes `target`
+    /// (`above`: the mass ranked before them).
+    fn tie_walk(&self, key: u32, target: f64, above: f64, ge: bool) -> (u32, usize) {
+        let mut cum = above;
         let mut last = None;
         for j in 0..self.l.len() {
             if !self.allowed(j) || fkey(self.l[j]) != key {
@@ -181,11 +192,15 @@ impl Row<'_> {
                 false
             } else {
                 UNSURE.with(|c| c.set(c.get() + 1));
-                if !exact {
-                    tlo = scale * self.mass_above(0);
+                let mass = if exact {
+                    self.mass_above(t)
+                } else {
+                    let (mass, total) = self.mass_above_and_total(t);
+                    tlo = scale * total;
                     (thi, exact) = (tlo, true);
-                }
-                passes(self.mass_above(t), tlo, ge)
+                    mass
+                };
+                passes(mass, tlo, ge)
             };
             (lo, hi) = self.narrow((lo, hi), t, yes);
             if self.check {
@@ -203,10 +218,14 @@ impl Row<'_> {
         if let [only] = self.tied(key)[..] {
             return (key, only);
         }
-        if !exact {
-            tlo = scale * self.mass_above(0);
-        }
-        self.tie_walk(key, tlo, ge)
+        let above = if exact {
+            self.mass_above(key)
+        } else {
+            let (above, total) = self.mass_above_and_total(key);
+            tlo = scale * total;
+            above
+        };
+        self.tie_walk(key, tlo, above, ge)
     }
 
     /// The bisection's next interval after testing "candidates with key > t pass" (`yes`: the
@@ -495,7 +514,7 @@ mod tests {
             ("top-p 0.9", 1.0, 0.9, 0),
             ("top-k 50 + top-p 0.9", 0.8, 0.9, 50),
         ];
-        let rows = 24;
+        let rows = 48;
         for &(name, t, p, k) in configs {
             let (mut old, mut new, mut new32, mut unsure) = (0, 0, 0, 0);
             for r in 0..rows {

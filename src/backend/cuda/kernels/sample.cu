@@ -17,16 +17,16 @@
 // self-test checks it (0 of 48 rows differ, on the emulated device and on an H200).
 //
 // f64 exps per row at vocab 128256, before (every mass in f64) and after (f32 bounds), counted
-// by sample_model.rs (the_f32_path_leaves_almost_no_f64_exps: 24 rows of Llama-like logits,
-// N(0, 2.5) plus a few strong tokens; the log-normalizer's pass included):
+// by sample_model.rs (the_f32_path_leaves_almost_no_f64_exps: mean of 48 rows of Llama-like
+// logits, N(0, 2.5) plus a strong token every 1009; the log-normalizer's pass included):
 //                               f64 exps before   f64 exps after   f32 exps after
 //   greedy                              128256                0           128256
-//   temperature 1                       408828            18967           481032
-//   top-p 0.9                           374115                0           462694
-//   top-k 50 + top-p 0.9                222394                0           128392
-// The f64 exps left are those of unsure steps (about 1 walk in 6 here: one f64 pass over the
-// candidates for the exact total, one for the step); a row whose walks end on tied tokens (a
-// coarse grid of logits) also sums the mass above the tie in f64.
+//   temperature 1                       389140            11324           471451
+//   top-p 0.9                           372873            16032           462035
+//   top-k 50 + top-p 0.9                222617                0           128419
+// The f64 exps left are those of unsure steps (about 1 walk in 9 here, each one f64 pass over
+// the candidates for the exact total); a walk ending on several tied tokens (a coarse grid of
+// logits) also sums the total and the mass above the tie in f64.
 
 #define SAMPLE_THREADS 1024
 
@@ -155,8 +155,8 @@ __device__ __forceinline__ double w64(float l, float mx, double inv_t) {
 
 // The same weight on the f32 path: the host's f64 argument x, rounded to f32 (xf), an f32 exp
 // of xf, corrected by the rounding (e^(x - xf) = 1 + (x - xf) + O(1e-11)). Relative error at
-// most 2^-22 (expf: 2 ulp) + 2^-24 (the fma) + 1.5e-11 (|x - xf| <= 2^-18 below |x| = 87)
-// < 3.0e-7. Below e^-87 the weight counts 0 (error < 2^-125, absolute); outside [-87, 0] (a
+// most 2^-22 (expf: 2 ulp, CUDA's documented bound, found by tests; F32_REL would still hold at
+// 7 ulp) + 2^-24 (the fma) + 1.5e-11 (|x - xf| <= 2^-18 below |x| = 87) < 3.0e-7. Below e^-87 the weight counts 0 (error < 2^-125, absolute); outside [-87, 0] (a
 // NaN, or a logit above the maximum: never with finite logits) NaN, which settles nothing.
 __device__ __forceinline__ float w32(float l, float mx, double inv_t) {
     double x = ((double)l - (double)mx) * inv_t;
@@ -178,6 +178,24 @@ __device__ double mass_above(const Cands& c, unsigned int t, float mx, double in
         if (in_cut(c, j, kj) && kj > t) s += w64(l, mx, inv_t);
     }
     return block_sum_d(s);
+}
+
+// mass_above(t) and the total mass, mass_above(0), in one pass (each token's exp computed
+// once); each sum is added in mass_above's order, so both are its values exactly.
+__device__ double mass_above_and_total(const Cands& c, unsigned int t, float mx, double inv_t,
+                                       double* total) {
+    double s = 0.0, a = 0.0;
+    for (int j = threadIdx.x; j < c.vocab; j += blockDim.x) {
+        if (!allowed(c.m, c.mw, j)) continue;
+        float l = c.lr[j];
+        unsigned int kj = fkey(l);
+        if (!in_cut(c, j, kj) || kj == 0) continue;
+        double w = w64(l, mx, inv_t);
+        s += w;
+        if (kj > t) a += w;
+    }
+    *total = block_sum_d(s);
+    return block_sum_d(a);
 }
 
 // Bounds on an f64 mass from the f32 path (see walk), with the pass's count and its nearest
@@ -381,11 +399,16 @@ __device__ void walk(const Cands& c, float mx, double inv_t, double scale, doubl
         } else if (p.hi < tlo) {
             yes = false;
         } else {
+            double mass;
             if (!exact) {
-                tlo = thi = scale * mass_above(c, 0, mx, inv_t);
+                double total;
+                mass = mass_above_and_total(c, t, mx, inv_t, &total);
+                tlo = thi = scale * total;
                 exact = true;
+            } else {
+                mass = mass_above(c, t, mx, inv_t);
             }
-            yes = passes(mass_above(c, t, mx, inv_t), tlo, ge);
+            yes = passes(mass, tlo, ge);
         }
         if (yes) lo = min(p.up, hi); else hi = max(p.down, lo);
     }
@@ -399,8 +422,14 @@ __device__ void walk(const Cands& c, float mx, double inv_t, double scale, doubl
         *out_id = last;
         return;
     }
-    if (!exact) tlo = scale * mass_above(c, 0, mx, inv_t);
-    double above = key == 0xffffffffu ? 0.0 : mass_above(c, key, mx, inv_t);
+    double above;
+    if (!exact) {
+        double total;
+        above = mass_above_and_total(c, key, mx, inv_t, &total);
+        tlo = scale * total;
+    } else {
+        above = mass_above(c, key, mx, inv_t);
+    }
     *out_id = tie_walk(c, key, mx, inv_t, tlo, above, ge);
 }
 
