@@ -85,6 +85,8 @@ struct Row<'a> {
     cut_id: usize,
     /// Check every settled f32 decision against the f64 one (uncounted).
     check: bool,
+    /// The f32 path's relative bound (F32_REL; a larger one leaves more steps to f64).
+    rel: f64,
 }
 
 impl Row<'_> {
@@ -124,8 +126,8 @@ impl Row<'_> {
     fn mass_bound(&self, t: u32) -> Bound {
         let s: f64 = self.above(t).map(|j| w32(self.x(j))).sum();
         Bound {
-            lo: s * (1.0 - F32_REL),
-            hi: s * (1.0 + F32_REL) + self.l.len() as f64 * F32_ABS,
+            lo: s * (1.0 - self.rel),
+            hi: s * (1.0 + self.rel) + self.l.len() as f64 * F32_ABS,
         }
     }
     fn count_above(&self, t: u32) -> usize {
@@ -267,11 +269,12 @@ impl Row<'_> {
     }
 }
 
-/// How the walks decide: every mass in f64, or on f32 bounds where they settle the step.
+/// How the walks decide: every mass in f64, or on f32 bounds (with this relative bound) where
+/// they settle the step.
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
     F64,
-    F32,
+    F32(f64),
 }
 
 /// The kernel's choice for one row; `m`: the row's mask (structured outputs); `check`: assert
@@ -295,6 +298,10 @@ fn sample(
         cut_key: 0,
         cut_id: l.len() - 1,
         check,
+        rel: match path {
+            Path::F32(rel) => rel,
+            Path::F64 => 0.0,
+        },
     };
     // The best allowed token (ties: lowest id) and how many are allowed; none allowed: the
     // unmasked argmax, as the host does.
@@ -318,7 +325,7 @@ fn sample(
     if top_k > 0 && top_k < n_allowed {
         let (k, i) = match path {
             Path::F64 => row.walk_to(top_k as f64 - 0.5, false),
-            Path::F32 => row.kth(top_k),
+            Path::F32(_) => row.kth(top_k),
         };
         row.cut_key = k;
         row.cut_id = i;
@@ -335,7 +342,7 @@ fn sample(
             }
             row.walk_to(u * total, false).1 as u32
         }
-        Path::F32 => {
+        Path::F32(_) => {
             if top_p < 1.0 {
                 let (k, i) = row.walk(top_p as f64, row.mass_bound(0), true);
                 row.cut_key = k;
@@ -348,7 +355,7 @@ fn sample(
 
 #[cfg(test)]
 mod tests {
-    use super::{sample, Path, EXPS, UNSURE};
+    use super::{fkey, sample, Path, Row, EXPS, F32_REL, UNSURE};
     use crate::engine::{sampler, SamplingParams};
 
     struct Rng(u64);
@@ -390,13 +397,19 @@ mod tests {
         };
         let u = sampler::uniform(seed, n);
         let old = sample(l, words, t, p, k, u, Path::F64, false);
-        let new = sample(l, words, t, p, k, u, Path::F32, true);
+        let new = sample(l, words, t, p, k, u, Path::F32(F32_REL), true);
+        // Most steps left to f64: the fallback's walks.
+        let fallback = sample(l, words, t, p, k, u, Path::F32(0.5), true);
         let what = format!(
             "seed {seed} n {n} t {t} p {p} k {k} mask {}",
             words.is_some()
         );
         assert_eq!(old, want, "f64 kernel vs host: {what}");
         assert_eq!(new, want, "f32 kernel vs host: {what}");
+        assert_eq!(
+            fallback, want,
+            "f32 kernel with f64 fallbacks vs host: {what}"
+        );
     }
 
     #[test]
@@ -502,6 +515,70 @@ mod tests {
         assert_eq!(rows, 7 * configs.len() * 16);
     }
 
+    /// Rows built so that the draw lands within a hair (the f32 rounding of a logit, ~1e-7
+    /// relative) of the boundary between the two first tokens: the f32 bounds must leave those
+    /// steps to f64 (with no margin, f32 masses decide some of them the wrong way).
+    #[test]
+    fn draws_a_hair_from_a_boundary_are_left_to_f64() {
+        let mut unsure = 0;
+        for seed in 0..3000u64 {
+            let u = sampler::uniform(seed, 0);
+            if !(0.02..0.98).contains(&u) {
+                continue;
+            }
+            // Weights 1 and w with 1 = u (1 + w): the first token's mass is the target.
+            let w = 1.0 / u - 1.0;
+            let mut l = vec![w.ln() as f32, 0.0];
+            l.extend((0..30).map(|j| -20.0 - j as f32));
+            UNSURE.with(|c| c.set(0));
+            check_row(&l, None, 1.0, 1.0, 0, seed, 0);
+            check_row(&l, None, 1.0, 0.999, 0, seed, 0);
+            unsure += UNSURE.with(|c| c.get());
+        }
+        assert!(unsure > 100, "only {unsure} steps near the boundary");
+    }
+
+    /// The f32 bounds hold on every prefix of sharp, flat and spread rows, and are needed: the
+    /// f32 masses differ from the f64 ones.
+    #[test]
+    fn the_f32_masses_lie_within_their_bounds() {
+        let mut rng = Rng(4242);
+        let (mut worst, mut differ) = (0f64, 0);
+        for shape in 0..4 {
+            let l: Vec<f32> = (0..4096)
+                .map(|_| match shape {
+                    0 => rng.normal() * 2.5,
+                    1 => rng.f() * 1e-3,
+                    2 => rng.f() * 90.0,
+                    _ => rng.normal() * 30.0,
+                })
+                .collect();
+            for inv_t in [1.0, 0.01, 100.0] {
+                let mx = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let row = Row {
+                    l: &l,
+                    m: None,
+                    mx,
+                    inv_t,
+                    cut_key: 0,
+                    cut_id: l.len() - 1,
+                    check: false,
+                    rel: F32_REL,
+                };
+                for q in 0..64 {
+                    let t = fkey(l[q * 61 % l.len()]) - 1;
+                    let (b, m) = (row.mass_bound(t), row.mass_above(t));
+                    assert!(b.lo <= m && m <= b.hi, "{} <= {m} <= {}", b.lo, b.hi);
+                    let rel = (b.lo / (1.0 - F32_REL) - m).abs() / m;
+                    worst = worst.max(rel);
+                    differ += (rel > 0.0) as usize;
+                }
+            }
+        }
+        assert!(worst < F32_REL / 2.0, "worst relative error {worst}");
+        assert!(differ > 100, "f32 masses equal to f64 ones: {differ}");
+    }
+
     /// f64 exponentials per row, before (every mass in f64) and after, at vocab 128256 on
     /// Llama-like logits; the f32 path settles nearly every bisection step. Prints the table in
     /// sample.cu (run with --nocapture).
@@ -529,7 +606,7 @@ mod tests {
                     (tok, EXPS.with(|c| c.get()), UNSURE.with(|c| c.get()))
                 };
                 let (a, e_old, _) = count(Path::F64);
-                let (b, e_new, un) = count(Path::F32);
+                let (b, e_new, un) = count(Path::F32(F32_REL));
                 assert_eq!(a, b, "{name} row {r}");
                 old += e_old.0;
                 new += e_new.0;

@@ -14,7 +14,8 @@
 // exps are left to the rare steps they cannot settle and to walks among tied tokens. Top-k
 // counts tokens (integers, no exp).
 // Logits with thousands of exact ties (a 13-value grid) give engine::sampler's token too: the
-// self-test checks it (0 of 48 rows differ, on the emulated device and on an H200).
+// self-test checks it (0 of 48 rows differ: on an H200 with the all-f64 kernel before the f32
+// bounds; on the emulated device with this one).
 //
 // f64 exps per row at vocab 128256, before (every mass in f64) and after (f32 bounds), counted
 // by sample_model.rs (the_f32_path_leaves_almost_no_f64_exps: mean of 48 rows of Llama-like
@@ -23,7 +24,7 @@
 //   greedy                              128256                0           128256
 //   temperature 1                       389140            11324           471451
 //   top-p 0.9                           372873            16032           462035
-//   top-k 50 + top-p 0.9                222617                0           128419
+//   top-k 50 + top-p 0.9, T 0.8         222617                0           128419
 // The f64 exps left are those of unsure steps (about 1 walk in 9 here, each one f64 pass over
 // the candidates for the exact total); a walk ending on several tied tokens (a coarse grid of
 // logits) also sums the total and the mass above the tie in f64.
