@@ -157,8 +157,11 @@ __device__ __forceinline__ double w64(float l, float mx, double inv_t) {
 // The same weight on the f32 path: the host's f64 argument x, rounded to f32 (xf), an f32 exp
 // of xf, corrected by the rounding (e^(x - xf) = 1 + (x - xf) + O(1e-11)). Relative error at
 // most 2^-22 (expf: 2 ulp, CUDA's documented bound, found by tests; F32_REL would still hold at
-// 7 ulp) + 2^-24 (the fma) + 1.5e-11 (|x - xf| <= 2^-18 below |x| = 87) < 3.0e-7. Below e^-87 the weight counts 0 (error < 2^-125, absolute); outside [-87, 0] (a
-// NaN, or a logit above the maximum: never with finite logits) NaN, which settles nothing.
+// 7 ulp) + 2^-24 (the fma's one rounding; e >= e^-87 is a normal float) + 1.5e-11 (|x - xf| <=
+// 2^-18 below |x| = 87) < 3.0e-7. Below e^-87 the weight counts 0 (error < 2^-125, absolute;
+// every set summed holds the maximum, weight 1, so these are far inside the relative margin);
+// outside [-87, 0] (a NaN, or a logit above the maximum: never with finite logits) NaN, which
+// settles nothing.
 __device__ __forceinline__ float w32(float l, float mx, double inv_t) {
     double x = ((double)l - (double)mx) * inv_t;
     float xf = (float)x;
@@ -375,15 +378,16 @@ __device__ int tie_walk(const Cands& c, unsigned int key, float mx, double inv_t
 // over the keys. Each step is "does the f64 mass above t pass the f64 target?", and is settled
 // on f32 bounds when they settle it: the f32 pass (w32, summed in f64) is within F32_REL
 // (relative, 3x the worst case) plus F32_ABS per token (absolute) of the f64 mass the old
-// all-f64 kernel computed, whatever its order of summation: so when the f32 bounds on the mass
+// all-f64 kernel computed (f64 exp: 1 ulp; each f64 sum of at most vocab/1024 + 10 levels:
+// ~1e-14 relative at 128k), whatever its order of summation: so when the f32 bounds on the mass
 // lie wholly above (or below) the bounds on the target, the f64 comparison gives that answer
 // too. Otherwise (the target within about 1e-6 of a boundary: a fraction ~1e-6 x candidates
 // of the walks) the step is decided on the f64 masses themselves, computing the f64 total
 // once. Each step thus takes the branch the all-f64 walk takes, and the token is its token.
 // The f64 mass only grows as the key threshold falls (its sums add non-negative terms in a
-// fixed order), so the largest passing key does not depend on which keys are tried: a step
-// jumps to the nearest candidate key on its side (no key in between changes the mass), which
-// saves the ~15 steps the bisection would spend between two adjacent tokens' keys.
+// fixed order; NaN logits aside), so the largest passing key does not depend on which keys are
+// tried: a step jumps to the nearest candidate key on its side (no key in between changes the
+// mass), which saves the ~15 steps the bisection would spend between two adjacent tokens' keys.
 // Among the tokens tied at the key, a single one is the token whatever the masses; several
 // (rare with continuous logits) are walked in f64.
 __device__ void walk(const Cands& c, float mx, double inv_t, double scale, double t_lo,
