@@ -39,14 +39,27 @@ pub fn sampling_checks(gpu: &CudaBackend) -> Vec<Check> {
         .map(|_| (rng.f() * 13.0).floor() * 0.5)
         .collect();
     let none = vec![None; rows];
-    let mut checks = sampling_checks_on(gpu, &continuous, rows, vocab, &none, "");
+    let mut checks = sampling_checks_on(gpu, &continuous, rows, vocab, &none, MIX, "");
     checks.extend(sampling_checks_on(
         gpu,
         &tied,
         rows,
         vocab,
         &none,
+        MIX,
         ", tied logits",
+    ));
+    // Equal logits with top-p at an exact share of the mass (cum / total == top_p): the nucleus
+    // ends on the prefix that reaches it, not one token later.
+    let flat = vec![0.5f32; rows * 8];
+    checks.extend(sampling_checks_on(
+        gpu,
+        &flat,
+        rows,
+        8,
+        &none,
+        &[(1.0, 0.5, 0), (1.0, 0.75, 0), (2.0, 0.25, 0), (1.0, 0.5, 6)],
+        ", equal logits, top-p on a boundary",
     ));
     // Structured outputs' masks (sampler::sample_masked): rows with a random mask (dense, or a
     // few dozen tokens: fewer than top-k), one allowed token, and unmasked rows among them.
@@ -73,6 +86,7 @@ pub fn sampling_checks(gpu: &CudaBackend) -> Vec<Check> {
         rows,
         vocab,
         &masks,
+        MIX,
         ", masked rows",
     ));
     checks.extend(sampling_checks_on(
@@ -81,10 +95,21 @@ pub fn sampling_checks(gpu: &CudaBackend) -> Vec<Check> {
         rows,
         vocab,
         &masks,
+        MIX,
         ", masked rows, tied logits",
     ));
     checks
 }
+
+/// (temperature, top_p, top_k) of the rows, in turn: greedy, top-k, top-p, temperature alone.
+const MIX: &[(f32, f32, usize)] = &[
+    (0.0, 1.0, 0),
+    (0.7, 1.0, 50),
+    (1.0, 0.9, 0),
+    (1.3, 1.0, 0),
+    (0.8, 0.95, 40),
+    (1.0, 1.0, 1),
+];
 
 fn sampling_checks_on(
     gpu: &CudaBackend,
@@ -92,18 +117,12 @@ fn sampling_checks_on(
     rows: usize,
     vocab: usize,
     masks: &[Option<&[u32]>],
+    mix: &[(f32, f32, usize)],
     what: &str,
 ) -> Vec<Check> {
     let params: Vec<RowSampling> = (0..rows)
         .map(|i| {
-            let (temperature, top_p, top_k) = match i % 6 {
-                0 => (0.0, 1.0, 0),
-                1 => (0.7, 1.0, 50),
-                2 => (1.0, 0.9, 0),
-                3 => (1.3, 1.0, 0),
-                4 => (0.8, 0.95, 40),
-                _ => (1.0, 1.0, 1),
-            };
+            let (temperature, top_p, top_k) = mix[i % mix.len()];
             RowSampling {
                 temperature,
                 top_p,
