@@ -652,6 +652,20 @@ fn bad_flags_exit_2_naming_the_flag_before_anything_loads() {
             cmd(&["bench", m70[0], m70[1], "--csv", &out_dir_s]),
             "--csv",
         ),
+        // An existing CSV with other columns: rows appended would not line up.
+        (cmd(&["bench", m70[0], m70[1], "--csv", &csv_s]), "--csv"),
+        (
+            cmd(&[
+                "bench",
+                m70[0],
+                m70[1],
+                "--temperature",
+                "1",
+                "--top-p",
+                "1.5",
+            ]),
+            "--top-p",
+        ),
         (
             cmd(&[
                 "bench",

@@ -29,6 +29,15 @@ pub struct BenchArgs {
     /// Tokens generated per request.
     #[arg(long, default_value_t = 32)]
     pub gen_tokens: usize,
+    /// Sampling of every request (seeded): temperature 0 = greedy, the default.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
     /// Append results to this CSV (created with a header if new).
     #[arg(long)]
     pub csv: Option<PathBuf>,
@@ -55,8 +64,10 @@ impl BenchArgs {
                 )));
             }
         }
+        super::check_sampling_flags(&self.sampling(1, 0))?;
         if let Some(p) = &self.csv {
             super::check_output_file("--csv", p)?;
+            check_csv_header("--csv", p, BENCH_HEADER)?;
         }
         if let Some(p) = &self.kernel_profile {
             if self.model.device == "cpu" {
@@ -70,8 +81,64 @@ impl BenchArgs {
                 ));
             }
             super::check_output_file("--kernel-profile", p)?;
+            check_csv_header("--kernel-profile", p, PROFILE_HEADER)?;
         }
         Ok(())
+    }
+
+    /// Request `r`'s sampling parameters, generating `max_tokens`.
+    fn sampling(&self, max_tokens: usize, r: usize) -> SamplingParams {
+        SamplingParams {
+            max_tokens,
+            ignore_eos: true,
+            seed: Some(r as u64),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            ..Default::default()
+        }
+    }
+
+    /// The sampling, as the CSV's `sampling` column and the log name it.
+    fn sampling_label(&self) -> String {
+        if self.temperature == 0.0 {
+            return "greedy".into();
+        }
+        let mut s = format!("temperature {}", self.temperature);
+        if self.top_p < 1.0 {
+            s += &format!(" top_p {}", self.top_p);
+        }
+        if self.top_k > 0 {
+            s += &format!(" top_k {}", self.top_k);
+        }
+        s
+    }
+}
+
+const BENCH_HEADER: &str = "date,commit,machine,backend,model,batch,prompt_len,ms_per_step,tokens_per_s,bytes_per_step,achieved_gb_s,measured_bw_gb_s,bw_ratio,limit_tokens_per_s,achieved_gflop_s,kernel_peak_gflop_s,prefill_tokens_per_s,sampling";
+const PROFILE_HEADER: &str = "date,commit,machine,model,step,kernel,calls_per_step,us_per_step,share_of_step,bytes_per_call,achieved_gb_s,bw_ratio";
+
+/// A CSV that rows will be appended to: new, or with exactly this header (rows of another shape
+/// would not line up with its columns). Exit code 2 naming the flag.
+fn check_csv_header(flag: &str, path: &std::path::Path, header: &str) -> Result<()> {
+    use std::io::{BufRead, Read};
+    // A regular file only (not /dev/stdout or a pipe), and its first line only.
+    if !std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return Ok(());
+    }
+    let mut first = String::new();
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = std::io::BufReader::new(f.take(64 * 1024)).read_line(&mut first);
+    }
+    match first.lines().next() {
+        None => Ok(()),
+        Some(h) if h == header => Ok(()),
+        Some(h) => Err(exit::usage(format!(
+            "{flag} {}: its header has other columns ({}) than herd writes ({}): give a new file",
+            path.display(),
+            h.split(',').count(),
+            header.split(',').count()
+        ))),
     }
 }
 
@@ -174,6 +241,8 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     let mut rows = Vec::new();
     let mut profile_rows = Vec::new();
     let mut prompts = Prompts(0);
+    let sampling = args.sampling_label();
+    eprintln!("sampling: {sampling} (seeded)");
     for &b in &args.batch_sizes {
         let t_prefill = Instant::now();
         start_batch(&mut engine, b, &args, &mut prompts)?;
@@ -216,7 +285,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             (b * args.prompt_len) as f64 / prefill_s
         );
         rows.push(format!(
-            "{},{},{},{},{},{},{},{:.3},{:.2},{:.0},{:.2},{:.2},{:.3},{:.1},{:.2},{:.2},{:.1}",
+            "{},{},{},{},{},{},{},{:.3},{:.2},{:.0},{:.2},{:.2},{:.3},{:.1},{:.2},{:.2},{:.1},{}",
             super::host::today_utc(),
             env!("HERD_GIT_COMMIT"),
             machine.replace(',', " "),
@@ -234,10 +303,14 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             gflops,
             peak,
             (b * args.prompt_len) as f64 / prefill_s,
+            sampling,
         ));
         if args.kernel_profile.is_some() {
             start_batch(&mut engine, b, &args, &mut prompts)?;
-            let what = format!("decode batch {b}");
+            let what = match sampling.as_str() {
+                "greedy" => format!("decode batch {b}"),
+                other => format!("decode batch {b} ({other})"),
+            };
             profile_rows.extend(profile(&mut engine, &what, bw, &machine, &margs.model)?);
         }
     }
@@ -245,7 +318,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
     // chunks it as it always does (512 tokens per step). FLOPs: 2 per weight per token plus
     // causal attention (QK and PV: 2 * len^2 * q_dim per layer).
     for &len in &args.prefill_lens {
-        add_prefill(&mut engine, len, &mut prompts)?;
+        add_prefill(&mut engine, len, &args, &mut prompts)?;
         let steps0 = engine.stats().steps;
         let t = Instant::now();
         engine.run_to_completion()?;
@@ -264,7 +337,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         );
         let bytes = weight_bytes * steps as f64;
         rows.push(format!(
-            "{},{},{},{},{},{},{},{:.3},{:.2},{:.0},{:.2},{:.2},{:.3},{:.1},{:.2},{:.2},{:.1}",
+            "{},{},{},{},{},{},{},{:.3},{:.2},{:.0},{:.2},{:.2},{:.3},{:.1},{:.2},{:.2},{:.1},{}",
             super::host::today_utc(),
             env!("HERD_GIT_COMMIT"),
             machine.replace(',', " "),
@@ -282,18 +355,19 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             gflops,
             peak,
             tok_s,
+            sampling,
         ));
         if args.kernel_profile.is_some() {
-            add_prefill(&mut engine, len, &mut prompts)?;
+            add_prefill(&mut engine, len, &args, &mut prompts)?;
             let what = format!("prefill {len}");
             profile_rows.extend(profile(&mut engine, &what, bw, &machine, &margs.model)?);
         }
     }
     if let Some(path) = &args.csv {
-        append_csv(path, "date,commit,machine,backend,model,batch,prompt_len,ms_per_step,tokens_per_s,bytes_per_step,achieved_gb_s,measured_bw_gb_s,bw_ratio,limit_tokens_per_s,achieved_gflop_s,kernel_peak_gflop_s,prefill_tokens_per_s", &rows)?;
+        append_csv(path, BENCH_HEADER, &rows)?;
     }
     if let Some(path) = &args.kernel_profile {
-        append_csv(path, "date,commit,machine,model,step,kernel,calls_per_step,us_per_step,share_of_step,bytes_per_call,achieved_gb_s,bw_ratio", &profile_rows)?;
+        append_csv(path, PROFILE_HEADER, &profile_rows)?;
     }
     Ok(())
 }
@@ -344,12 +418,7 @@ fn start_batch(
     for r in 0..b {
         engine.add_request(
             prompts.next(args.prompt_len),
-            SamplingParams {
-                max_tokens: args.gen_tokens,
-                ignore_eos: true,
-                seed: Some(r as u64),
-                ..Default::default()
-            },
+            args.sampling(args.gen_tokens, r),
         )?;
     }
     let mut started = 0;
@@ -367,17 +436,10 @@ fn start_batch(
 fn add_prefill(
     engine: &mut crate::engine::Engine,
     len: usize,
+    args: &BenchArgs,
     prompts: &mut Prompts,
 ) -> Result<()> {
-    engine.add_request(
-        prompts.next(len),
-        SamplingParams {
-            max_tokens: 1,
-            ignore_eos: true,
-            seed: Some(1),
-            ..Default::default()
-        },
-    )?;
+    engine.add_request(prompts.next(len), args.sampling(1, 1))?;
     Ok(())
 }
 

@@ -95,12 +95,18 @@ impl SamplingArgs {
     /// before anything loads; the error names the flag (exit code 2).
     pub fn validate(&self) -> Result<()> {
         // Neutral defaults: only what the user set can fail.
-        self.params(0.0, 1.0, 0).validate().map_err(|why| {
-            // The engine's reason starts with the field ("top_p must be ..."): name the flag.
-            let (field, rest) = why.split_once(' ').unwrap_or((why.as_str(), ""));
-            exit::usage(format!("--{} {rest}", field.replace('_', "-")))
-        })
+        check_sampling_flags(&self.params(0.0, 1.0, 0))
     }
+}
+
+/// Sampling parameters that came from flags, against the engine's rule for a request; the error
+/// names the flag (exit code 2).
+pub fn check_sampling_flags(p: &SamplingParams) -> Result<()> {
+    p.validate().map_err(|why| {
+        // The engine's reason starts with the field ("top_p must be ..."): name the flag.
+        let (field, rest) = why.split_once(' ').unwrap_or((why.as_str(), ""));
+        exit::usage(format!("--{} {rest}", field.replace('_', "-")))
+    })
 }
 
 /// A flag in seconds: a number >= 0 that `Duration::from_secs_f64` takes (it panics on NaN,
