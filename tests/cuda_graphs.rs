@@ -355,6 +355,65 @@ fn a_decode_shaped_first_step_runs_eagerly_then_replays() {
     assert_eq!(run(&[]), run(&[("HERD_CUDA_GRAPHS", "0")]));
 }
 
+/// HERD_GEMV=1 (products of at most 4 rows on herd's gemv kernel instead of cuBLASLt, an A/B for
+/// the GPU bench): greedy tokens equal the CPU backend's, and graph replay equals eager steps.
+#[test]
+fn the_gemv_kernel_gives_the_cpu_greedy_tokens_in_graphs_and_eagerly() {
+    let m = model("llama31");
+    let args = [
+        "generate",
+        "--model",
+        &m,
+        "--kv-cache-gb",
+        "0.05",
+        "--prompt-token-ids",
+        "1,2,3,4,5",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ];
+    let tokens = |out: &str| -> Value {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or_else(|| panic!("no JSON in:\n{out}"));
+        serde_json::from_str::<Value>(line).unwrap()["token_ids"].clone()
+    };
+    let cpu = Command::new(env!("CARGO_BIN_EXE_herd"))
+        .args(args)
+        .args(["--device", "cpu"])
+        .output()
+        .unwrap();
+    assert!(cpu.status.success());
+    let want = tokens(&String::from_utf8_lossy(&cpu.stdout));
+    let stats = tempfile::tempdir().unwrap();
+    for graphs in ["1", "0"] {
+        let s = stats.path().join(format!("stats-{graphs}.json"));
+        let s = s.to_string_lossy().into_owned();
+        let mut a = args.to_vec();
+        a.extend(["--device", "cuda"]);
+        let env = [
+            ("HERD_GEMV", "1"),
+            ("HERD_CUDA_GRAPHS", graphs),
+            ("CUDA_EMU_STATS", s.as_str()),
+        ];
+        let (code, out) = herd_emu(&a, &env);
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(tokens(&out), want, "graphs {graphs}: {out}");
+        // Decode products (one row) ran on the gemv kernel, not cuBLASLt: only the prompt's
+        // 5-row products and the first logits call cuBLASLt.
+        let calls: Value = serde_json::from_str(&std::fs::read_to_string(&s).unwrap()).unwrap();
+        let gemm = calls["calls"]["cublasLtMatmul"].as_u64().unwrap_or(0);
+        assert!(
+            gemm <= 2 * 4 + 1,
+            "graphs {graphs}: {gemm} cuBLASLt calls: {calls}"
+        );
+    }
+}
+
 /// A structured output's grammar-forced tokens run as one chunk per sequence (a few rows): such
 /// "small" steps replay graphs too (keyed by rows and logit rows), with the decode attention
 /// kernel eagerly and in the graph, so the text equals the eager run's exactly.

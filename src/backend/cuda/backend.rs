@@ -119,6 +119,7 @@ struct Funcs {
     attn_prefill_bf16: CudaFunction,
     attn_prefill_f32: CudaFunction,
     sample: CudaFunction,
+    gemv: CudaFunction,
 }
 
 /// Facts about the card, for logs, doctor and bench.
@@ -219,6 +220,10 @@ type GraphKey = (usize, usize, usize);
 /// decode attention kernel (a few rows per sequence: re-reading K/V per row costs little) and
 /// may replay a graph; longer chunks (prompts) use the tiled prefill kernel, eagerly.
 pub const SMALL_STEP_TOKENS: usize = 16;
+
+/// Rows the gemv kernel takes (GEMV_MAX_ROWS in gemv.cu) and its warps per block (GEMV_WARPS).
+const GEMV_MAX_ROWS: usize = 4;
+const GEMV_WARPS: usize = 8;
 
 /// Query rows per block of the tiled prefill kernel (FP_ROWS in attention.cu).
 const PREFILL_ROWS: usize = 16;
@@ -336,6 +341,9 @@ pub struct CudaBackend {
     /// Shapes that ran once eagerly (the next one of each is captured).
     warmed: RefCell<std::collections::HashSet<GraphKey>>,
     capturing: Cell<Option<GraphKey>>,
+    /// Products of at most GEMV_MAX_ROWS rows go to herd's weight-streaming kernel instead of
+    /// cuBLASLt (HERD_GEMV=1: an A/B for the bench; off by default until a GPU measured it).
+    gemv: Cell<bool>,
     /// Decode steps of at most this many rows run as graphs (0: never; HERD_CUDA_GRAPHS=0).
     graph_rows: usize,
     /// Launches when layer 0's RoPE ran this step (launches per layer = at layer 1's minus it).
@@ -476,6 +484,7 @@ impl CudaBackend {
             attn_prefill_bf16: load("attn_prefill_bf16")?,
             attn_prefill_f32: load("attn_prefill_f32")?,
             sample: load("sample_rows")?,
+            gemv: load("gemv_bf16")?,
         };
         let (free, total) = ctx.mem_get_info().map_err(be)?;
         let sm = ctx
@@ -494,6 +503,7 @@ impl CudaBackend {
         };
         let gemm = Gemm::new(&stream).map_err(BackendError::Unsupported)?;
         let graphs_on = std::env::var("HERD_CUDA_GRAPHS").map_or(true, |v| v != "0");
+        let gemv_on = std::env::var("HERD_GEMV").is_ok_and(|v| v == "1");
         Ok(CudaBackend {
             ctx,
             stream,
@@ -508,6 +518,7 @@ impl CudaBackend {
             warmed: RefCell::new(Default::default()),
             capturing: Cell::new(None),
             graph_rows: if graphs_on { 256 } else { 0 },
+            gemv: Cell::new(gemv_on),
             layer0_launches: Cell::new(0),
             arena_warned: Cell::new(false),
             step_t0: Cell::new(None),
@@ -641,6 +652,17 @@ impl CudaBackend {
             c.device_ns += dev;
         });
         Ok(())
+    }
+
+    /// Products of at most 4 rows on herd's gemv kernel instead of cuBLASLt (HERD_GEMV=1 sets
+    /// it at start; the self-test checks both).
+    pub fn set_gemv(&self, on: bool) {
+        self.gemv.set(on);
+    }
+
+    /// Whether products of at most 4 rows run on herd's gemv kernel.
+    pub fn gemv(&self) -> bool {
+        self.gemv.get()
     }
 
     /// Choose the precision (before `alloc_kv`: the KV cache's dtype follows it).
@@ -1282,8 +1304,43 @@ impl CudaBackend {
         c.as_ref().map(|(_, d)| d.ptr)
     }
 
-    /// `out = a · Wᵀ` (`accumulate`: `out += a · Wᵀ`) for `m` bf16 rows `a`, one cuBLASLt call.
+    /// `out = a · Wᵀ` (`accumulate`: `out += a · Wᵀ`) for `m` bf16 rows `a`, one cuBLASLt call
+    /// (or, with [`Self::set_gemv`] and at most GEMV_MAX_ROWS rows, herd's gemv kernel).
     fn gemm_bf16(&self, a: u64, w: &CudaMatrix, out: u64, m: usize, accumulate: bool) {
+        let (n, k) = (w.rows, w.cols);
+        // At least: the weights and the bf16 input once, the f32 output written (and read when
+        // accumulating) — the profile's bytes.
+        let bytes = (2 * n * k + 2 * m * k + if accumulate { 8 } else { 4 } * m * n) as u64;
+        let label = |kind: &str| {
+            format!(
+                "{kind} m={m} n={n} k={k}{}",
+                if accumulate { " +=" } else { "" }
+            )
+        };
+        if self.gemv.get() && m <= GEMV_MAX_ROWS && k % 4 == 0 && a % 8 == 0 && w.ptr % 8 == 0 {
+            let (mi, ni, ki, acc) = (m as i32, n as i32, k as i32, accumulate as i32);
+            let timed = self.time_launch_begin();
+            let mut b = self.stream.launch_builder(&self.f.gemv);
+            b.arg(&a)
+                .arg(&w.ptr)
+                .arg(&out)
+                .arg(&mi)
+                .arg(&ni)
+                .arg(&ki)
+                .arg(&acc);
+            // SAFETY: gemv_bf16(x, w, out, m, n, k, accumulate) with live device buffers of
+            // m*k bf16, n*k bf16 and m*n f32 (the emulated device checks the parameter list).
+            let r = unsafe {
+                b.launch(cfg(
+                    (n.div_ceil(GEMV_WARPS) as u32, 1, 1),
+                    32 * GEMV_WARPS as u32,
+                ))
+            };
+            if timed.is_some() {
+                self.time_launch_end(timed, label("gemv"), bytes);
+            }
+            return self.launch_note(r, "gemv_bf16");
+        }
         let timed = self.time_launch_begin();
         let r = self.gemm.borrow_mut().bf16_f32(
             &self.stream,
@@ -1296,15 +1353,7 @@ impl CudaBackend {
             accumulate,
         );
         if timed.is_some() {
-            // At least: the weights and the bf16 input once, the f32 output written (and read
-            // when accumulating).
-            let (n, k) = (w.rows, w.cols);
-            let bytes = 2 * n * k + 2 * m * k + if accumulate { 8 } else { 4 } * m * n;
-            let label = format!(
-                "gemm m={m} n={n} k={k}{}",
-                if accumulate { " +=" } else { "" }
-            );
-            self.time_launch_end(timed, label, bytes as u64);
+            self.time_launch_end(timed, label("gemm"), bytes);
         }
         match r {
             Ok(()) => {
@@ -1505,11 +1554,12 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> String {
         format!(
-            "cuda:{} ({}, sm_{}{})",
+            "cuda:{} ({}, sm_{}{}){}",
             self.info.ordinal,
             self.info.name,
             self.info.compute_capability.0,
-            self.info.compute_capability.1
+            self.info.compute_capability.1,
+            if self.gemv.get() { " gemv" } else { "" }
         )
     }
 

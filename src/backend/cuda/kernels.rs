@@ -10,6 +10,7 @@ pub const FILES: &[(&str, &str)] = &[
     ("rope_kv.cu", include_str!("kernels/rope_kv.cu")),
     ("attention.cu", include_str!("kernels/attention.cu")),
     ("sample.cu", include_str!("kernels/sample.cu")),
+    ("gemv.cu", include_str!("kernels/gemv.cu")),
 ];
 
 const COMMON: &str = include_str!("kernels/common.cuh");
@@ -32,6 +33,7 @@ pub const KERNELS: &[&str] = &[
     "attn_prefill_bf16",
     "attn_prefill_f32",
     "sample_rows",
+    "gemv_bf16",
 ];
 
 /// The whole program: common helpers, then every kernel file (one NVRTC program, one module).

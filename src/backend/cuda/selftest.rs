@@ -217,6 +217,41 @@ pub fn run_kernels(gpu: &CudaBackend) -> Vec<Check> {
         }
     }
 
+    // herd's gemv kernel (HERD_GEMV=1: products of at most 4 rows), x in bf16 as above; and
+    // with the residual added in the product (x += a·Wᵀ).
+    let gemv_was = gpu.gemv();
+    gpu.set_gemv(true);
+    for m in [1usize, 3, 4] {
+        let (n, k) = (300, 1028);
+        let w = bf16_tensor(n, k, &mut rng);
+        let xv = rng.vec(m * k);
+        let resid = rng.vec(m * n);
+        if let (Ok(wc), Ok(wg)) = (cpu.load_matrix(&w), gpu.load_matrix(&w)) {
+            let act = |rows, cols, d: &Vec<f32>| crate::backend::cpu::CpuAct {
+                rows,
+                cols,
+                data: d.clone(),
+            };
+            let (xc, xg) = (act(m, k, &xv), gpu.act_from_host(m, k, &xv));
+            out.push(compare(
+                &format!("gemv bf16 m={m} n={n} k={k}"),
+                &gpu.to_host(&gpu.matmul(&xg, &wg)),
+                &cpu.to_host(&cpu.matmul(&xc, &wc)),
+                1e-2,
+            ));
+            let (mut rc, mut rg) = (act(m, n, &resid), gpu.act_from_host(m, n, &resid));
+            cpu.matmul_add(&mut rc, &xc, &wc);
+            gpu.matmul_add(&mut rg, &xg, &wg);
+            out.push(compare(
+                &format!("gemv bf16 m={m} n={n} k={k}, residual added"),
+                &gpu.to_host(&rg),
+                &rc.data,
+                1e-2,
+            ));
+        }
+    }
+    gpu.set_gemv(gemv_was);
+
     // The tensor-parallel logits reorder after NCCL's all-gather: a copy, exact. Its CPU twin is
     // the loop in CpuBackend::all_gather_cols. (Not yet run on a GPU.)
     {
