@@ -1317,7 +1317,12 @@ impl CudaBackend {
                 if accumulate { " +=" } else { "" }
             )
         };
-        if self.gemv.get() && m <= GEMV_MAX_ROWS && k % 4 == 0 && a % 8 == 0 && w.ptr % 8 == 0 {
+        if self.gemv.get()
+            && m <= GEMV_MAX_ROWS
+            && k.is_multiple_of(4)
+            && a.is_multiple_of(8)
+            && w.ptr.is_multiple_of(8)
+        {
             let (mi, ni, ki, acc) = (m as i32, n as i32, k as i32, accumulate as i32);
             let timed = self.time_launch_begin();
             let mut b = self.stream.launch_builder(&self.f.gemv);
