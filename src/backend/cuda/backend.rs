@@ -1455,13 +1455,16 @@ impl CudaBackend {
             Numerics::Bf16 => (&self.f.attn_partial_bf16, "attn_partial_bf16"),
             Numerics::Accurate => (&self.f.attn_partial_f32, "attn_partial_f32"),
         };
+        let (t16, twin) = self.twin(q.rows * n_heads * hd);
+        // One split (enough rows to fill the card): the kernel writes the result itself.
         launch!(self, f, name, cfg((q.rows as u32, n_heads as u32, splits as u32), 128);
             &kc, &vc, &qb.ptr, &q_stride, &m.row_ctx, &m.row_table, &m.tables, &acc.ptr, &ml.ptr,
-            &nh, &nkv, &hdi, &bs, &scale);
-        let sp = splits as i32;
-        let (t16, twin) = self.twin(q.rows * n_heads * hd);
-        launch!(self, &self.f.attn_combine, "attn_combine",
-            cfg((blocks as u32, 1, 1), hd.min(256) as u32); &acc.ptr, &ml.ptr, &ob.ptr, &t16, &sp, &hdi);
+            &ob.ptr, &t16, &nh, &nkv, &hdi, &bs, &scale);
+        if splits > 1 {
+            let sp = splits as i32;
+            launch!(self, &self.f.attn_combine, "attn_combine",
+                cfg((blocks as u32, 1, 1), hd.min(256) as u32); &acc.ptr, &ml.ptr, &ob.ptr, &t16, &sp, &hdi);
+        }
         *out.b16.borrow_mut() = twin;
         out
     }

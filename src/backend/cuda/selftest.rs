@@ -361,8 +361,10 @@ fn flash_checks(gpu: &CudaBackend, rng: &mut Rng) -> Vec<Check> {
     let mut qkv = gpu.act_from_host(longest, width, &rng.vec(longest * width));
     gpu.rope_store_kv(&mut qkv, n_heads, &inv_freq, &mut kv, 0, &fill);
     let mut out = Vec::new();
-    for ctx in [1, 15, 16, 17, 1000, longest] {
-        let n = ctx.min(20);
+    // 80 rows: enough (row, head) blocks that the decode kernel runs one split and finishes
+    // without attn_combine; 20 rows: several splits, combined.
+    let cases = [1, 15, 16, 17, 1000, longest].map(|c| (c, c.min(20)));
+    for (ctx, n) in cases.into_iter().chain([(1000, 80)]) {
         let batch = AttnBatch::new(vec![SeqSpan {
             token_start: 0,
             n_tokens: n,

@@ -25,6 +25,8 @@ __device__ __forceinline__ void attn_partial_impl(
              const unsigned int* __restrict__ tables,
              float* __restrict__ part_acc,            // [rows, n_heads, splits, head_dim]
              float* __restrict__ part_ml,             // [rows, n_heads, splits, 2]
+             float* __restrict__ out,                 // one split: the result, no combine
+             bf16_t* __restrict__ out16,
              int n_heads, int n_kv_heads, int head_dim, int block_size, float scale) {
     int row = blockIdx.x, h = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
@@ -70,6 +72,23 @@ __device__ __forceinline__ void attn_partial_impl(
     u64 part = ((u64)row * n_heads + h) * splits + split;
     float gm = -INFINITY;
     for (int i = 0; i < ATT_WARPS; i++) gm = fmaxf(gm, s_m[i]);
+    if (splits == 1) {
+        // The whole context in this block: finish here as attn_combine would (its factor
+        // e^(m - M) is e^0 = 1 with one split: the same numbers), one launch fewer per layer.
+        float gl = 0.f;
+        for (int i = 0; i < ATT_WARPS; i++)
+            if (s_m[i] != -INFINITY) gl += s_l[i] * expf(s_m[i] - gm);
+        u64 o = ((u64)row * n_heads + h) * head_dim;
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float a = 0.f;
+            for (int i = 0; i < ATT_WARPS; i++)
+                if (s_m[i] != -INFINITY) a += s_acc[i][d] * expf(s_m[i] - gm);
+            float v = a / gl;
+            out[o + d] = v;
+            if (out16) out16[o + d] = f32_to_bf16(v);
+        }
+        return;
+    }
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float a = 0.f;
         for (int i = 0; i < ATT_WARPS; i++)
@@ -86,14 +105,15 @@ __device__ __forceinline__ void attn_partial_impl(
 }
 
 #define ATTN_ARGS const float *q, int q_stride, const unsigned int *row_ctx, const unsigned int *row_table, \
-    const unsigned int *tables, float *part_acc, float *part_ml, int nh, int nkv, int hd, int bs, float scale
+    const unsigned int *tables, float *part_acc, float *part_ml, float *out, bf16_t *out16, int nh, int nkv, \
+    int hd, int bs, float scale
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attn_partial_bf16(const bf16_t* kc, const bf16_t* vc, ATTN_ARGS) {
-    attn_partial_impl<bf16_t>(q, q_stride, kc, vc, row_ctx, row_table, tables, part_acc, part_ml, nh, nkv, hd, bs, scale);
+    attn_partial_impl<bf16_t>(q, q_stride, kc, vc, row_ctx, row_table, tables, part_acc, part_ml, out, out16, nh, nkv, hd, bs, scale);
 }
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attn_partial_f32(const float* kc, const float* vc, ATTN_ARGS) {
-    attn_partial_impl<float>(q, q_stride, kc, vc, row_ctx, row_table, tables, part_acc, part_ml, nh, nkv, hd, bs, scale);
+    attn_partial_impl<float>(q, q_stride, kc, vc, row_ctx, row_table, tables, part_acc, part_ml, out, out16, nh, nkv, hd, bs, scale);
 }
 
 // out[row, h, :] = sum_s acc_s * e^(m_s - M) / sum_s l_s * e^(m_s - M). One block per (row, head);
