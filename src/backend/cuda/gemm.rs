@@ -7,7 +7,7 @@
 //! Plans are cached: one matmul descriptor for all, the layouts per shape, and the algorithm per
 //! (m rounded up to a power of two, n, k), so that a step runs no heuristic and creates nothing
 //! once its shapes have been seen (a decode step at batch 3 uses the batch-4 algorithm).
-//! NOTE: never run on a GPU yet.
+//! Run on an H200 (self-test, bench: results/gpu-check-nvidia-h200-2026-11-29).
 
 use std::collections::HashMap;
 use std::ffi::c_void;

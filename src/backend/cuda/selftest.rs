@@ -253,7 +253,7 @@ pub fn run_kernels(gpu: &CudaBackend) -> Vec<Check> {
     gpu.set_gemv(gemv_was);
 
     // The tensor-parallel logits reorder after NCCL's all-gather: a copy, exact. Its CPU twin is
-    // the loop in CpuBackend::all_gather_cols. (Not yet run on a GPU.)
+    // the loop in CpuBackend::all_gather_cols.
     {
         let (world, rows, cols) = (4usize, 3usize, 1000usize);
         let all = rng.vec(world * rows * cols);
