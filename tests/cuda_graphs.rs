@@ -416,7 +416,9 @@ fn the_gemv_kernel_gives_the_cpu_greedy_tokens_in_graphs_and_eagerly() {
 
 /// A structured output's grammar-forced tokens run as one chunk per sequence (a few rows): such
 /// "small" steps replay graphs too (keyed by rows and logit rows), with the decode attention
-/// kernel eagerly and in the graph, so the text equals the eager run's exactly.
+/// kernel eagerly and in the graph, so the text equals the eager run's exactly. With
+/// `--max-batch-size 1` a chunk has more token rows than the batch has sequences: still graphed
+/// (the activation arena holds the plan's token rows).
 #[test]
 fn forced_token_chunks_replay_graphs_and_equal_the_eager_steps() {
     let dir = tempfile::tempdir().unwrap();
@@ -453,6 +455,8 @@ fn forced_token_chunks_replay_graphs_and_equal_the_eager_steps() {
                 "1",
                 "--seed",
                 "11",
+                "--max-batch-size",
+                "1",
                 "--max-tokens",
                 "120",
                 "--json-schema",

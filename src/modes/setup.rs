@@ -471,8 +471,10 @@ fn load_cuda(
     let graph_rows = cuda::graph_bucket(args.max_batch_size.max(1))
         .min(256)
         .max(args.max_batch_size.max(1));
+    // Token rows the activations are planned for: a step's chunk, or a padded graph's rows.
+    let plan_rows = args.max_batch_tokens.max(graph_rows);
     let activations = plan::activation_bytes(
-        args.max_batch_tokens.max(graph_rows) as u64,
+        plan_rows as u64,
         graph_rows as u64,
         cfg.dim as u64,
         cfg.ffn_dim as u64,
@@ -525,7 +527,7 @@ fn load_cuda(
         "loading"
     );
     backend
-        .reserve_activations(activations as usize, args.max_batch_size)
+        .reserve_activations(activations as usize, args.max_batch_size, plan_rows)
         .map_err(|e| anyhow::anyhow!("{} on {}: {e}", args.model, info.name))?;
     load_llama(
         backend,

@@ -344,8 +344,10 @@ pub struct CudaBackend {
     /// Products of at most GEMV_MAX_ROWS rows go to herd's weight-streaming kernel instead of
     /// cuBLASLt (HERD_GEMV=1: an A/B for the bench; off by default until a GPU measured it).
     gemv: Cell<bool>,
-    /// Decode steps of at most this many rows run as graphs (0: never; HERD_CUDA_GRAPHS=0).
+    /// Steps of at most this many logit rows run as graphs (0: never; HERD_CUDA_GRAPHS=0).
     graph_rows: usize,
+    /// ... and of at most this many token rows (padded): what the activation arena holds.
+    graph_tokens: usize,
     /// Launches when layer 0's RoPE ran this step (launches per layer = at layer 1's minus it).
     layer0_launches: Cell<u64>,
     arena_warned: Cell<bool>,
@@ -518,6 +520,7 @@ impl CudaBackend {
             warmed: RefCell::new(Default::default()),
             capturing: Cell::new(None),
             graph_rows: if graphs_on { 256 } else { 0 },
+            graph_tokens: 256,
             gemv: Cell::new(gemv_on),
             layer0_launches: Cell::new(0),
             arena_warned: Cell::new(false),
@@ -535,12 +538,14 @@ impl CudaBackend {
     }
 
     /// Set aside the memory plan's activation bytes as the arena every step's buffers come
-    /// from, and decode graphs for up to `max_batch` rows (rounded up to a power of two, at
-    /// most 256). Call once, after the plan and before loading.
+    /// from, and graphs for steps of up to `max_batch` logit rows (rounded up to a power of
+    /// two, at most 256) and `max_rows` token rows (the plan's, padded rows included). Call
+    /// once, after the plan and before loading.
     pub fn reserve_activations(
         &mut self,
         bytes: usize,
         max_batch: usize,
+        max_rows: usize,
     ) -> Result<(), BackendError> {
         // The plan's figure includes the cuBLASLt workspace, which the GEMM holds itself.
         let bytes = bytes
@@ -555,6 +560,7 @@ impl CudaBackend {
         if self.graph_rows > 0 {
             self.graph_rows = graph_bucket(max_batch).min(256);
         }
+        self.graph_tokens = max_rows;
         Ok(())
     }
 
@@ -1042,8 +1048,13 @@ impl CudaBackend {
         };
         let bucket = graph_bucket(n);
         // Profiling times launches one by one: a replayed graph would be one launch.
-        (small && bucket <= self.graph_rows && self.err.borrow().is_none() && !profiling())
-            .then_some((bucket, graph_bucket(logit_rows.len()), top))
+        let logit_bucket = graph_bucket(logit_rows.len());
+        (small
+            && bucket <= self.graph_tokens
+            && logit_bucket <= self.graph_rows
+            && self.err.borrow().is_none()
+            && !profiling())
+        .then_some((bucket, logit_bucket, top))
     }
 
     /// Stage a step and, for a decode step whose graph exists, run it (one launch). A deferred
@@ -1104,9 +1115,18 @@ impl CudaBackend {
             };
             return Some(r.map(Some));
         }
-        // The first step of a shape runs eagerly (it sets up what the graph then only uses:
-        // the RoPE table, cuBLASLt plans); the second is captured.
-        if self.warmed.borrow_mut().insert(key) {
+        // A step that brings a row bucket or a logit-row bucket not seen before runs eagerly: it
+        // sets up what a graph then only uses (the RoPE table in the very first step, the
+        // cuBLASLt plans of its GEMM shapes: layers at the row bucket, the logits at the
+        // logit-row one). A new shape whose two buckets were both seen is captured at once
+        // (a structured batch's forced chunks and finishing sequences bring many shapes);
+        // otherwise its second step is.
+        let mut warmed = self.warmed.borrow_mut();
+        let plans_ready =
+            warmed.iter().any(|k| k.0 == key.0) && warmed.iter().any(|k| k.1 == key.1);
+        let first = warmed.insert(key);
+        drop(warmed);
+        if first && !plans_ready {
             return None;
         }
         // Capture this step: the forward pass's work is recorded, not run, until sample().
