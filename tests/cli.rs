@@ -678,6 +678,11 @@ fn bad_flags_exit_2_naming_the_flag_before_anything_loads() {
             ]),
             "--kernel-profile",
         ),
+        // --device auto on this machine (no GPU) chooses the cpu: refused before loading too.
+        (
+            cmd(&["bench", m70[0], m70[1], "--kernel-profile", "k.csv"]),
+            "--kernel-profile",
+        ),
         // doctor and convert.
         (cmd(&["doctor", "--tp", "0"]), "--tp"),
         (

@@ -185,6 +185,12 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         "cuda" => true,
         _ => cuda::device_count().is_ok(),
     };
+    if args.kernel_profile.is_some() && !on_gpu {
+        return Err(exit::usage(
+            "--kernel-profile times CUDA kernels, and no GPU is usable here (--device auto \
+             chose the cpu)",
+        ));
+    }
     if args.batch_sizes.is_empty() {
         args.batch_sizes = if on_gpu {
             vec![1, 8, 32, 128, 256]
