@@ -148,7 +148,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let outs: Vec<RequestOutput> = outs.into_iter().flatten().collect();
     let secs = t0.elapsed().as_secs_f64();
     if args.json {
-        writeln!(out, "{}", result_record(None, &outs))?;
+        // One write of the whole line: under mpirun every replica prints its record to the same
+        // stdout, and a line written in pieces can be split by another rank's.
+        let line = format!("{}\n", result_record(None, &outs));
+        out.write_all(line.as_bytes())?;
+        out.flush()?;
     } else if speak {
         writeln!(out)?;
     }
