@@ -38,6 +38,21 @@ fn herd_emu(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), all)
 }
 
+/// The JSON record `herd generate --json` printed among `out`'s lines.
+fn json_record(out: &str) -> Value {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON in:\n{out}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+/// The API call counts an emulated run wrote to its CUDA_EMU_STATS file.
+fn emu_calls(stats: &Path) -> Value {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(stats).unwrap()).unwrap();
+    v["calls"].clone()
+}
+
 fn model(name: &str) -> String {
     common::fixture(&format!("models/{name}/hf"))
         .to_string_lossy()
@@ -78,8 +93,7 @@ fn generate_calls(dir: &Path, tokens: usize, extra_env: &[(&str, &str)]) -> Valu
         &env,
     );
     assert_eq!(code, 0, "{out}");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
-    v["calls"].clone()
+    emu_calls(&stats)
 }
 
 fn count(calls: &Value, names: &[&str]) -> u64 {
@@ -254,8 +268,8 @@ fn batch_records(
         &env,
     );
     assert_eq!(code, 0, "{all}");
-    let calls: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
-    let graphs = calls["calls"]["cuGraphLaunch"].as_u64().unwrap_or(0);
+    let calls = emu_calls(&stats);
+    let graphs = calls["cuGraphLaunch"].as_u64().unwrap_or(0);
     if env
         .iter()
         .any(|(k, v)| *k == "HERD_CUDA_GRAPHS" && *v == "0")
@@ -347,10 +361,7 @@ fn a_decode_shaped_first_step_runs_eagerly_then_replays() {
             env,
         );
         assert_eq!(code, 0, "{out}");
-        out.lines()
-            .find(|l| l.starts_with('{'))
-            .unwrap_or_else(|| panic!("no JSON in:\n{out}"))
-            .to_string()
+        json_record(&out)
     };
     assert_eq!(run(&[]), run(&[("HERD_CUDA_GRAPHS", "0")]));
 }
@@ -375,13 +386,7 @@ fn the_gemv_kernel_gives_the_cpu_greedy_tokens_in_graphs_and_eagerly() {
         "--ignore-eos",
         "--json",
     ];
-    let tokens = |out: &str| -> Value {
-        let line = out
-            .lines()
-            .find(|l| l.starts_with('{'))
-            .unwrap_or_else(|| panic!("no JSON in:\n{out}"));
-        serde_json::from_str::<Value>(line).unwrap()["token_ids"].clone()
-    };
+    let tokens = |out: &str| json_record(out)["token_ids"].clone();
     let cpu = Command::new(env!("CARGO_BIN_EXE_herd"))
         .args(args)
         .args(["--device", "cpu"])
@@ -405,8 +410,8 @@ fn the_gemv_kernel_gives_the_cpu_greedy_tokens_in_graphs_and_eagerly() {
         assert_eq!(tokens(&out), want, "graphs {graphs}: {out}");
         // Decode products (one row) ran on the gemv kernel, not cuBLASLt: only the prompt's
         // 5-row products and the first logits call cuBLASLt.
-        let calls: Value = serde_json::from_str(&std::fs::read_to_string(&s).unwrap()).unwrap();
-        let gemm = calls["calls"]["cublasLtMatmul"].as_u64().unwrap_or(0);
+        let calls = emu_calls(Path::new(&s));
+        let gemm = calls["cublasLtMatmul"].as_u64().unwrap_or(0);
         assert!(
             gemm <= 2 * 4 + 1,
             "graphs {graphs}: {gemm} cuBLASLt calls: {calls}"
@@ -466,14 +471,7 @@ fn forced_token_chunks_replay_graphs_and_equal_the_eager_steps() {
             &env,
         );
         assert_eq!(code, 0, "{out}");
-        let rec: Value = serde_json::from_str(
-            out.lines()
-                .find(|l| l.starts_with('{'))
-                .unwrap_or_else(|| panic!("no JSON in:\n{out}")),
-        )
-        .unwrap();
-        let calls: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
-        (rec, calls["calls"].clone())
+        (json_record(&out), emu_calls(&stats))
     };
     let (graph, calls) = run(true);
     let (eager, eager_calls) = run(false);
@@ -544,18 +542,13 @@ fn tp2_generate(dir: &Path, tokens: usize, graphs: bool) -> (String, Value) {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{all}");
-    let json = all
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("no JSON in:\n{all}"))
-        .to_string();
+    let json = json_record(&all).to_string();
     let mut sum = serde_json::Map::new();
     let mut ranks = 0;
     for e in std::fs::read_dir(&stats_dir).unwrap() {
-        let v: Value =
-            serde_json::from_str(&std::fs::read_to_string(e.unwrap().path()).unwrap()).unwrap();
+        let calls = emu_calls(&e.unwrap().path());
         ranks += 1;
-        for (k, n) in v["calls"].as_object().unwrap() {
+        for (k, n) in calls.as_object().unwrap() {
             let have = sum.get(k).and_then(Value::as_u64).unwrap_or(0);
             sum.insert(k.clone(), json!(have + n.as_u64().unwrap_or(0)));
         }

@@ -939,34 +939,73 @@ impl CudaBackend {
     /// graphs (which point into them) are dropped and captured again.
     fn staging_room(&self, up: usize, down: usize) -> Result<(), BackendError> {
         let mut st = self.staging.borrow_mut();
-        let grow = |have: usize, want: usize| have < want;
-        let up_have = st.up_host.as_ref().map_or(0, |p| p.len);
-        let down_have = st.down_host.as_ref().map_or(0, |p| p.len);
-        if !grow(up_have, up) && !grow(down_have, down) {
+        let has = |p: &Option<Pinned>, want: usize| p.as_ref().is_some_and(|p| p.len >= want);
+        if has(&st.up_host, up) && has(&st.down_host, down) {
             return Ok(());
         }
         self.graphs.borrow_mut().clear();
-        if grow(up_have, up) {
-            let want = up.next_power_of_two().max(64 << 10);
-            st.up_host = None;
-            st.up_dev = None;
-            st.up_host = Some(Pinned::new(&self.ctx, want, true).map_err(be)?);
-            st.up_dev = Some(
-                self.alloc_own(want, "the step staging buffer")
-                    .ok_or_else(|| self.take_err())?,
-            );
+        let st = &mut *st;
+        self.grow_pinned_pair(
+            (&mut st.up_host, &mut st.up_dev),
+            up,
+            64 << 10,
+            true,
+            "the step staging buffer",
+        )?;
+        self.grow_pinned_pair(
+            (&mut st.down_host, &mut st.down_dev),
+            down,
+            16 << 10,
+            false,
+            "the sampled-token buffer",
+        )
+    }
+
+    /// A pinned host buffer and its device twin holding at least `bytes` (else both replaced by
+    /// a power of two of at least `min`: rarely). Write-combined for host-to-device only.
+    fn grow_pinned_pair(
+        &self,
+        (host, dev): (&mut Option<Pinned>, &mut Option<DevBuf>),
+        bytes: usize,
+        min: usize,
+        write_combined: bool,
+        what: &str,
+    ) -> Result<(), BackendError> {
+        if host.as_ref().is_some_and(|p| p.len >= bytes) {
+            return Ok(());
         }
-        if grow(down_have, down) {
-            let want = down.next_power_of_two().max(16 << 10);
-            st.down_host = None;
-            st.down_dev = None;
-            st.down_host = Some(Pinned::new(&self.ctx, want, false).map_err(be)?);
-            st.down_dev = Some(
-                self.alloc_own(want, "the sampled-token buffer")
-                    .ok_or_else(|| self.take_err())?,
-            );
-        }
+        let want = bytes.next_power_of_two().max(min);
+        *host = None;
+        *dev = None;
+        *host = Some(Pinned::new(&self.ctx, want, write_combined).map_err(be)?);
+        *dev = Some(self.alloc_own(want, what).ok_or_else(|| self.take_err())?);
         Ok(())
+    }
+
+    /// Send `bytes` of the pinned `host` buffer to `dev`, on the stream (one copy). The host
+    /// buffer must not be written again before the stream's next synchronization.
+    fn upload_pinned(
+        &self,
+        host: &Pinned,
+        dev: &DevBuf,
+        bytes: usize,
+        what: &str,
+    ) -> Result<(), BackendError> {
+        // SAFETY: a pinned source of at least `bytes` (the callers packed that many into it)
+        // and a device buffer at least as large (grown together by grow_pinned_pair).
+        unsafe {
+            cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
+                dev.ptr,
+                host.ptr as *const std::ffi::c_void,
+                bytes,
+                self.stream.cu_stream(),
+            )
+            .result()
+        }
+        .map_err(|e| {
+            self.driver_failed(e, what);
+            self.take_err()
+        })
     }
 
     /// Pack the step into the pinned buffer and send it with one copy.
@@ -984,21 +1023,8 @@ impl CudaBackend {
             return Err(be("the staging buffer is missing"));
         };
         d.pack(&layout, host.bytes());
-        // SAFETY: pinned source of layout.end bytes, device buffer at least as large; the host
-        // buffer is not written again before the next step's synchronization.
-        unsafe {
-            cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
-                dev.ptr,
-                host.ptr as *const std::ffi::c_void,
-                layout.end,
-                self.stream.cu_stream(),
-            )
-            .result()
-        }
-        .map_err(|e| {
-            self.driver_failed(e, "uploading the step");
-            self.take_err()
-        })?;
+        // The host buffer is not written again before the next step's synchronization.
+        self.upload_pinned(host, dev, layout.end, "uploading the step")?;
         *self.staged.borrow_mut() = Some(Staged {
             layout,
             base: dev.ptr,
@@ -2181,21 +2207,8 @@ impl CudaBackend {
                 return Err(be("the mask staging buffer is missing"));
             };
             l.pack(rows, host.bytes());
-            // SAFETY: pinned source of l.end bytes, device buffer at least as large; the host
-            // buffer is not written again before this step's synchronization (fetch_sampled).
-            unsafe {
-                cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
-                    dev.ptr,
-                    host.ptr as *const std::ffi::c_void,
-                    l.end,
-                    self.stream.cu_stream(),
-                )
-                .result()
-            }
-            .map_err(|e| {
-                self.driver_failed(e, "uploading the masks");
-                self.take_err()
-            })?;
+            // Not written again before this step's synchronization (fetch_sampled).
+            self.upload_pinned(host, dev, l.end, "uploading the masks")?;
             dev.ptr
         };
         let out_ptr = match self.staging.borrow().down_dev.as_ref() {
@@ -2209,17 +2222,13 @@ impl CudaBackend {
     /// Make sure the mask staging buffers hold `bytes` (grown to a power of two: rarely).
     fn mask_room(&self, bytes: usize) -> Result<(), BackendError> {
         let mut st = self.staging.borrow_mut();
-        if st.mask_host.as_ref().is_some_and(|p| p.len >= bytes) {
-            return Ok(());
-        }
-        let want = bytes.next_power_of_two().max(64 << 10);
-        st.mask_host = None;
-        st.mask_dev = None;
-        st.mask_host = Some(Pinned::new(&self.ctx, want, true).map_err(be)?);
-        st.mask_dev = Some(
-            self.alloc_own(want, "the mask staging buffer")
-                .ok_or_else(|| self.take_err())?,
-        );
-        Ok(())
+        let st = &mut *st;
+        self.grow_pinned_pair(
+            (&mut st.mask_host, &mut st.mask_dev),
+            bytes,
+            64 << 10,
+            true,
+            "the mask staging buffer",
+        )
     }
 }
